@@ -1,0 +1,500 @@
+//! The decision engine: which buckets a request touches ([`plan`]) and whether they have
+//! room ([`LocalTable`]). Pure: time is an argument, and nothing here knows about Envoy.
+//!
+//! A request passes only if every bucket it touches has room. Buckets are checked in a fixed
+//! order (lane, class budget, user, tool, purpose, model allocation, model total); nothing is
+//! charged for a denied request, and the first bucket without room is the one named.
+
+use crate::classify::{classify, Classified};
+use crate::gcra::{Check, Gcra};
+use crate::key;
+use crate::policy::{ClassId, FailureMode, Policy};
+use crate::rate::Rate;
+use std::collections::HashMap;
+
+/// What the filter read from the request. Identity fields come from trusted headers only.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RequestInfo<'a> {
+    pub tenant: Option<&'a str>,
+    pub principal: Option<&'a str>,
+    pub user: Option<&'a str>,
+    pub declared_class: Option<&'a str>,
+    pub method: &'a str,
+    pub path: &'a str,
+    pub purpose: Option<&'a str>,
+    pub model: Option<&'a str>,
+}
+
+/// A request refused before any bucket is consulted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reject {
+    /// No trusted tenant or principal: the authentication filter did not run.
+    MissingIdentity,
+    /// A trusted identity value that is not a valid name.
+    InvalidIdentity,
+}
+
+impl Reject {
+    pub fn status(self) -> u32 {
+        match self {
+            Reject::MissingIdentity => 401,
+            Reject::InvalidIdentity => 400,
+        }
+    }
+
+    pub fn code(self) -> &'static str {
+        match self {
+            Reject::MissingIdentity => "missing_identity",
+            Reject::InvalidIdentity => "invalid_identity",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BucketKind {
+    Shared,
+    Reserve,
+    Class,
+    User,
+    Tool,
+    Purpose,
+    Model,
+    ModelTotal,
+}
+
+impl BucketKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BucketKind::Shared => "shared",
+            BucketKind::Reserve => "reserve",
+            BucketKind::Class => "class",
+            BucketKind::User => "user",
+            BucketKind::Tool => "tool",
+            BucketKind::Purpose => "purpose",
+            BucketKind::Model => "model",
+            BucketKind::ModelTotal => "model_total",
+        }
+    }
+
+    /// The descriptor entry key that carries this bucket's label, if it has one.
+    fn label_key(self) -> Option<&'static str> {
+        match self {
+            BucketKind::Shared => None,
+            BucketKind::Reserve | BucketKind::Class => Some("class"),
+            BucketKind::User => Some("user"),
+            BucketKind::Tool => Some("tool"),
+            BucketKind::Purpose => Some("purpose"),
+            BucketKind::Model | BucketKind::ModelTotal => Some("model"),
+        }
+    }
+}
+
+/// One bucket a request touches.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bucket {
+    pub kind: BucketKind,
+    /// Empty for a model's total capacity, which spans tenants.
+    pub tenant: String,
+    /// The class, user, tool, purpose or model; empty for the shared pool.
+    pub label: String,
+    pub rate: Rate,
+    /// The bucket key from [`key::encode`]: the same on every worker and in every store.
+    pub key: String,
+}
+
+impl Bucket {
+    fn new(domain: &str, kind: BucketKind, tenant: &str, label: &str, rate: Rate) -> Bucket {
+        let mut b = Bucket {
+            kind,
+            tenant: tenant.to_string(),
+            label: label.to_string(),
+            rate,
+            key: String::new(),
+        };
+        b.key = key::encode(domain, &b.entries());
+        b
+    }
+
+    /// The descriptor entries that identify this bucket (see docs/architecture.md).
+    pub fn entries(&self) -> Vec<(&'static str, &str)> {
+        let mut e = Vec::with_capacity(3);
+        if self.kind != BucketKind::ModelTotal {
+            e.push(("tenant", self.tenant.as_str()));
+        }
+        e.push(("bucket", self.kind.as_str()));
+        if let Some(k) = self.kind.label_key() {
+            e.push((k, self.label.as_str()));
+        }
+        e
+    }
+
+    /// The name used in headers, 429 bodies and logs: `class:integration`, `shared`, …
+    pub fn name(&self) -> String {
+        match self.kind {
+            BucketKind::Shared | BucketKind::User => self.kind.as_str().to_string(),
+            _ => format!("{}:{}", self.kind.as_str(), self.label),
+        }
+    }
+}
+
+/// Everything the filter needs to decide and to explain one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub tenant: String,
+    pub principal: String,
+    pub user: Option<String>,
+    pub declared_class: Option<String>,
+    pub class: ClassId,
+    pub class_name: String,
+    /// The caller declared a class it may not use (or one that does not exist).
+    pub forged: bool,
+    pub family: Option<String>,
+    pub cost: u32,
+    /// `buckets[0]` is the lane: the class's reserve, or the shared pool.
+    pub buckets: Vec<Bucket>,
+    /// For a protected class that may borrow: the shared pool, to use in place of
+    /// `buckets[0]` when the reserve has no room.
+    pub borrow: Option<Bucket>,
+    pub failure_mode: FailureMode,
+}
+
+impl Plan {
+    /// The buckets of the primary attempt, or of the borrowing attempt.
+    pub fn attempt(&self, borrowing: bool) -> Vec<&Bucket> {
+        let mut v: Vec<&Bucket> = self.buckets.iter().collect();
+        if borrowing {
+            if let (Some(b), Some(first)) = (&self.borrow, v.first_mut()) {
+                *first = b;
+            }
+        }
+        v
+    }
+}
+
+const MAX_IDENTITY_LEN: usize = 128;
+
+fn valid_identity(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_IDENTITY_LEN
+        && s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'@' | b'-'))
+}
+
+/// Work out which buckets a request touches and at what cost.
+pub fn plan(policy: &Policy, req: &RequestInfo<'_>) -> Result<Plan, Reject> {
+    let (tenant, principal) = match (req.tenant, req.principal) {
+        (Some(t), Some(p)) if !t.is_empty() && !p.is_empty() => (t, p),
+        _ => return Err(Reject::MissingIdentity),
+    };
+    if !valid_identity(tenant) || !valid_identity(principal) {
+        return Err(Reject::InvalidIdentity);
+    }
+    let user = match req.user {
+        Some(u) if !u.is_empty() => {
+            if !valid_identity(u) {
+                return Err(Reject::InvalidIdentity);
+            }
+            Some(u)
+        }
+        _ => None,
+    };
+    let Classified { class, forged } = classify(policy, principal, req.declared_class);
+    let domain = policy.service.domain.as_str();
+    let tenant_plan = policy.plan_for(tenant);
+    let class_def = &policy.classes[class];
+
+    let path = req.path.split('?').next().unwrap_or("");
+    let family = policy.families.iter().find(|f| {
+        (f.methods.is_empty() || f.methods.iter().any(|m| m.eq_ignore_ascii_case(req.method)))
+            && f.path_prefixes.iter().any(|p| path.starts_with(p.as_str()))
+    });
+    let cost = family.map_or(1, |f| f.cost);
+
+    let mut buckets = Vec::with_capacity(6);
+    let shared = Bucket::new(domain, BucketKind::Shared, tenant, "", tenant_plan.shared);
+    let mut borrow = None;
+    match tenant_plan.reserves[class] {
+        Some(reserve) => {
+            buckets.push(Bucket::new(domain, BucketKind::Reserve, tenant, &class_def.name, reserve));
+            if class_def.borrow {
+                borrow = Some(shared);
+            }
+        }
+        None => buckets.push(shared),
+    }
+    if let Some(budget) = tenant_plan.budgets[class] {
+        buckets.push(Bucket::new(domain, BucketKind::Class, tenant, &class_def.name, budget));
+    }
+    if let (Some(u), Some(rate)) = (user, policy.users) {
+        buckets.push(Bucket::new(domain, BucketKind::User, tenant, u, rate));
+    }
+    if let Some(f) = family {
+        if let Some(rate) = f.limit {
+            buckets.push(Bucket::new(domain, BucketKind::Tool, tenant, &f.name, rate));
+        }
+    }
+    if let (Some(p), Some(purposes)) = (req.purpose, &policy.purposes) {
+        if let Some(rate) = purposes.limits.get(p) {
+            buckets.push(Bucket::new(domain, BucketKind::Purpose, tenant, p, *rate));
+        }
+    }
+    if let (Some(m), Some(models)) = (req.model, &policy.models) {
+        if let Some(model) = models.list.get(m) {
+            let alloc = model
+                .tenant_allocations
+                .get(tenant)
+                .copied()
+                .unwrap_or(model.default_allocation);
+            buckets.push(Bucket::new(domain, BucketKind::Model, tenant, m, alloc));
+            buckets.push(Bucket::new(domain, BucketKind::ModelTotal, "", m, model.capacity));
+        }
+    }
+
+    Ok(Plan {
+        tenant: tenant.to_string(),
+        principal: principal.to_string(),
+        user: user.map(str::to_string),
+        declared_class: req.declared_class.map(str::to_string),
+        class,
+        class_name: class_def.name.clone(),
+        forged,
+        family: family.map(|f| f.name.clone()),
+        cost,
+        buckets,
+        borrow,
+        failure_mode: class_def.failure_mode,
+    })
+}
+
+/// One bucket's level, for headers and records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Level {
+    pub name: String,
+    /// Requests per window.
+    pub quota: u32,
+    pub window_s: u64,
+    /// Requests of cost 1 still available.
+    pub remaining: u32,
+    /// Seconds until the bucket is full again (rounded up).
+    pub reset_s: u64,
+    /// Seconds until this request's cost would fit (0 if it fits; rounded up, at least 1 if not).
+    pub retry_after_s: u64,
+    pub has_room: bool,
+}
+
+impl Level {
+    fn from_check(b: &Bucket, c: &Check) -> Level {
+        Level {
+            name: b.name(),
+            quota: b.rate.requests.get(),
+            window_s: b.rate.window.seconds(),
+            remaining: c.remaining,
+            reset_s: ceil_s(c.reset_ns),
+            retry_after_s: if c.allowed { 0 } else { ceil_s(c.retry_after_ns).max(1) },
+            has_room: c.allowed,
+        }
+    }
+}
+
+pub fn ceil_s(ns: u64) -> u64 {
+    ns.div_ceil(1_000_000_000)
+}
+
+/// The result of checking a set of buckets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Evaluation {
+    pub allowed: bool,
+    /// Index (in the checked set) of the first bucket without room.
+    pub tripped: Option<usize>,
+    pub levels: Vec<Level>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct LocalBucket {
+    gcra: Gcra,
+    lease: u32,
+    lease_until_ns: u64,
+}
+
+/// One worker's buckets. Each Envoy worker has its own VM and so its own table.
+///
+/// The table mirrors what this worker spent and what the service last said about each
+/// bucket. A local "no room" is therefore sound (the fleet as a whole has spent at least as
+/// much), which lets floods be refused without a call. It is capped: idle buckets (full
+/// again) carry no state and are evicted first.
+#[derive(Debug, Clone)]
+pub struct LocalTable {
+    buckets: HashMap<String, LocalBucket>,
+    max_buckets: usize,
+}
+
+pub const DEFAULT_MAX_BUCKETS: usize = 100_000;
+
+impl Default for LocalTable {
+    fn default() -> Self {
+        LocalTable::new(DEFAULT_MAX_BUCKETS)
+    }
+}
+
+impl LocalTable {
+    pub fn new(max_buckets: usize) -> LocalTable {
+        LocalTable {
+            buckets: HashMap::new(),
+            max_buckets: max_buckets.max(1),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.buckets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buckets.is_empty()
+    }
+
+    fn state(&self, key: &str) -> Gcra {
+        self.buckets.get(key).map(|b| b.gcra).unwrap_or_default()
+    }
+
+    /// Check every bucket for `cost` at `now` with each rate scaled by `share` (1.0 for the
+    /// full rate). Charges nothing.
+    pub fn evaluate(&self, buckets: &[&Bucket], cost: u32, now_ns: u64, share: f64) -> Evaluation {
+        let mut levels = Vec::with_capacity(buckets.len());
+        let mut tripped = None;
+        for (i, b) in buckets.iter().enumerate() {
+            let rate = scaled(&b.rate, share);
+            let check = self.state(&b.key).check(&rate, cost, now_ns);
+            if !check.allowed && tripped.is_none() {
+                tripped = Some(i);
+            }
+            levels.push(Level::from_check(b, &check));
+        }
+        Evaluation {
+            allowed: tripped.is_none(),
+            tripped,
+            levels,
+        }
+    }
+
+    /// Charge every bucket (after an admitted decision, local or central).
+    pub fn charge(&mut self, buckets: &[&Bucket], cost: u32, now_ns: u64) {
+        self.charge_scaled(buckets, cost, now_ns, 1.0);
+    }
+
+    fn charge_scaled(&mut self, buckets: &[&Bucket], cost: u32, now_ns: u64, share: f64) {
+        self.make_room(now_ns, buckets.len());
+        for b in buckets {
+            self.buckets
+                .entry(b.key.clone())
+                .or_default()
+                .gcra
+                .force(&scaled(&b.rate, share), cost, now_ns);
+        }
+    }
+
+    /// Align a bucket with the service's view: it is full again in `until_full_ns`.
+    /// Only ever makes the local view more conservative.
+    pub fn sync(&mut self, bucket: &Bucket, until_full_ns: u64, now_ns: u64) {
+        if until_full_ns == 0 {
+            return;
+        }
+        self.make_room(now_ns, 1);
+        let entry = self.buckets.entry(bucket.key.clone()).or_default();
+        let tat = now_ns.saturating_add(until_full_ns);
+        if tat > entry.gcra.tat_ns() {
+            entry.gcra = Gcra::from_tat(tat);
+        }
+    }
+
+    /// Decide on local state alone: the primary attempt, then (for a protected class that
+    /// may borrow and whose reserve is empty) the borrowing attempt. Charges when allowed.
+    /// Returns the evaluation and whether it borrowed.
+    pub fn decide(&mut self, plan: &Plan, now_ns: u64, share: f64) -> (Evaluation, bool) {
+        let primary = plan.attempt(false);
+        let eval = self.evaluate(&primary, plan.cost, now_ns, share);
+        if eval.allowed {
+            self.charge_scaled(&primary, plan.cost, now_ns, share);
+            return (eval, false);
+        }
+        if eval.tripped == Some(0) && plan.borrow.is_some() {
+            let alt = plan.attempt(true);
+            let alt_eval = self.evaluate(&alt, plan.cost, now_ns, share);
+            if alt_eval.allowed {
+                self.charge_scaled(&alt, plan.cost, now_ns, share);
+                return (alt_eval, true);
+            }
+        }
+        (eval, false)
+    }
+
+    /// Spend leased capacity for every bucket, if each holds enough. All or nothing.
+    pub fn try_lease(&mut self, buckets: &[&Bucket], cost: u32, now_ns: u64) -> bool {
+        let enough = buckets.iter().all(|b| {
+            self.buckets
+                .get(&b.key)
+                .is_some_and(|s| s.lease >= cost && s.lease_until_ns > now_ns)
+        });
+        if !enough || buckets.is_empty() {
+            return false;
+        }
+        for b in buckets {
+            if let Some(s) = self.buckets.get_mut(&b.key) {
+                s.lease -= cost;
+                s.gcra.force(&b.rate, cost, now_ns);
+            }
+        }
+        true
+    }
+
+    /// Record capacity the service granted this worker for a bucket.
+    pub fn grant(&mut self, bucket: &Bucket, requests: u32, valid_until_ns: u64, now_ns: u64) {
+        if valid_until_ns <= now_ns {
+            return;
+        }
+        self.make_room(now_ns, 1);
+        let s = self.buckets.entry(bucket.key.clone()).or_default();
+        s.lease = requests;
+        s.lease_until_ns = valid_until_ns;
+    }
+
+    /// Drop buckets that are full again and hold no lease: they carry no information.
+    pub fn prune(&mut self, now_ns: u64) {
+        self.buckets
+            .retain(|_, b| !(b.gcra.is_idle(now_ns) && (b.lease == 0 || b.lease_until_ns <= now_ns)));
+    }
+
+    fn make_room(&mut self, now_ns: u64, incoming: usize) {
+        if self.buckets.len() + incoming <= self.max_buckets {
+            return;
+        }
+        self.prune(now_ns);
+        if self.buckets.len() + incoming <= self.max_buckets {
+            return;
+        }
+        // Still full of live buckets: evict the ones closest to full (least state lost).
+        let excess = self.buckets.len() + incoming - self.max_buckets;
+        let mut by_tat: Vec<(u64, String)> = self
+            .buckets
+            .iter()
+            .map(|(k, b)| (b.gcra.tat_ns(), k.clone()))
+            .collect();
+        by_tat.sort_unstable();
+        for (_, k) in by_tat.into_iter().take(excess) {
+            self.buckets.remove(&k);
+        }
+    }
+}
+
+/// A rate scaled by a share in (0, 1], never below one request and a burst of one.
+fn scaled(rate: &Rate, share: f64) -> Rate {
+    if share >= 1.0 {
+        return *rate;
+    }
+    let n = ((f64::from(rate.requests.get()) * share).floor() as u32).max(1);
+    let b = ((f64::from(rate.burst.get()) * share).floor() as u32).max(1);
+    Rate::new(n, rate.window, b).unwrap_or(*rate)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,318 @@
+use super::*;
+use crate::policy::parse;
+use proptest::prelude::*;
+
+const S: u64 = 1_000_000_000;
+
+/// A small map in per-second rates: ceiling 20/s (burst 20), repair reserve 5/s (burst 5),
+/// recovery reserve 3/s (burst 3), so the shared pool is 12/s (burst 12).
+const POLICY: &str = r#"
+version: 1
+classification: { default_class: interactive }
+classes:
+  - { name: interactive, consequence: time_sensitive, budget: { per_second: 8, burst: 8 } }
+  - { name: integration, consequence: time_sensitive, budget: { per_second: 10, burst: 10 } }
+  - { name: repair, consequence: repair, reserve: { per_second: 5, burst: 5 }, borrow: true,
+      must_not_compete_with: [integration] }
+  - { name: recovery, consequence: recovery, reserve: { per_second: 3, burst: 3 } }
+  - { name: export, consequence: low, budget: { per_second: 4, burst: 4 } }
+principals:
+  - { name: erp, default_class: integration, may_declare: [integration] }
+  - { name: recon, default_class: repair, may_declare: [repair, interactive] }
+  - { name: support, default_class: recovery, may_declare: [recovery] }
+tenants:
+  default: { ceiling: { per_second: 20, burst: 20 } }
+  overrides:
+    big: { ceiling: { per_second: 100, burst: 100 } }
+endpoint_families:
+  - { name: exports, path_prefixes: [/exports], cost: 3, limit: { per_second: 6, burst: 6 } }
+users: { limit: { per_second: 50, burst: 50 } }
+models:
+  header: x-model
+  list:
+    - name: m1
+      capacity: { per_second: 10, burst: 10 }
+      allocation: { share: 0.5, burst: 5 }
+      tenants: { big: { per_second: 8, burst: 8 } }
+"#;
+
+fn policy() -> Policy {
+    parse(POLICY).unwrap()
+}
+
+fn req<'a>(tenant: &'a str, principal: &'a str, class: Option<&'a str>) -> RequestInfo<'a> {
+    RequestInfo {
+        tenant: Some(tenant),
+        principal: Some(principal),
+        user: None,
+        declared_class: class,
+        method: "GET",
+        path: "/orders/1",
+        purpose: None,
+        model: None,
+    }
+}
+
+fn run(table: &mut LocalTable, p: &Policy, r: &RequestInfo<'_>, now: u64) -> (bool, Plan, Evaluation) {
+    let plan = plan(p, r).unwrap();
+    let (eval, _) = table.decide(&plan, now, 1.0);
+    (eval.allowed, plan, eval)
+}
+
+#[test]
+fn shared_pool_is_ceiling_minus_reserves() {
+    let p = policy();
+    assert_eq!(p.default_plan.shared.requests.get(), 12);
+    assert_eq!(p.default_plan.shared.burst.get(), 12);
+    assert_eq!(p.tenant_plans["big"].shared.requests.get(), 92);
+}
+
+#[test]
+fn unprotected_class_lanes_through_shared_pool_and_budget() {
+    let plan = plan(&policy(), &req("t", "erp", None)).unwrap();
+    let names: Vec<String> = plan.buckets.iter().map(Bucket::name).collect();
+    assert_eq!(names, ["shared", "class:integration"]);
+    assert!(plan.borrow.is_none());
+}
+
+#[test]
+fn protected_class_lanes_through_reserve_and_may_borrow() {
+    let plan = plan(&policy(), &req("t", "recon", None)).unwrap();
+    assert_eq!(plan.buckets[0].name(), "reserve:repair");
+    assert_eq!(plan.borrow.as_ref().map(Bucket::name).as_deref(), Some("shared"));
+    let recovery = super::plan(&policy(), &req("t", "support", None)).unwrap();
+    assert!(recovery.borrow.is_none(), "recovery has borrow: false");
+}
+
+#[test]
+fn descriptor_entries_follow_the_contract() {
+    let plan = plan(&policy(), &req("t", "recon", None)).unwrap();
+    assert_eq!(plan.buckets[0].entries(), vec![("tenant", "t"), ("bucket", "reserve"), ("class", "repair")]);
+    assert_eq!(plan.buckets[0].key, "lg1:laneguard:tenant={t}:bucket=reserve:class=repair");
+}
+
+#[test]
+fn erp_flood_cannot_touch_the_repair_reserve() {
+    let p = policy();
+    let mut t = LocalTable::default();
+    let now = 100 * S;
+    let mut erp_ok = 0;
+    for _ in 0..100 {
+        if run(&mut t, &p, &req("nw", "erp", None), now).0 {
+            erp_ok += 1;
+        }
+    }
+    assert_eq!(erp_ok, 10, "integration budget burst");
+    for i in 0..5 {
+        assert!(run(&mut t, &p, &req("nw", "recon", None), now).0, "repair request {i}");
+    }
+}
+
+#[test]
+fn denial_names_first_bucket_and_charges_nothing() {
+    let p = policy();
+    let mut t = LocalTable::default();
+    let now = 100 * S;
+    for _ in 0..8 {
+        assert!(run(&mut t, &p, &req("nw", "web", None), now).0);
+    }
+    let before = t.clone();
+    let (ok, plan, eval) = run(&mut t, &p, &req("nw", "web", None), now);
+    assert!(!ok);
+    assert_eq!(plan.buckets[eval.tripped.unwrap()].name(), "class:interactive");
+    assert_eq!(format!("{:?}", before.buckets.get(&plan.buckets[0].key)), format!("{:?}", t.buckets.get(&plan.buckets[0].key)));
+    assert!(eval.levels[1].retry_after_s >= 1);
+}
+
+#[test]
+fn borrowing_uses_idle_shared_capacity_after_the_reserve() {
+    let p = policy();
+    let mut t = LocalTable::default();
+    let now = 100 * S;
+    let mut ok = 0;
+    for _ in 0..30 {
+        if run(&mut t, &p, &req("nw", "recon", None), now).0 {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 5 + 12, "reserve burst plus the whole idle shared burst");
+    // Recovery does not borrow: exactly its reserve.
+    let mut ok = 0;
+    for _ in 0..30 {
+        if run(&mut t, &p, &req("nw", "support", None), now).0 {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 3);
+}
+
+#[test]
+fn forged_class_falls_back_to_default() {
+    let p = policy();
+    let plan = plan(&p, &req("nw", "erp", Some("recovery"))).unwrap();
+    assert!(plan.forged);
+    assert_eq!(plan.class_name, "integration");
+    let unknown = super::plan(&p, &req("nw", "erp", Some("no-such-class"))).unwrap();
+    assert!(unknown.forged);
+    let allowed = super::plan(&p, &req("nw", "recon", Some("interactive"))).unwrap();
+    assert!(!allowed.forged);
+    assert_eq!(allowed.class_name, "interactive");
+    let stranger = super::plan(&p, &req("nw", "who", Some("repair"))).unwrap();
+    assert!(stranger.forged);
+    assert_eq!(stranger.class_name, "interactive");
+}
+
+#[test]
+fn identity_outcomes() {
+    let p = policy();
+    let mut r = req("nw", "erp", None);
+    r.tenant = None;
+    assert_eq!(plan(&p, &r), Err(Reject::MissingIdentity));
+    let r = req("nw", "", None);
+    assert_eq!(plan(&p, &r), Err(Reject::MissingIdentity));
+    let r = req("n w", "erp", None);
+    assert_eq!(plan(&p, &r), Err(Reject::InvalidIdentity));
+    let long = "x".repeat(129);
+    assert_eq!(plan(&p, &req(&long, "erp", None)), Err(Reject::InvalidIdentity));
+}
+
+#[test]
+fn weighted_cost_and_tool_bucket() {
+    let p = policy();
+    let mut r = req("nw", "erp", None);
+    r.path = "/exports/daily?x=1";
+    let plan = plan(&p, &r).unwrap();
+    assert_eq!(plan.cost, 3);
+    assert_eq!(plan.buckets.last().map(Bucket::name).as_deref(), Some("tool:exports"));
+    let mut t = LocalTable::default();
+    let (e1, _) = t.decide(&plan, 100 * S, 1.0);
+    let (e2, _) = t.decide(&plan, 100 * S, 1.0);
+    let (e3, _) = t.decide(&plan, 100 * S, 1.0);
+    assert!(e1.allowed && e2.allowed && !e3.allowed);
+    assert_eq!(plan.buckets[e3.tripped.unwrap()].name(), "tool:exports");
+}
+
+#[test]
+fn model_allocation_share_and_absolute() {
+    let p = policy();
+    let mut r = req("nw", "erp", None);
+    r.model = Some("m1");
+    let plan1 = plan(&p, &r).unwrap();
+    let alloc = plan1.buckets.iter().find(|b| b.kind == BucketKind::Model).unwrap();
+    assert_eq!(alloc.rate.requests.get(), 5);
+    let total = plan1.buckets.iter().find(|b| b.kind == BucketKind::ModelTotal).unwrap();
+    assert_eq!(total.entries(), vec![("bucket", "model_total"), ("model", "m1")]);
+    let mut r2 = req("big", "erp", None);
+    r2.model = Some("m1");
+    let plan2 = plan(&p, &r2).unwrap();
+    let alloc2 = plan2.buckets.iter().find(|b| b.kind == BucketKind::Model).unwrap();
+    assert_eq!(alloc2.rate.requests.get(), 8);
+    r2.model = Some("unlisted");
+    assert!(plan(&p, &r2).unwrap().buckets.iter().all(|b| b.kind != BucketKind::Model));
+}
+
+#[test]
+fn sync_makes_local_view_conservative() {
+    let p = policy();
+    let plan = plan(&p, &req("nw", "erp", None)).unwrap();
+    let mut t = LocalTable::default();
+    let now = 100 * S;
+    // The service says the integration budget is full again only in 1 s: it is empty.
+    t.sync(&plan.buckets[1], S, now);
+    let (e, _) = t.decide(&plan, now, 1.0);
+    assert!(!e.allowed);
+    assert_eq!(e.tripped, Some(1));
+    let (e, _) = t.decide(&plan, now + S / 10, 1.0);
+    assert!(e.allowed, "one interval later there is room for one");
+}
+
+#[test]
+fn leases_are_all_or_nothing() {
+    let p = policy();
+    let plan = plan(&p, &req("nw", "erp", None)).unwrap();
+    let b = plan.attempt(false);
+    let mut t = LocalTable::default();
+    let now = 100 * S;
+    assert!(!t.try_lease(&b, 1, now));
+    t.grant(b[0], 2, now + S, now);
+    assert!(!t.try_lease(&b, 1, now), "only one bucket leased");
+    t.grant(b[1], 1, now + S, now);
+    assert!(t.try_lease(&b, 1, now));
+    assert!(!t.try_lease(&b, 1, now));
+    t.grant(b[1], 5, now + S, now);
+    assert!(!t.try_lease(&b, 1, now + 2 * S), "expired");
+}
+
+#[test]
+fn table_is_capped_and_prunes_idle_buckets() {
+    let p = policy();
+    let mut t = LocalTable::new(50);
+    for i in 0..1000 {
+        let tenant = format!("t{i}");
+        let plan = plan(&p, &req(&tenant, "erp", None)).unwrap();
+        t.decide(&plan, 100 * S, 1.0);
+        assert!(t.len() <= 50);
+    }
+    t.prune(200 * S);
+    assert!(t.is_empty());
+}
+
+#[test]
+fn local_share_scales_degraded_capacity() {
+    let p = policy();
+    let plan = plan(&p, &req("nw", "erp", None)).unwrap();
+    let mut t = LocalTable::default();
+    let mut ok = 0;
+    for _ in 0..20 {
+        if t.decide(&plan, 100 * S, 0.5).0.allowed {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 5);
+}
+
+#[derive(Debug, Clone)]
+enum Who {
+    Web,
+    Erp,
+    Support,
+}
+
+proptest! {
+    /// Under any mix of unprotected floods, a protected class sending within its reserved
+    /// rate is always admitted; and the tenant never exceeds its ceiling over any window.
+    #[test]
+    fn reservation_invariants(
+        events in prop::collection::vec((prop_oneof![Just(Who::Web), Just(Who::Erp), Just(Who::Support)], 0u64..20_000_000), 1..400),
+    ) {
+        let p = policy();
+        let mut t = LocalTable::default();
+        let mut now = 1_000 * S;
+        let mut next_repair = now;
+        let repair_interval = S / 5; // exactly the reserved rate: 5/s
+        let mut admitted: Vec<u64> = Vec::new();
+        for (who, gap) in events {
+            now += gap;
+            while next_repair <= now {
+                let (ok, plan, _) = run(&mut t, &p, &req("nw", "recon", None), next_repair);
+                prop_assert!(ok, "repair at its reserved rate was denied at {}", next_repair);
+                prop_assert!(plan.buckets[0].kind == BucketKind::Reserve);
+                admitted.push(next_repair);
+                next_repair += repair_interval;
+            }
+            let principal = match who { Who::Web => "web", Who::Erp => "erp", Who::Support => "support" };
+            let (ok, plan, _) = run(&mut t, &p, &req("nw", principal, None), now);
+            if plan.buckets[0].kind == BucketKind::Shared {
+                prop_assert!(plan.buckets.iter().all(|b| b.kind != BucketKind::Reserve));
+            }
+            if ok { admitted.push(now); }
+        }
+        admitted.sort_unstable();
+        let ceiling = &p.default_plan.ceiling;
+        for (i, &start) in admitted.iter().enumerate() {
+            let in_window = admitted[i..].iter().take_while(|&&x| x < start + S).count() as u64;
+            let bound = u64::from(ceiling.requests.get()) + u64::from(ceiling.burst.get());
+            prop_assert!(in_window <= bound, "{} admitted in 1 s, ceiling bound {}", in_window, bound);
+        }
+    }
+}

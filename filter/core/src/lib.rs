@@ -1,0 +1,23 @@
+//! # laneguard-core
+//!
+//! The pure engine behind laneguard's Envoy filter and rate-limit service. It owns the
+//! policy model and its validation ([`policy`]), classification of declared traffic classes
+//! ([`classify`]), the GCRA bucket math ([`gcra`]), the decision over every bucket a request
+//! touches, including reserved lanes and borrowing ([`engine`]), response headers
+//! ([`headers`]) and the one bucket-key codec ([`key`]) that every store uses.
+//!
+//! It knows nothing of proxy-wasm, tokio or Redis, and time is always an argument
+//! (`now_ns`, nanoseconds since the Unix epoch), so every behaviour is deterministic in
+//! tests and identical on the host and in `wasm32-wasip1`.
+
+pub mod classify;
+pub mod engine;
+pub mod gcra;
+pub mod headers;
+pub mod key;
+pub mod policy;
+pub mod rate;
+
+pub use engine::{plan, Bucket, BucketKind, Evaluation, Level, LocalTable, Plan, Reject, RequestInfo};
+pub use policy::{parse, FailureMode, Policy, PolicyError};
+pub use rate::{Rate, Window};

@@ -1,0 +1,197 @@
+//! Phase one: the policy exactly as written. Every struct rejects unknown fields, so a typo
+//! is an error that names its path rather than a silently ignored setting.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicy {
+    pub version: u32,
+    #[serde(default)]
+    pub identity: RawIdentity,
+    #[serde(default)]
+    pub classification: RawClassification,
+    #[serde(default)]
+    pub service: RawService,
+    #[serde(default)]
+    pub headers: RawHeaders,
+    pub classes: Vec<RawClass>,
+    #[serde(default)]
+    pub principals: Vec<RawPrincipal>,
+    pub tenants: RawTenants,
+    #[serde(default)]
+    pub endpoint_families: Vec<RawFamily>,
+    pub users: Option<RawUsers>,
+    pub purposes: Option<RawPurposes>,
+    pub models: Option<RawModels>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIdentity {
+    pub tenant_header: Option<String>,
+    pub principal_header: Option<String>,
+    pub user_header: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawClassification {
+    pub header: Option<String>,
+    pub granted_header: Option<String>,
+    pub default_class: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawService {
+    pub cluster: Option<String>,
+    pub domain: Option<String>,
+    pub timeout_ms: Option<u32>,
+    pub local_share: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHeaders {
+    pub draft03: Option<bool>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRate {
+    pub per_second: Option<u32>,
+    pub per_minute: Option<u32>,
+    pub per_hour: Option<u32>,
+    pub per_day: Option<u32>,
+    pub burst: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawConsequence {
+    Low,
+    TimeSensitive,
+    Repair,
+    Recovery,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawFailureMode {
+    Open,
+    Closed,
+    Local,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawClass {
+    pub name: String,
+    pub consequence: RawConsequence,
+    pub source: Option<String>,
+    pub purpose: Option<String>,
+    pub owner: Option<String>,
+    pub budget: Option<RawRate>,
+    pub reserve: Option<RawRate>,
+    #[serde(default)]
+    pub borrow: bool,
+    pub failure_mode: Option<RawFailureMode>,
+    #[serde(default)]
+    pub must_not_compete_with: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPrincipal {
+    pub name: String,
+    pub default_class: String,
+    #[serde(default)]
+    pub may_declare: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTenants {
+    pub default: RawTenantPlan,
+    #[serde(default)]
+    pub overrides: BTreeMap<String, RawTenantOverride>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTenantPlan {
+    pub ceiling: RawRate,
+    #[serde(default)]
+    pub classes: BTreeMap<String, RawClassOverride>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTenantOverride {
+    pub ceiling: Option<RawRate>,
+    #[serde(default)]
+    pub classes: BTreeMap<String, RawClassOverride>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawClassOverride {
+    pub budget: Option<RawRate>,
+    pub reserve: Option<RawRate>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFamily {
+    pub name: String,
+    #[serde(default)]
+    pub path_prefixes: Vec<String>,
+    #[serde(default)]
+    pub methods: Vec<String>,
+    pub cost: Option<u32>,
+    pub limit: Option<RawRate>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUsers {
+    pub limit: RawRate,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPurposes {
+    pub header: Option<String>,
+    pub limits: BTreeMap<String, RawRate>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModels {
+    pub header: Option<String>,
+    pub list: Vec<RawModel>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModel {
+    pub name: String,
+    pub capacity: RawRate,
+    pub allocation: RawAllocation,
+    #[serde(default)]
+    pub tenants: BTreeMap<String, RawAllocation>,
+}
+
+/// A tenant's allocation of a model: a share of its capacity, or an absolute rate.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAllocation {
+    pub share: Option<f64>,
+    pub per_second: Option<u32>,
+    pub per_minute: Option<u32>,
+    pub per_hour: Option<u32>,
+    pub per_day: Option<u32>,
+    pub burst: u32,
+}

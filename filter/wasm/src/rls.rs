@@ -1,0 +1,90 @@
+//! The `ShouldRateLimit` wire: build the request for a set of buckets and read the answer.
+
+use laneguard_core::{Bucket, Window};
+use laneguard_protos::envoy::extensions::common::ratelimit::v3::{
+    rate_limit_descriptor::{Entry, RateLimitOverride},
+    RateLimitDescriptor,
+};
+use laneguard_protos::envoy::service::ratelimit::v3::{
+    rate_limit_response::{Code, DescriptorStatus},
+    RateLimitRequest, RateLimitResponse,
+};
+use laneguard_protos::prost::Message;
+
+pub const SERVICE: &str = "envoy.service.ratelimit.v3.RateLimitService";
+pub const METHOD: &str = "ShouldRateLimit";
+
+/// `envoy.type.v3.RateLimitUnit` / `RateLimitResponse.RateLimit.Unit` values.
+fn unit(w: Window) -> i32 {
+    match w {
+        Window::Second => 1,
+        Window::Minute => 2,
+        Window::Hour => 3,
+        Window::Day => 4,
+    }
+}
+
+pub fn encode(domain: &str, buckets: &[&Bucket], cost: u32) -> Vec<u8> {
+    let descriptors = buckets
+        .iter()
+        .map(|b| {
+            let mut entries: Vec<Entry> = b
+                .entries()
+                .into_iter()
+                .map(|(k, v)| Entry {
+                    key: k.to_string(),
+                    value: v.to_string(),
+                })
+                .collect();
+            entries.push(Entry {
+                key: "lg.burst".to_string(),
+                value: b.rate.burst.get().to_string(),
+            });
+            RateLimitDescriptor {
+                entries,
+                limit: Some(RateLimitOverride {
+                    requests_per_unit: b.rate.requests.get(),
+                    unit: unit(b.rate.window),
+                }),
+                ..Default::default()
+            }
+        })
+        .collect();
+    RateLimitRequest {
+        domain: domain.to_string(),
+        descriptors,
+        hits_addend: cost,
+    }
+    .encode_to_vec()
+}
+
+/// The service's verdict on one attempt.
+pub struct Verdict {
+    pub allowed: bool,
+    /// Index of the first descriptor reported over its limit.
+    pub tripped: Option<usize>,
+    pub statuses: Vec<DescriptorStatus>,
+}
+
+pub fn decode(bytes: &[u8]) -> Result<Verdict, String> {
+    let resp = RateLimitResponse::decode(bytes).map_err(|e| e.to_string())?;
+    let over = Code::OverLimit as i32;
+    let allowed = match Code::try_from(resp.overall_code) {
+        Ok(Code::Ok) => true,
+        Ok(Code::OverLimit) => false,
+        _ => return Err(format!("overall_code {} is neither OK nor OVER_LIMIT", resp.overall_code)),
+    };
+    let tripped = resp.statuses.iter().position(|s| s.code == over);
+    Ok(Verdict {
+        allowed,
+        tripped,
+        statuses: resp.statuses,
+    })
+}
+
+/// Nanoseconds from a protobuf Duration, saturating; negative counts as zero.
+pub fn duration_ns(d: &laneguard_protos::prost_types::Duration) -> u64 {
+    let secs = u64::try_from(d.seconds).unwrap_or(0);
+    let nanos = u64::try_from(d.nanos).unwrap_or(0);
+    secs.saturating_mul(1_000_000_000).saturating_add(nanos)
+}
