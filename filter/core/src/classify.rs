@@ -19,10 +19,19 @@ pub fn classify(policy: &Policy, principal: &str, declared: Option<&str>) -> Cla
         None => (policy.classification.default_class, &[]),
     };
     match declared {
-        None => Classified { class: default, forged: false },
+        None => Classified {
+            class: default,
+            forged: false,
+        },
         Some(d) => match policy.class_id(d) {
-            Some(id) if id == default || allowed.contains(&id) => Classified { class: id, forged: false },
-            _ => Classified { class: default, forged: true },
+            Some(id) if id == default || allowed.contains(&id) => Classified {
+                class: id,
+                forged: false,
+            },
+            _ => Classified {
+                class: default,
+                forged: true,
+            },
         },
     }
 }

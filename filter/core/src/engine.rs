@@ -176,8 +176,7 @@ const MAX_IDENTITY_LEN: usize = 128;
 fn valid_identity(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= MAX_IDENTITY_LEN
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'@' | b'-'))
 }
 
@@ -216,7 +215,13 @@ pub fn plan(policy: &Policy, req: &RequestInfo<'_>) -> Result<Plan, Reject> {
     let mut borrow = None;
     match tenant_plan.reserves[class] {
         Some(reserve) => {
-            buckets.push(Bucket::new(domain, BucketKind::Reserve, tenant, &class_def.name, reserve));
+            buckets.push(Bucket::new(
+                domain,
+                BucketKind::Reserve,
+                tenant,
+                &class_def.name,
+                reserve,
+            ));
             if class_def.borrow {
                 borrow = Some(shared);
             }
@@ -224,7 +229,13 @@ pub fn plan(policy: &Policy, req: &RequestInfo<'_>) -> Result<Plan, Reject> {
         None => buckets.push(shared),
     }
     if let Some(budget) = tenant_plan.budgets[class] {
-        buckets.push(Bucket::new(domain, BucketKind::Class, tenant, &class_def.name, budget));
+        buckets.push(Bucket::new(
+            domain,
+            BucketKind::Class,
+            tenant,
+            &class_def.name,
+            budget,
+        ));
     }
     if let (Some(u), Some(rate)) = (user, policy.users) {
         buckets.push(Bucket::new(domain, BucketKind::User, tenant, u, rate));
@@ -247,7 +258,13 @@ pub fn plan(policy: &Policy, req: &RequestInfo<'_>) -> Result<Plan, Reject> {
                 .copied()
                 .unwrap_or(model.default_allocation);
             buckets.push(Bucket::new(domain, BucketKind::Model, tenant, m, alloc));
-            buckets.push(Bucket::new(domain, BucketKind::ModelTotal, "", m, model.capacity));
+            buckets.push(Bucket::new(
+                domain,
+                BucketKind::ModelTotal,
+                "",
+                m,
+                model.capacity,
+            ));
         }
     }
 
@@ -291,7 +308,11 @@ impl Level {
             window_s: b.rate.window.seconds(),
             remaining: c.remaining,
             reset_s: ceil_s(c.reset_ns),
-            retry_after_s: if c.allowed { 0 } else { ceil_s(c.retry_after_ns).max(1) },
+            retry_after_s: if c.allowed {
+                0
+            } else {
+                ceil_s(c.retry_after_ns).max(1)
+            },
             has_room: c.allowed,
         }
     }
@@ -385,11 +406,11 @@ impl LocalTable {
     fn charge_scaled(&mut self, buckets: &[&Bucket], cost: u32, now_ns: u64, share: f64) {
         self.make_room(now_ns, buckets.len());
         for b in buckets {
-            self.buckets
-                .entry(b.key.clone())
-                .or_default()
-                .gcra
-                .force(&scaled(&b.rate, share), cost, now_ns);
+            self.buckets.entry(b.key.clone()).or_default().gcra.force(
+                &scaled(&b.rate, share),
+                cost,
+                now_ns,
+            );
         }
     }
 
@@ -460,8 +481,9 @@ impl LocalTable {
 
     /// Drop buckets that are full again and hold no lease: they carry no information.
     pub fn prune(&mut self, now_ns: u64) {
-        self.buckets
-            .retain(|_, b| !(b.gcra.is_idle(now_ns) && (b.lease == 0 || b.lease_until_ns <= now_ns)));
+        self.buckets.retain(|_, b| {
+            !(b.gcra.is_idle(now_ns) && (b.lease == 0 || b.lease_until_ns <= now_ns))
+        });
     }
 
     fn make_room(&mut self, now_ns: u64, incoming: usize) {

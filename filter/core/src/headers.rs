@@ -50,7 +50,13 @@ pub fn rate_limit_headers(levels: &[Level], draft03: bool) -> Vec<(&'static str,
 }
 
 /// The JSON body of a 429.
-pub fn limited_body(tenant: &str, class: &str, bucket: &str, retry_after_s: u64, decided_by: &str) -> String {
+pub fn limited_body(
+    tenant: &str,
+    class: &str,
+    bucket: &str,
+    retry_after_s: u64,
+    decided_by: &str,
+) -> String {
     json!({
         "error": "rate_limited",
         "tenant": tenant,
@@ -91,23 +97,45 @@ mod tests {
     use super::*;
 
     fn level(name: &str, q: u32, w: u64, r: u32, t: u64, room: bool) -> Level {
-        Level { name: name.into(), quota: q, window_s: w, remaining: r, reset_s: t, retry_after_s: 0, has_room: room }
+        Level {
+            name: name.into(),
+            quota: q,
+            window_s: w,
+            remaining: r,
+            reset_s: t,
+            retry_after_s: 0,
+            has_room: room,
+        }
     }
 
     #[test]
     fn draft_syntax() {
-        let l = vec![level("shared", 70, 60, 50, 9, true), level("class:integration", 30, 60, 12, 4, true)];
-        assert_eq!(policy_header(&l), r#""shared";q=70;w=60, "class:integration";q=30;w=60"#);
-        assert_eq!(state_header(&l), r#""shared";r=50;t=9, "class:integration";r=12;t=4"#);
+        let l = vec![
+            level("shared", 70, 60, 50, 9, true),
+            level("class:integration", 30, 60, 12, 4, true),
+        ];
+        assert_eq!(
+            policy_header(&l),
+            r#""shared";q=70;w=60, "class:integration";q=30;w=60"#
+        );
+        assert_eq!(
+            state_header(&l),
+            r#""shared";r=50;t=9, "class:integration";r=12;t=4"#
+        );
         let h = rate_limit_headers(&l, true);
         assert!(h.contains(&("x-ratelimit-limit", "30".to_string())));
         assert!(h.contains(&("x-ratelimit-remaining", "12".to_string())));
-        assert!(rate_limit_headers(&l, false).iter().all(|(k, _)| !k.starts_with("x-")));
+        assert!(rate_limit_headers(&l, false)
+            .iter()
+            .all(|(k, _)| !k.starts_with("x-")));
     }
 
     #[test]
     fn tightest_prefers_the_tripped_bucket() {
-        let l = vec![level("a", 10, 1, 0, 1, true), level("b", 10, 1, 3, 1, false)];
+        let l = vec![
+            level("a", 10, 1, 0, 1, true),
+            level("b", 10, 1, 3, 1, false),
+        ];
         assert_eq!(tightest(&l).map(|l| l.name.as_str()), Some("b"));
     }
 
@@ -118,7 +146,8 @@ mod tests {
 
     #[test]
     fn body_is_json_naming_tenant_class_bucket() {
-        let v: serde_json::Value = serde_json::from_str(&limited_body("t", "c", "shared", 3, "local")).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&limited_body("t", "c", "shared", 3, "local")).unwrap();
         assert_eq!(v["tenant"], "t");
         assert_eq!(v["class"], "c");
         assert_eq!(v["bucket"], "shared");

@@ -104,7 +104,10 @@ mod tests {
 
     #[test]
     fn shape_and_hash_tag() {
-        let k = encode("laneguard", &[("tenant", "north:wind"), ("bucket", "shared")]);
+        let k = encode(
+            "laneguard",
+            &[("tenant", "north:wind"), ("bucket", "shared")],
+        );
         assert_eq!(k, "lg1:laneguard:tenant={north%3Awind}:bucket=shared");
         assert_eq!(hash_tag(&k), Some("north%3Awind"));
         let no_tenant = encode("laneguard", &[("bucket", "model_total"), ("model", "m")]);

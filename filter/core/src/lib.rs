@@ -18,6 +18,8 @@ pub mod key;
 pub mod policy;
 pub mod rate;
 
-pub use engine::{plan, Bucket, BucketKind, Evaluation, Level, LocalTable, Plan, Reject, RequestInfo};
+pub use engine::{
+    plan, Bucket, BucketKind, Evaluation, Level, LocalTable, Plan, Reject, RequestInfo,
+};
 pub use policy::{parse, FailureMode, Policy, PolicyError};
 pub use rate::{Rate, Window};

@@ -93,14 +93,20 @@ impl Request {
             Ok(plan) => plan,
             Err(reject) => {
                 match reject {
-                    laneguard_core::Reject::MissingIdentity => shared.metrics.missing_identity.inc(),
-                    laneguard_core::Reject::InvalidIdentity => shared.metrics.invalid_identity.inc(),
+                    laneguard_core::Reject::MissingIdentity => {
+                        shared.metrics.missing_identity.inc()
+                    }
+                    laneguard_core::Reject::InvalidIdentity => {
+                        shared.metrics.invalid_identity.inc()
+                    }
                 }
                 let detail = match reject {
                     laneguard_core::Reject::MissingIdentity => {
                         "no trusted tenant/principal: the request did not pass authentication"
                     }
-                    laneguard_core::Reject::InvalidIdentity => "the trusted identity is not a valid name",
+                    laneguard_core::Reject::InvalidIdentity => {
+                        "the trusted identity is not a valid name"
+                    }
                 };
                 self.reply(reject.status(), &error_body(reject.code(), detail), &[]);
                 return Action::Pause;
@@ -122,7 +128,11 @@ impl Request {
         let now = self.now();
         let primary = plan.attempt(false);
         // Fast path 1: capacity the service leased to this worker.
-        if shared.table.borrow_mut().try_lease(&primary, plan.cost, now) {
+        if shared
+            .table
+            .borrow_mut()
+            .try_lease(&primary, plan.cost, now)
+        {
             let levels = shared.table.borrow().evaluate(&primary, 0, now, 1.0).levels;
             return self.allow(&plan, &levels, DecidedBy::Local);
         }
@@ -133,7 +143,9 @@ impl Request {
         if !eval.allowed {
             let alt_ok = eval.tripped == Some(0)
                 && plan.borrow.is_some()
-                && table.evaluate(&plan.attempt(true), plan.cost, now, 1.0).allowed;
+                && table
+                    .evaluate(&plan.attempt(true), plan.cost, now, 1.0)
+                    .allowed;
             if !alt_ok {
                 drop(table);
                 return self.limit(&plan, &eval, DecidedBy::Local);
@@ -159,7 +171,11 @@ impl Request {
             Duration::from_millis(u64::from(svc.timeout_ms)),
         ) {
             Ok(token) => {
-                self.pending = Some(Pending { token, plan, borrowing });
+                self.pending = Some(Pending {
+                    token,
+                    plan,
+                    borrowing,
+                });
                 Action::Pause
             }
             Err(status) => {
@@ -188,7 +204,8 @@ impl Request {
         }
         self.response_headers = rate_limit_headers(levels, self.shared.policy.draft03_headers);
         if let DecidedBy::Degraded(reason) = by {
-            self.response_headers.push(("x-laneguard-degraded", reason.to_string()));
+            self.response_headers
+                .push(("x-laneguard-degraded", reason.to_string()));
         }
         Action::Continue
     }
@@ -203,8 +220,14 @@ impl Request {
             m.decided_local.inc();
         }
         let tripped = eval.tripped.unwrap_or(0);
-        let bucket = eval.levels.get(tripped).map_or_else(String::new, |l| l.name.clone());
-        let retry = eval.levels.get(tripped).map_or(1, |l| l.retry_after_s.max(1));
+        let bucket = eval
+            .levels
+            .get(tripped)
+            .map_or_else(String::new, |l| l.name.clone());
+        let retry = eval
+            .levels
+            .get(tripped)
+            .map_or(1, |l| l.retry_after_s.max(1));
         let mut headers = rate_limit_headers(&eval.levels, self.shared.policy.draft03_headers);
         headers.push(("retry-after", retry.to_string()));
         if let DecidedBy::Degraded(reason) = by {
@@ -225,13 +248,23 @@ impl Request {
         let now = self.now();
         match plan.failure_mode {
             FailureMode::Open => {
-                shared.table.borrow_mut().charge(&plan.attempt(false), plan.cost, now);
-                let levels = shared.table.borrow().evaluate(&plan.attempt(false), 0, now, 1.0).levels;
+                shared
+                    .table
+                    .borrow_mut()
+                    .charge(&plan.attempt(false), plan.cost, now);
+                let levels = shared
+                    .table
+                    .borrow()
+                    .evaluate(&plan.attempt(false), 0, now, 1.0)
+                    .levels;
                 self.allow(plan, &levels, DecidedBy::Degraded(reason))
             }
             FailureMode::Closed => {
                 let retry = 1.to_string();
-                let headers = [("retry-after", retry), ("x-laneguard-degraded", reason.to_string())];
+                let headers = [
+                    ("retry-after", retry),
+                    ("x-laneguard-degraded", reason.to_string()),
+                ];
                 let body = error_body(
                     "rate_limit_service_unavailable",
                     "the rate-limit service did not answer and this class fails closed",
@@ -267,7 +300,9 @@ impl Request {
 
     fn on_answer(&mut self, pending: Pending, status_code: u32, size: usize) -> Action {
         let shared = Rc::clone(&self.shared);
-        let Pending { plan, borrowing, .. } = pending;
+        let Pending {
+            plan, borrowing, ..
+        } = pending;
         if status_code != 0 {
             let reason = if status_code == GRPC_DEADLINE_EXCEEDED {
                 shared.metrics.service_error_timeout.inc();
@@ -279,7 +314,9 @@ impl Request {
             log::warn!("laneguard: rate-limit service answered gRPC status {status_code}");
             return self.degrade(&plan, reason);
         }
-        let body = self.get_grpc_call_response_body(0, size).unwrap_or_default();
+        let body = self
+            .get_grpc_call_response_body(0, size)
+            .unwrap_or_default();
         let verdict = match rls::decode(&body) {
             Ok(v) => v,
             Err(e) => {
@@ -313,7 +350,10 @@ impl Request {
             // The reserve is empty fleet-wide: try idle shared capacity.
             return self.ask(plan, true);
         }
-        let mut eval = shared.table.borrow().evaluate(&attempt, plan.cost, now, 1.0);
+        let mut eval = shared
+            .table
+            .borrow()
+            .evaluate(&attempt, plan.cost, now, 1.0);
         overlay(&mut eval.levels, &verdict.statuses);
         eval.allowed = false;
         eval.tripped = verdict.tripped.or(eval.tripped).or(Some(0));
@@ -322,7 +362,10 @@ impl Request {
 }
 
 /// The service's figures win over the local mirror's where it sent them.
-fn overlay(levels: &mut [Level], statuses: &[laneguard_protos::envoy::service::ratelimit::v3::rate_limit_response::DescriptorStatus]) {
+fn overlay(
+    levels: &mut [Level],
+    statuses: &[laneguard_protos::envoy::service::ratelimit::v3::rate_limit_response::DescriptorStatus],
+) {
     for (l, s) in levels.iter_mut().zip(statuses) {
         if s.current_limit.is_some() {
             l.remaining = s.limit_remaining;
@@ -333,7 +376,10 @@ fn overlay(levels: &mut [Level], statuses: &[laneguard_protos::envoy::service::r
     }
 }
 
-fn quota_until(q: &laneguard_protos::envoy::service::ratelimit::v3::rate_limit_response::Quota, now: u64) -> u64 {
+fn quota_until(
+    q: &laneguard_protos::envoy::service::ratelimit::v3::rate_limit_response::Quota,
+    now: u64,
+) -> u64 {
     use laneguard_protos::envoy::service::ratelimit::v3::rate_limit_response::quota::ExpirationSpecifier;
     match &q.expiration_specifier {
         Some(ExpirationSpecifier::ValidUntil(ts)) => {
@@ -379,8 +425,15 @@ impl Context for Unconfigured {}
 
 impl HttpContext for Unconfigured {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let body = error_body("laneguard_not_configured", "the laneguard policy did not load");
-        self.send_http_response(500, vec![("content-type", "application/json")], Some(body.as_bytes()));
+        let body = error_body(
+            "laneguard_not_configured",
+            "the laneguard policy did not load",
+        );
+        self.send_http_response(
+            500,
+            vec![("content-type", "application/json")],
+            Some(body.as_bytes()),
+        );
         Action::Pause
     }
 }

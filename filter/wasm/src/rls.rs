@@ -72,7 +72,12 @@ pub fn decode(bytes: &[u8]) -> Result<Verdict, String> {
     let allowed = match Code::try_from(resp.overall_code) {
         Ok(Code::Ok) => true,
         Ok(Code::OverLimit) => false,
-        _ => return Err(format!("overall_code {} is neither OK nor OVER_LIMIT", resp.overall_code)),
+        _ => {
+            return Err(format!(
+                "overall_code {} is neither OK nor OVER_LIMIT",
+                resp.overall_code
+            ))
+        }
     };
     let tripped = resp.statuses.iter().position(|s| s.code == over);
     Ok(Verdict {

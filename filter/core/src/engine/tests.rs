@@ -53,7 +53,12 @@ fn req<'a>(tenant: &'a str, principal: &'a str, class: Option<&'a str>) -> Reque
     }
 }
 
-fn run(table: &mut LocalTable, p: &Policy, r: &RequestInfo<'_>, now: u64) -> (bool, Plan, Evaluation) {
+fn run(
+    table: &mut LocalTable,
+    p: &Policy,
+    r: &RequestInfo<'_>,
+    now: u64,
+) -> (bool, Plan, Evaluation) {
     let plan = plan(p, r).unwrap();
     let (eval, _) = table.decide(&plan, now, 1.0);
     (eval.allowed, plan, eval)
@@ -79,7 +84,10 @@ fn unprotected_class_lanes_through_shared_pool_and_budget() {
 fn protected_class_lanes_through_reserve_and_may_borrow() {
     let plan = plan(&policy(), &req("t", "recon", None)).unwrap();
     assert_eq!(plan.buckets[0].name(), "reserve:repair");
-    assert_eq!(plan.borrow.as_ref().map(Bucket::name).as_deref(), Some("shared"));
+    assert_eq!(
+        plan.borrow.as_ref().map(Bucket::name).as_deref(),
+        Some("shared")
+    );
     let recovery = super::plan(&policy(), &req("t", "support", None)).unwrap();
     assert!(recovery.borrow.is_none(), "recovery has borrow: false");
 }
@@ -87,8 +95,14 @@ fn protected_class_lanes_through_reserve_and_may_borrow() {
 #[test]
 fn descriptor_entries_follow_the_contract() {
     let plan = plan(&policy(), &req("t", "recon", None)).unwrap();
-    assert_eq!(plan.buckets[0].entries(), vec![("tenant", "t"), ("bucket", "reserve"), ("class", "repair")]);
-    assert_eq!(plan.buckets[0].key, "lg1:laneguard:tenant={t}:bucket=reserve:class=repair");
+    assert_eq!(
+        plan.buckets[0].entries(),
+        vec![("tenant", "t"), ("bucket", "reserve"), ("class", "repair")]
+    );
+    assert_eq!(
+        plan.buckets[0].key,
+        "lg1:laneguard:tenant={t}:bucket=reserve:class=repair"
+    );
 }
 
 #[test]
@@ -104,7 +118,10 @@ fn erp_flood_cannot_touch_the_repair_reserve() {
     }
     assert_eq!(erp_ok, 10, "integration budget burst");
     for i in 0..5 {
-        assert!(run(&mut t, &p, &req("nw", "recon", None), now).0, "repair request {i}");
+        assert!(
+            run(&mut t, &p, &req("nw", "recon", None), now).0,
+            "repair request {i}"
+        );
     }
 }
 
@@ -119,8 +136,14 @@ fn denial_names_first_bucket_and_charges_nothing() {
     let before = t.clone();
     let (ok, plan, eval) = run(&mut t, &p, &req("nw", "web", None), now);
     assert!(!ok);
-    assert_eq!(plan.buckets[eval.tripped.unwrap()].name(), "class:interactive");
-    assert_eq!(format!("{:?}", before.buckets.get(&plan.buckets[0].key)), format!("{:?}", t.buckets.get(&plan.buckets[0].key)));
+    assert_eq!(
+        plan.buckets[eval.tripped.unwrap()].name(),
+        "class:interactive"
+    );
+    assert_eq!(
+        format!("{:?}", before.buckets.get(&plan.buckets[0].key)),
+        format!("{:?}", t.buckets.get(&plan.buckets[0].key))
+    );
     assert!(eval.levels[1].retry_after_s >= 1);
 }
 
@@ -173,7 +196,10 @@ fn identity_outcomes() {
     let r = req("n w", "erp", None);
     assert_eq!(plan(&p, &r), Err(Reject::InvalidIdentity));
     let long = "x".repeat(129);
-    assert_eq!(plan(&p, &req(&long, "erp", None)), Err(Reject::InvalidIdentity));
+    assert_eq!(
+        plan(&p, &req(&long, "erp", None)),
+        Err(Reject::InvalidIdentity)
+    );
 }
 
 #[test]
@@ -183,7 +209,10 @@ fn weighted_cost_and_tool_bucket() {
     r.path = "/exports/daily?x=1";
     let plan = plan(&p, &r).unwrap();
     assert_eq!(plan.cost, 3);
-    assert_eq!(plan.buckets.last().map(Bucket::name).as_deref(), Some("tool:exports"));
+    assert_eq!(
+        plan.buckets.last().map(Bucket::name).as_deref(),
+        Some("tool:exports")
+    );
     let mut t = LocalTable::default();
     let (e1, _) = t.decide(&plan, 100 * S, 1.0);
     let (e2, _) = t.decide(&plan, 100 * S, 1.0);
@@ -198,17 +227,36 @@ fn model_allocation_share_and_absolute() {
     let mut r = req("nw", "erp", None);
     r.model = Some("m1");
     let plan1 = plan(&p, &r).unwrap();
-    let alloc = plan1.buckets.iter().find(|b| b.kind == BucketKind::Model).unwrap();
+    let alloc = plan1
+        .buckets
+        .iter()
+        .find(|b| b.kind == BucketKind::Model)
+        .unwrap();
     assert_eq!(alloc.rate.requests.get(), 5);
-    let total = plan1.buckets.iter().find(|b| b.kind == BucketKind::ModelTotal).unwrap();
-    assert_eq!(total.entries(), vec![("bucket", "model_total"), ("model", "m1")]);
+    let total = plan1
+        .buckets
+        .iter()
+        .find(|b| b.kind == BucketKind::ModelTotal)
+        .unwrap();
+    assert_eq!(
+        total.entries(),
+        vec![("bucket", "model_total"), ("model", "m1")]
+    );
     let mut r2 = req("big", "erp", None);
     r2.model = Some("m1");
     let plan2 = plan(&p, &r2).unwrap();
-    let alloc2 = plan2.buckets.iter().find(|b| b.kind == BucketKind::Model).unwrap();
+    let alloc2 = plan2
+        .buckets
+        .iter()
+        .find(|b| b.kind == BucketKind::Model)
+        .unwrap();
     assert_eq!(alloc2.rate.requests.get(), 8);
     r2.model = Some("unlisted");
-    assert!(plan(&p, &r2).unwrap().buckets.iter().all(|b| b.kind != BucketKind::Model));
+    assert!(plan(&p, &r2)
+        .unwrap()
+        .buckets
+        .iter()
+        .all(|b| b.kind != BucketKind::Model));
 }
 
 #[test]

@@ -194,7 +194,11 @@ pub fn parse(text: &str) -> Result<Policy, PolicyError> {
     let de = serde_yaml::Deserializer::from_str(text);
     let raw: RawPolicy = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
-        let path = if path == "." { "(document)".to_string() } else { path };
+        let path = if path == "." {
+            "(document)".to_string()
+        } else {
+            path
+        };
         let mut message = e.into_inner().to_string();
         // serde_yaml prefixes its own (shorter) path; ours is the full one.
         if let Some((prefix, rest)) = message.split_once(": ") {
@@ -242,19 +246,27 @@ fn window_rate(counts: [Option<u32>; 4], burst: u32, path: &str) -> Result<Rate,
         return Err(PolicyError::new(field, "must be at least 1"));
     }
     if burst == 0 {
-        return Err(PolicyError::new(format!("{path}.burst"), "must be at least 1"));
+        return Err(PolicyError::new(
+            format!("{path}.burst"),
+            "must be at least 1",
+        ));
     }
     if burst > n {
         return Err(PolicyError::new(
             format!("{path}.burst"),
-            format!("burst {burst} is larger than the rate itself ({n} {})", window.field()),
+            format!(
+                "burst {burst} is larger than the rate itself ({n} {})",
+                window.field()
+            ),
         ));
     }
     Rate::new(n, window, burst).ok_or_else(|| PolicyError::new(field, "must be at least 1"))
 }
 
 fn header_name(value: Option<String>, default: &str, path: &str) -> Result<String, PolicyError> {
-    let name = value.unwrap_or_else(|| default.to_string()).to_ascii_lowercase();
+    let name = value
+        .unwrap_or_else(|| default.to_string())
+        .to_ascii_lowercase();
     let valid = !name.is_empty()
         && name.len() <= 128
         && name
@@ -286,7 +298,11 @@ fn check_name(name: &str, path: &str) -> Result<(), PolicyError> {
     }
 }
 
-fn lookup(names: &HashMap<&str, ClassId>, name: &str, path: String) -> Result<ClassId, PolicyError> {
+fn lookup(
+    names: &HashMap<&str, ClassId>,
+    name: &str,
+    path: String,
+) -> Result<ClassId, PolicyError> {
     names
         .get(name)
         .copied()
@@ -298,17 +314,28 @@ fn validate(raw: RawPolicy) -> Result<Policy, PolicyError> {
         return Err(PolicyError::new("version", "only version 1 is supported"));
     }
     let identity = Identity {
-        tenant_header: header_name(raw.identity.tenant_header, "x-laneguard-tenant", "identity.tenant_header")?,
+        tenant_header: header_name(
+            raw.identity.tenant_header,
+            "x-laneguard-tenant",
+            "identity.tenant_header",
+        )?,
         principal_header: header_name(
             raw.identity.principal_header,
             "x-laneguard-principal",
             "identity.principal_header",
         )?,
-        user_header: header_name(raw.identity.user_header, "x-laneguard-user", "identity.user_header")?,
+        user_header: header_name(
+            raw.identity.user_header,
+            "x-laneguard-user",
+            "identity.user_header",
+        )?,
     };
 
     if raw.classes.is_empty() {
-        return Err(PolicyError::new("classes", "at least one class is required"));
+        return Err(PolicyError::new(
+            "classes",
+            "at least one class is required",
+        ));
     }
     let mut names: HashMap<&str, ClassId> = HashMap::new();
     for (i, c) in raw.classes.iter().enumerate() {
@@ -377,7 +404,11 @@ fn validate(raw: RawPolicy) -> Result<Policy, PolicyError> {
             ));
         }
         Classification {
-            header: header_name(raw.classification.header, "x-traffic-class", "classification.header")?,
+            header: header_name(
+                raw.classification.header,
+                "x-traffic-class",
+                "classification.header",
+            )?,
             granted_header: header_name(
                 raw.classification.granted_header,
                 "x-laneguard-class",
@@ -419,10 +450,18 @@ fn validate(raw: RawPolicy) -> Result<Policy, PolicyError> {
     let mut principals = HashMap::new();
     for (i, p) in raw.principals.iter().enumerate() {
         check_name(&p.name, &format!("principals[{i}].name"))?;
-        let default_class = lookup(&names, &p.default_class, format!("principals[{i}].default_class"))?;
+        let default_class = lookup(
+            &names,
+            &p.default_class,
+            format!("principals[{i}].default_class"),
+        )?;
         let mut may_declare = Vec::new();
         for (j, c) in p.may_declare.iter().enumerate() {
-            may_declare.push(lookup(&names, c, format!("principals[{i}].may_declare[{j}]"))?);
+            may_declare.push(lookup(
+                &names,
+                c,
+                format!("principals[{i}].may_declare[{j}]"),
+            )?);
         }
         if !may_declare.contains(&default_class) {
             return Err(PolicyError::new(
@@ -431,7 +470,13 @@ fn validate(raw: RawPolicy) -> Result<Policy, PolicyError> {
             ));
         }
         if principals
-            .insert(p.name.clone(), Principal { default_class, may_declare })
+            .insert(
+                p.name.clone(),
+                Principal {
+                    default_class,
+                    may_declare,
+                },
+            )
             .is_some()
         {
             return Err(PolicyError::new(
@@ -445,8 +490,18 @@ fn validate(raw: RawPolicy) -> Result<Policy, PolicyError> {
     let mut base_budgets = Vec::new();
     let mut base_reserves = Vec::new();
     for (i, c) in raw.classes.iter().enumerate() {
-        base_budgets.push(c.budget.as_ref().map(|r| rate(r, &format!("classes[{i}].budget"))).transpose()?);
-        base_reserves.push(c.reserve.as_ref().map(|r| rate(r, &format!("classes[{i}].reserve"))).transpose()?);
+        base_budgets.push(
+            c.budget
+                .as_ref()
+                .map(|r| rate(r, &format!("classes[{i}].budget")))
+                .transpose()?,
+        );
+        base_reserves.push(
+            c.reserve
+                .as_ref()
+                .map(|r| rate(r, &format!("classes[{i}].reserve")))
+                .transpose()?,
+        );
     }
 
     let default_ceiling = rate(&raw.tenants.default.ceiling, "tenants.default.ceiling")?;
@@ -487,30 +542,50 @@ fn validate(raw: RawPolicy) -> Result<Policy, PolicyError> {
         let path = format!("endpoint_families[{i}]");
         check_name(&f.name, &format!("{path}.name"))?;
         if families.iter().any(|g: &Family| g.name == f.name) {
-            return Err(PolicyError::new(format!("{path}.name"), format!("duplicate family {:?}", f.name)));
+            return Err(PolicyError::new(
+                format!("{path}.name"),
+                format!("duplicate family {:?}", f.name),
+            ));
         }
         if f.path_prefixes.is_empty() {
-            return Err(PolicyError::new(format!("{path}.path_prefixes"), "at least one prefix is required"));
+            return Err(PolicyError::new(
+                format!("{path}.path_prefixes"),
+                "at least one prefix is required",
+            ));
         }
         for (j, p) in f.path_prefixes.iter().enumerate() {
             if !p.starts_with('/') {
-                return Err(PolicyError::new(format!("{path}.path_prefixes[{j}]"), "must start with '/'"));
+                return Err(PolicyError::new(
+                    format!("{path}.path_prefixes[{j}]"),
+                    "must start with '/'",
+                ));
             }
         }
         let cost = f.cost.unwrap_or(1);
         if cost == 0 {
-            return Err(PolicyError::new(format!("{path}.cost"), "must be at least 1"));
+            return Err(PolicyError::new(
+                format!("{path}.cost"),
+                "must be at least 1",
+            ));
         }
         families.push(Family {
             name: f.name.clone(),
             path_prefixes: f.path_prefixes.clone(),
             methods: f.methods.iter().map(|m| m.to_ascii_uppercase()).collect(),
             cost,
-            limit: f.limit.as_ref().map(|r| rate(r, &format!("{path}.limit"))).transpose()?,
+            limit: f
+                .limit
+                .as_ref()
+                .map(|r| rate(r, &format!("{path}.limit")))
+                .transpose()?,
         });
     }
 
-    let users = raw.users.as_ref().map(|u| rate(&u.limit, "users.limit")).transpose()?;
+    let users = raw
+        .users
+        .as_ref()
+        .map(|u| rate(&u.limit, "users.limit"))
+        .transpose()?;
 
     let purposes = match raw.purposes {
         None => None,
@@ -535,7 +610,8 @@ fn validate(raw: RawPolicy) -> Result<Policy, PolicyError> {
                 let path = format!("models.list[{i}]");
                 check_name(&model.name, &format!("{path}.name"))?;
                 let capacity = rate(&model.capacity, &format!("{path}.capacity"))?;
-                let default_allocation = allocation(&model.allocation, &capacity, &format!("{path}.allocation"))?;
+                let default_allocation =
+                    allocation(&model.allocation, &capacity, &format!("{path}.allocation"))?;
                 let mut tenant_allocations = HashMap::new();
                 let mut shares = 0.0;
                 for (tenant, a) in &model.tenants {
@@ -561,7 +637,10 @@ fn validate(raw: RawPolicy) -> Result<Policy, PolicyError> {
                     )
                     .is_some()
                 {
-                    return Err(PolicyError::new(format!("{path}.name"), format!("duplicate model {:?}", model.name)));
+                    return Err(PolicyError::new(
+                        format!("{path}.name"),
+                        format!("duplicate model {:?}", model.name),
+                    ));
                 }
             }
             Some(Models {
@@ -593,11 +672,17 @@ fn allocation(a: &RawAllocation, capacity: &Rate, path: &str) -> Result<Rate, Po
     let absolute = [a.per_second, a.per_minute, a.per_hour, a.per_day];
     let alloc = match (a.share, absolute.iter().any(Option::is_some)) {
         (Some(_), true) => {
-            return Err(PolicyError::new(path, "give either share or a per_* rate, not both"));
+            return Err(PolicyError::new(
+                path,
+                "give either share or a per_* rate, not both",
+            ));
         }
         (Some(share), false) => {
             if !(share > 0.0 && share <= 1.0) {
-                return Err(PolicyError::new(format!("{path}.share"), "must be in (0, 1]"));
+                return Err(PolicyError::new(
+                    format!("{path}.share"),
+                    "must be in (0, 1]",
+                ));
             }
             let n = (f64::from(capacity.requests.get()) * share).floor();
             let n = if n >= 1.0 { n as u32 } else { 0 };
@@ -622,7 +707,10 @@ fn allocation(a: &RawAllocation, capacity: &Rate, path: &str) -> Result<Rate, Po
     };
     let widest = alloc.window.max(capacity.window);
     if alloc.count_over(widest) > capacity.count_over(widest) {
-        return Err(PolicyError::new(path, "an allocation cannot exceed the model's capacity"));
+        return Err(PolicyError::new(
+            path,
+            "an allocation cannot exceed the model's capacity",
+        ));
     }
     if alloc.burst > capacity.burst {
         return Err(PolicyError::new(
@@ -663,12 +751,20 @@ fn build_plan(
         }
     }
     for (i, c) in classes.iter().enumerate() {
-        let where_ = if is_default { format!("classes[{i}]") } else { format!("{path}.classes.{}", c.name) };
+        let where_ = if is_default {
+            format!("classes[{i}]")
+        } else {
+            format!("{path}.classes.{}", c.name)
+        };
         match (c.consequence.is_protected(), reserves[i].is_some()) {
             (true, false) => {
                 return Err(PolicyError::new(
                     format!("{where_}.reserve"),
-                    format!("{:?} is a {} class and needs a reserved lane", c.name, c.consequence.as_str()),
+                    format!(
+                        "{:?} is a {} class and needs a reserved lane",
+                        c.name,
+                        c.consequence.as_str()
+                    ),
                 ))
             }
             (false, true) => {
@@ -700,10 +796,18 @@ fn build_plan(
         .flatten()
         .map(|r| r.window)
         .fold(ceiling.window, Window::max);
-    let reserved: u64 = reserves.iter().flatten().map(|r| r.count_over(widest)).sum();
-    let reserved_burst: u64 = reserves.iter().flatten().map(|r| u64::from(r.burst.get())).sum();
+    let reserved: u64 = reserves
+        .iter()
+        .flatten()
+        .map(|r| r.count_over(widest))
+        .sum();
+    let reserved_burst: u64 = reserves
+        .iter()
+        .flatten()
+        .map(|r| u64::from(r.burst.get()))
+        .sum();
     let total = ceiling.count_over(widest);
-    let ceiling_path = if is_default { format!("{path}.ceiling") } else { format!("{path}.ceiling") };
+    let ceiling_path = format!("{path}.ceiling");
     if reserved >= total {
         return Err(PolicyError::new(
             format!("{ceiling_path}.{}", ceiling.window.field()),
@@ -767,8 +871,11 @@ fn check_competition(classes: &[Class]) -> Result<(), PolicyError> {
 /// A weighted request must fit in every bucket it can touch, or it could never pass.
 fn check_costs(p: &Policy) -> Result<(), PolicyError> {
     let mut limits: Vec<(String, Rate)> = Vec::new();
-    let plans = std::iter::once(("tenants.default".to_string(), &p.default_plan))
-        .chain(p.tenant_plans.iter().map(|(t, pl)| (format!("tenants.overrides.{t}"), pl)));
+    let plans = std::iter::once(("tenants.default".to_string(), &p.default_plan)).chain(
+        p.tenant_plans
+            .iter()
+            .map(|(t, pl)| (format!("tenants.overrides.{t}"), pl)),
+    );
     for (path, plan) in plans {
         limits.push((format!("{path} (shared pool)"), plan.shared));
         for (i, c) in p.classes.iter().enumerate() {
@@ -843,20 +950,51 @@ tenants:
         let json = r#"{"version":1,"classes":[{"name":"a","consequence":"low"}],
             "tenants":{"default":{"ceiling":{"per_second":5,"burst":5}}}}"#;
         let p = parse(json).unwrap();
-        assert_eq!(p.classes[0].failure_mode, FailureMode::Closed, "low fails closed by default");
+        assert_eq!(
+            p.classes[0].failure_mode,
+            FailureMode::Closed,
+            "low fails closed by default"
+        );
     }
 
     #[test]
     fn errors_name_their_path() {
         let cases = [
-            (BASE.replace("burst: 5 }", "burst: 5, extra: 1 }"), "classes[1].reserve.extra"),
-            (BASE.replace("per_minute: 20", "per_minute: 0"), "classes[1].reserve.per_minute"),
-            (BASE.replace("burst: 10", "burst: 61"), "classes[0].budget.burst"),
-            (BASE.replace("consequence: repair", "consequence: fixing"), "classes[1].consequence"),
-            (BASE.replace("reserve: { per_minute: 20, burst: 5 }", "budget: { per_minute: 20, burst: 5 }"), "classes[1].reserve"),
-            (BASE.replace("per_minute: 20, burst: 5", "per_minute: 100, burst: 5"), "tenants.default.ceiling.per_minute"),
+            (
+                BASE.replace("burst: 5 }", "burst: 5, extra: 1 }"),
+                "classes[1].reserve.extra",
+            ),
+            (
+                BASE.replace("per_minute: 20", "per_minute: 0"),
+                "classes[1].reserve.per_minute",
+            ),
+            (
+                BASE.replace("burst: 10", "burst: 61"),
+                "classes[0].budget.burst",
+            ),
+            (
+                BASE.replace("consequence: repair", "consequence: fixing"),
+                "classes[1].consequence",
+            ),
+            (
+                BASE.replace(
+                    "reserve: { per_minute: 20, burst: 5 }",
+                    "budget: { per_minute: 20, burst: 5 }",
+                ),
+                "classes[1].reserve",
+            ),
+            (
+                BASE.replace("per_minute: 20, burst: 5", "per_minute: 100, burst: 5"),
+                "tenants.default.ceiling.per_minute",
+            ),
             (BASE.replace("version: 1", "version: 2"), "version"),
-            (BASE.replace("per_minute: 60, burst", "per_minute: 60, per_hour: 60, burst"), "classes[0].budget.per_hour"),
+            (
+                BASE.replace(
+                    "per_minute: 60, burst",
+                    "per_minute: 60, per_hour: 60, burst",
+                ),
+                "classes[0].budget.per_hour",
+            ),
         ];
         for (text, path) in cases {
             let e = err(&text);
@@ -867,10 +1005,16 @@ tenants:
     #[test]
     fn per_window_rates_compare_exactly() {
         // 1/s reserve against a 100/min ceiling: 60/min of 100/min is fine…
-        let ok = BASE.replace("reserve: { per_minute: 20, burst: 5 }", "reserve: { per_second: 1, burst: 1 }");
+        let ok = BASE.replace(
+            "reserve: { per_minute: 20, burst: 5 }",
+            "reserve: { per_second: 1, burst: 1 }",
+        );
         assert_eq!(parse(&ok).unwrap().default_plan.shared.requests.get(), 40);
         // …but 2/s is 120/min, more than the ceiling.
-        let bad = BASE.replace("reserve: { per_minute: 20, burst: 5 }", "reserve: { per_second: 2, burst: 1 }");
+        let bad = BASE.replace(
+            "reserve: { per_minute: 20, burst: 5 }",
+            "reserve: { per_second: 2, burst: 1 }",
+        );
         assert_eq!(err(&bad).path, "tenants.default.ceiling.per_minute");
     }
 
@@ -887,13 +1031,17 @@ tenants:
 
     #[test]
     fn costs_must_fit_the_smallest_burst() {
-        let text = format!("{BASE}endpoint_families:\n  - {{ name: big, path_prefixes: [/x], cost: 11 }}\n");
+        let text = format!(
+            "{BASE}endpoint_families:\n  - {{ name: big, path_prefixes: [/x], cost: 11 }}\n"
+        );
         assert_eq!(err(&text).path, "endpoint_families[0].cost");
     }
 
     #[test]
     fn principals_must_be_allowed_their_default() {
-        let text = format!("{BASE}principals:\n  - {{ name: p, default_class: repair, may_declare: [web] }}\n");
+        let text = format!(
+            "{BASE}principals:\n  - {{ name: p, default_class: repair, may_declare: [web] }}\n"
+        );
         assert_eq!(err(&text).path, "principals[0].default_class");
     }
 }

@@ -1,0 +1,73 @@
+# laneguard: the entry points a user types.
+#
+#   make run     bootstrap, build, start the demo gateway (scripts/run-demo.sh)
+#   make test    bootstrap, build, run every test (CI runs this: .ci/run)
+#   make lint    rustfmt, clippy (host and wasm32-wasip1), envoy --mode validate on envoy/
+#   make build   the Wasm filter (release) and the service and upstream binaries
+#   make bench   benchmarks (a later issue)
+#   make clean   remove build output and demo logs; `make distclean` also removes .venv
+#
+# ENVOY is the Envoy command. It defaults to the pinned Envoy that scripts/bootstrap.sh
+# installs into .venv, and may be several words: ENVOY="func-e run" make run.
+
+ENVOY_DEFAULT := $(CURDIR)/.venv/bin/envoy
+ENVOY ?= $(ENVOY_DEFAULT)
+export ENVOY
+
+CARGO ?= cargo
+WASM_TARGET := wasm32-wasip1
+WASM := target/$(WASM_TARGET)/release/laneguard_wasm.wasm
+
+# Envoy configurations to validate: every YAML under envoy/ except the rate-limit
+# service's own configs, which are named *.service.yaml.
+ENVOY_CONFIGS := $(filter-out %.service.yaml,$(shell find envoy -name '*.yaml' | sort))
+
+# With a custom ENVOY there is no need to install the pinned one into .venv.
+ifeq ($(ENVOY),$(ENVOY_DEFAULT))
+BOOTSTRAP_FLAGS ?=
+else
+BOOTSTRAP_FLAGS ?= --without-envoy
+endif
+
+.DEFAULT_GOAL := help
+.PHONY: help bootstrap build build-wasm run test lint bench clean distclean
+
+help:
+	@sed -n '3,8p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
+
+bootstrap:
+	@scripts/bootstrap.sh $(BOOTSTRAP_FLAGS)
+
+build-wasm: bootstrap
+	$(CARGO) build --release --target $(WASM_TARGET) -p laneguard-wasm
+
+build: build-wasm
+	$(CARGO) build -p laneguard-service -p laneguard-upstream
+
+run: build
+	scripts/run-demo.sh
+
+# The integration tests start Envoy with $ENVOY (exported above).
+test: build
+	$(CARGO) test --workspace
+
+# The Wasm is built first: validating envoy/demo/envoy.yaml loads it.
+lint: build-wasm
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy -p laneguard-wasm -p laneguard-core --target $(WASM_TARGET) -- -D warnings
+	python3 envoy/demo/mint-tokens.py --check
+	@set -e; for f in $(ENVOY_CONFIGS); do \
+	  echo "$(ENVOY) --mode validate -c $$f"; \
+	  out=$$($(ENVOY) --mode validate -c $$f 2>&1) || { echo "$$out" | grep -v "\]\[info\]" | tail -n 20; echo "invalid Envoy config: $$f" >&2; exit 1; }; \
+	done
+
+bench:
+	@echo "make bench: the benchmarks come in a later issue (bench/upstream is the upstream they will use)."
+
+clean:
+	$(CARGO) clean
+	rm -rf .run
+
+distclean: clean
+	rm -rf .venv

@@ -1,0 +1,158 @@
+//! The Envoy rate-limit service protocol (`envoy.service.ratelimit.v3`), as prost types.
+//!
+//! The `.proto` files in `proto/` are vendored from envoyproxy/envoy and trimmed to what the
+//! `ShouldRateLimit` wire needs; package, message and field names and numbers are unchanged,
+//! so these types talk to Envoy's native `envoy.filters.http.ratelimit` and to any RLS v3
+//! server. Modules mirror the proto packages (`envoy::service::ratelimit::v3`, ...), and
+//! `google.protobuf` types are `prost_types` (re-exported as [`google::protobuf`]).
+//!
+//! The default build is prost-only and compiles for `wasm32-wasip1` (the filter encodes
+//! requests and decodes responses itself and hands the bytes to proxy-wasm's
+//! `dispatch_grpc_call`). The `server` feature adds tonic's
+//! `rate_limit_service_server` and `rate_limit_service_client` modules inside
+//! `envoy::service::ratelimit::v3`, for the service and the tests.
+
+pub use prost;
+pub use prost_types;
+
+/// Envoy API packages.
+pub mod envoy {
+    pub mod config {
+        pub mod core {
+            /// `envoy.config.core.v3`: only `HeaderValue`.
+            pub mod v3 {
+                include!(concat!(env!("OUT_DIR"), "/envoy.config.core.v3.rs"));
+            }
+        }
+    }
+
+    pub mod extensions {
+        pub mod common {
+            pub mod ratelimit {
+                /// `envoy.extensions.common.ratelimit.v3`: `RateLimitDescriptor`.
+                pub mod v3 {
+                    include!(concat!(
+                        env!("OUT_DIR"),
+                        "/envoy.extensions.common.ratelimit.v3.rs"
+                    ));
+                }
+            }
+        }
+    }
+
+    pub mod service {
+        pub mod ratelimit {
+            /// `envoy.service.ratelimit.v3`: the request, the response and (with the `server`
+            /// feature) the tonic stubs.
+            pub mod v3 {
+                include!(concat!(env!("OUT_DIR"), "/envoy.service.ratelimit.v3.rs"));
+            }
+        }
+    }
+
+    pub mod r#type {
+        /// `envoy.type.v3`: `RateLimitUnit`.
+        pub mod v3 {
+            include!(concat!(env!("OUT_DIR"), "/envoy.r#type.v3.rs"));
+        }
+    }
+}
+
+/// Google well-known types, as `prost_types`.
+pub mod google {
+    pub mod protobuf {
+        pub use prost_types::*;
+    }
+}
+
+/// The fully qualified gRPC service name, as used in paths and in `grpc.health.v1` checks.
+pub const RATE_LIMIT_SERVICE_NAME: &str = "envoy.service.ratelimit.v3.RateLimitService";
+
+/// The gRPC method path of `ShouldRateLimit` (what proxy-wasm's `dispatch_grpc_call` takes as
+/// service and method name, joined).
+pub const SHOULD_RATE_LIMIT_PATH: &str =
+    "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit";
+
+#[cfg(test)]
+mod tests {
+    use super::envoy::extensions::common::ratelimit::v3::{
+        rate_limit_descriptor, RateLimitDescriptor,
+    };
+    use super::envoy::r#type::v3::RateLimitUnit;
+    use super::envoy::service::ratelimit::v3::{
+        rate_limit_response, RateLimitRequest, RateLimitResponse,
+    };
+    use prost::Message;
+
+    /// Field numbers are the wire contract; pin a few of them with hand-encoded bytes.
+    #[test]
+    fn request_field_numbers_match_upstream() {
+        let req = RateLimitRequest {
+            domain: "d".into(),
+            descriptors: vec![RateLimitDescriptor {
+                entries: vec![rate_limit_descriptor::Entry {
+                    key: "k".into(),
+                    value: "v".into(),
+                }],
+                limit: Some(rate_limit_descriptor::RateLimitOverride {
+                    requests_per_unit: 5,
+                    unit: RateLimitUnit::Week as i32,
+                }),
+                hits_addend: Some(2),
+            }],
+            hits_addend: 3,
+        };
+        let bytes = req.encode_to_vec();
+        // domain = 1 (LEN): tag 0x0a, len 1, "d".
+        assert_eq!(&bytes[..3], &[0x0a, 0x01, b'd']);
+        // hits_addend = 3 (VARINT): tag 0x18, 3, last.
+        assert_eq!(&bytes[bytes.len() - 2..], &[0x18, 0x03]);
+        let descriptor = [
+            0x0a, 0x06, 0x0a, 0x01, b'k', 0x12, 0x01,
+            b'v', // entries = 1 {key = 1, value = 2}
+            0x12, 0x04, 0x08, 0x05, 0x10,
+            0x07, // limit = 2 {requests_per_unit = 1, unit = 2 (WEEK = 7)}
+            0x1a, 0x02, 0x08, 0x02, // hits_addend = 3 {value = 1}
+        ];
+        // descriptors = 2 (LEN).
+        assert_eq!(bytes[3], 0x12);
+        assert_eq!(usize::from(bytes[4]), descriptor.len());
+        assert_eq!(&bytes[5..5 + descriptor.len()], &descriptor);
+        assert_eq!(RateLimitRequest::decode(bytes.as_slice()).unwrap(), req);
+    }
+
+    #[test]
+    fn response_field_numbers_match_upstream() {
+        let resp = RateLimitResponse {
+            overall_code: rate_limit_response::Code::OverLimit as i32,
+            statuses: vec![rate_limit_response::DescriptorStatus {
+                code: rate_limit_response::Code::Ok as i32,
+                current_limit: None,
+                limit_remaining: 9,
+                duration_until_reset: None,
+                quota: Some(rate_limit_response::Quota {
+                    requests: 4,
+                    id: String::new(),
+                    expiration_specifier: None,
+                }),
+            }],
+            raw_body: b"x".to_vec(),
+            ..Default::default()
+        };
+        let bytes = resp.encode_to_vec();
+        assert_eq!(
+            bytes,
+            vec![
+                0x08, 0x02, // overall_code = 1: OVER_LIMIT
+                0x12, 0x08, 0x08, 0x01, 0x18, 0x09, 0x2a, 0x02, 0x08,
+                0x04, // statuses = 2 {code = 1, limit_remaining = 3, quota = 5 {requests = 1}}
+                0x2a, 0x01, b'x', // raw_body = 5
+            ]
+        );
+        assert_eq!(
+            rate_limit_response::rate_limit::Unit::Week as i32,
+            7,
+            "WEEK was appended after YEAR upstream"
+        );
+    }
+}

@@ -1,0 +1,28 @@
+//! # laneguard-service
+//!
+//! The authoritative rate-limit service. It speaks Envoy's standard RLS v3 protocol
+//! (`envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit`), so both laneguard's wasm
+//! filter and Envoy's native `envoy.filters.http.ratelimit` can call it, and serves
+//! `grpc.health.v1.Health`.
+//!
+//! A request names one descriptor per bucket ([`limits`] maps descriptors to buckets with
+//! `laneguard_core::key`); the [`store`] checks every bucket with `laneguard_core::gcra` and
+//! charges all of them or none, at a `now` read once per request from an injectable
+//! [`clock`]. [`rls`] turns the outcome into per-descriptor statuses; [`server`] puts it on a
+//! socket. The binary (`src/main.rs`) is a thin shell: arguments ([`cli`]), rules
+//! ([`config`]), logging, signals, the readiness line. Operator docs: `docs/service.md`.
+
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod limits;
+pub mod logger;
+pub mod rls;
+pub mod server;
+pub mod store;
+pub mod unit;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use config::{Config, ConfigError};
+pub use rls::{Grants, Options, RateLimiter, ServiceError};
+pub use store::{MemoryStore, Store, StoreError};

@@ -1,0 +1,297 @@
+//! From a `RateLimitRequest` to the buckets it charges (the "Descriptor protocol" in
+//! `docs/architecture.md`).
+//!
+//! A descriptor's rate is its `limit` (a `RateLimitOverride`, which laneguard's filter always
+//! sends) or else the `--config` rule its entries match; with neither it is unlimited. The
+//! parameter entry `("lg.burst", n)` sets the burst and is not part of the bucket's identity:
+//! it is stripped before the key is computed with `laneguard_core::key::encode`, the same
+//! codec the filter uses. The cost is the descriptor's own `hits_addend` if set, else the
+//! request's (`0` on the wire means 1).
+
+use std::num::NonZeroU32;
+
+use laneguard_core::{key, Rate};
+use laneguard_protos::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+use laneguard_protos::envoy::service::ratelimit::v3::RateLimitRequest;
+
+use crate::config::Config;
+use crate::store::Charge;
+use crate::unit::Unit;
+
+/// The parameter entry that carries a bucket's burst.
+pub const BURST_ENTRY: &str = "lg.burst";
+
+/// A request the service cannot evaluate: answered with gRPC `INVALID_ARGUMENT`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("descriptors[{index}]: `lg.burst` value `{value}` is not a positive 32-bit integer")]
+    BadBurst { index: usize, value: String },
+    #[error("descriptors[{index}]: `lg.burst` appears more than once")]
+    DuplicateBurst { index: usize },
+    #[error("descriptors[{index}].limit.requests_per_unit: must be positive")]
+    ZeroLimit { index: usize },
+    #[error("descriptors[{index}].limit.unit: {unit} is not a defined RateLimitUnit")]
+    UnknownUnit { index: usize, unit: i32 },
+    #[error(
+        "descriptors[{index}].limit.unit: `{unit}` is not supported yet (second, minute, hour, day)"
+    )]
+    UnsupportedUnit { index: usize, unit: Unit },
+}
+
+/// The buckets of a request: `plan[i]` is `Some(charge)` for a limited `descriptors[i]`,
+/// `None` for an unlimited one.
+pub fn plan(
+    request: &RateLimitRequest,
+    rules: Option<&Config>,
+) -> Result<Vec<Option<Charge>>, RequestError> {
+    let request_cost = if request.hits_addend == 0 {
+        1
+    } else {
+        request.hits_addend
+    };
+    request
+        .descriptors
+        .iter()
+        .enumerate()
+        .map(|(index, d)| plan_descriptor(&request.domain, d, index, request_cost, rules))
+        .collect()
+}
+
+fn plan_descriptor(
+    domain: &str,
+    descriptor: &RateLimitDescriptor,
+    index: usize,
+    request_cost: u32,
+    rules: Option<&Config>,
+) -> Result<Option<Charge>, RequestError> {
+    let mut burst: Option<NonZeroU32> = None;
+    let mut entries: Vec<(&str, &str)> = Vec::with_capacity(descriptor.entries.len());
+    for e in &descriptor.entries {
+        if e.key == BURST_ENTRY {
+            if burst.is_some() {
+                return Err(RequestError::DuplicateBurst { index });
+            }
+            let n = e
+                .value
+                .parse::<NonZeroU32>()
+                .map_err(|_| RequestError::BadBurst {
+                    index,
+                    value: e.value.clone(),
+                })?;
+            burst = Some(n);
+        } else {
+            entries.push((e.key.as_str(), e.value.as_str()));
+        }
+    }
+
+    let rate = match &descriptor.limit {
+        Some(limit) => {
+            let requests = NonZeroU32::new(limit.requests_per_unit)
+                .ok_or(RequestError::ZeroLimit { index })?;
+            let unit = Unit::from_proto(limit.unit).ok_or(RequestError::UnknownUnit {
+                index,
+                unit: limit.unit,
+            })?;
+            let window = unit
+                .window()
+                .ok_or(RequestError::UnsupportedUnit { index, unit })?;
+            Rate {
+                requests,
+                window,
+                burst: burst.unwrap_or(requests),
+            }
+        }
+        None => match rules.and_then(|c| c.lookup(domain, &entries)) {
+            Some(rule_rate) => Rate {
+                burst: burst.unwrap_or(rule_rate.burst),
+                ..rule_rate
+            },
+            None => return Ok(None),
+        },
+    };
+
+    let cost = descriptor
+        .hits_addend
+        .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
+        .unwrap_or(request_cost);
+    Ok(Some(Charge {
+        key: key::encode(domain, &entries),
+        rate,
+        cost,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use laneguard_core::Window;
+    use laneguard_protos::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::{
+        Entry, RateLimitOverride,
+    };
+    use laneguard_protos::envoy::r#type::v3::RateLimitUnit;
+
+    fn descriptor(
+        entries: &[(&str, &str)],
+        limit: Option<(u32, RateLimitUnit)>,
+    ) -> RateLimitDescriptor {
+        RateLimitDescriptor {
+            entries: entries
+                .iter()
+                .map(|(k, v)| Entry {
+                    key: k.to_string(),
+                    value: v.to_string(),
+                })
+                .collect(),
+            limit: limit.map(|(n, u)| RateLimitOverride {
+                requests_per_unit: n,
+                unit: u as i32,
+            }),
+            hits_addend: None,
+        }
+    }
+
+    fn request(descriptors: Vec<RateLimitDescriptor>, hits: u32) -> RateLimitRequest {
+        RateLimitRequest {
+            domain: "laneguard".into(),
+            descriptors,
+            hits_addend: hits,
+        }
+    }
+
+    #[test]
+    fn burst_entry_is_stripped_from_the_key_and_sets_the_burst() {
+        let with = descriptor(
+            &[("tenant", "acme"), ("bucket", "shared"), ("lg.burst", "7")],
+            Some((60, RateLimitUnit::Minute)),
+        );
+        let without = descriptor(
+            &[("tenant", "acme"), ("bucket", "shared")],
+            Some((60, RateLimitUnit::Minute)),
+        );
+        let p = plan(&request(vec![with, without], 0), None).unwrap();
+        let (a, b) = (p[0].clone().unwrap(), p[1].clone().unwrap());
+        assert_eq!(a.key, b.key, "lg.burst is not part of the bucket identity");
+        assert_eq!(
+            a.key,
+            key::encode("laneguard", &[("tenant", "acme"), ("bucket", "shared")])
+        );
+        assert_eq!(a.rate, Rate::new(60, Window::Minute, 7).unwrap());
+        // Default burst = requests_per_unit.
+        assert_eq!(b.rate, Rate::new(60, Window::Minute, 60).unwrap());
+        // hits_addend 0 on the wire means 1.
+        assert_eq!(a.cost, 1);
+    }
+
+    #[test]
+    fn cost_comes_from_the_descriptor_then_the_request() {
+        let mut d = descriptor(&[("tenant", "t")], Some((10, RateLimitUnit::Second)));
+        let p = plan(&request(vec![d.clone()], 3), None).unwrap();
+        assert_eq!(p[0].as_ref().unwrap().cost, 3);
+        d.hits_addend = Some(5);
+        let p = plan(&request(vec![d.clone()], 3), None).unwrap();
+        assert_eq!(p[0].as_ref().unwrap().cost, 5);
+        d.hits_addend = Some(u64::MAX);
+        let p = plan(&request(vec![d], 3), None).unwrap();
+        assert_eq!(p[0].as_ref().unwrap().cost, u32::MAX);
+    }
+
+    #[test]
+    fn no_limit_and_no_rule_is_unlimited() {
+        let d = descriptor(&[("tenant", "t"), ("lg.burst", "3")], None);
+        assert_eq!(plan(&request(vec![d], 1), None).unwrap(), vec![None]);
+        assert_eq!(plan(&request(vec![], 1), None).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn config_rule_applies_when_no_limit_is_sent() {
+        let rules = Config::parse(
+            "domain: laneguard\ndescriptors:\n  - key: tenant\n    rate_limit: {unit: second, requests_per_unit: 5, burst: 2}\n",
+            "inline",
+        )
+        .unwrap();
+        let d = descriptor(&[("tenant", "t")], None);
+        let c = plan(&request(vec![d], 1), Some(&rules)).unwrap()[0]
+            .clone()
+            .unwrap();
+        assert_eq!(c.rate, Rate::new(5, Window::Second, 2).unwrap());
+        // lg.burst overrides the rule's burst and does not affect matching.
+        let d = descriptor(&[("tenant", "t"), ("lg.burst", "4")], None);
+        let c = plan(&request(vec![d], 1), Some(&rules)).unwrap()[0]
+            .clone()
+            .unwrap();
+        assert_eq!(c.rate, Rate::new(5, Window::Second, 4).unwrap());
+        // A sent limit wins over the rule.
+        let d = descriptor(&[("tenant", "t")], Some((9, RateLimitUnit::Hour)));
+        let c = plan(&request(vec![d], 1), Some(&rules)).unwrap()[0]
+            .clone()
+            .unwrap();
+        assert_eq!(c.rate, Rate::new(9, Window::Hour, 9).unwrap());
+    }
+
+    #[test]
+    fn invalid_descriptors_are_named() {
+        let bad_burst = descriptor(
+            &[("tenant", "t"), ("lg.burst", "0")],
+            Some((1, RateLimitUnit::Second)),
+        );
+        let ok = descriptor(&[("tenant", "t")], Some((1, RateLimitUnit::Second)));
+        assert_eq!(
+            plan(&request(vec![ok.clone(), bad_burst], 1), None).unwrap_err(),
+            RequestError::BadBurst {
+                index: 1,
+                value: "0".into()
+            }
+        );
+        let twice = descriptor(
+            &[("lg.burst", "1"), ("tenant", "t"), ("lg.burst", "2")],
+            Some((1, RateLimitUnit::Second)),
+        );
+        assert_eq!(
+            plan(&request(vec![twice], 1), None).unwrap_err(),
+            RequestError::DuplicateBurst { index: 0 }
+        );
+        let zero = descriptor(&[("tenant", "t")], Some((0, RateLimitUnit::Second)));
+        assert_eq!(
+            plan(&request(vec![zero], 1), None).unwrap_err(),
+            RequestError::ZeroLimit { index: 0 }
+        );
+        let unknown = descriptor(&[("tenant", "t")], Some((1, RateLimitUnit::Unknown)));
+        assert_eq!(
+            plan(&request(vec![unknown], 1), None).unwrap_err(),
+            RequestError::UnknownUnit { index: 0, unit: 0 }
+        );
+        let week = descriptor(&[("tenant", "t")], Some((1, RateLimitUnit::Week)));
+        let e = plan(&request(vec![week], 1), None).unwrap_err();
+        assert_eq!(
+            e,
+            RequestError::UnsupportedUnit {
+                index: 0,
+                unit: Unit::Week
+            }
+        );
+        assert!(e.to_string().contains("`week` is not supported"), "{e}");
+    }
+
+    #[test]
+    fn every_protocol_bucket_shape_gets_a_distinct_key() {
+        let shapes: &[&[(&str, &str)]] = &[
+            &[("tenant", "t"), ("bucket", "shared")],
+            &[("tenant", "t"), ("bucket", "reserve"), ("class", "repair")],
+            &[("tenant", "t"), ("bucket", "class"), ("class", "repair")],
+            &[("tenant", "t"), ("bucket", "user"), ("user", "u")],
+            &[("tenant", "t"), ("bucket", "tool"), ("tool", "search")],
+            &[("tenant", "t"), ("bucket", "purpose"), ("purpose", "p")],
+            &[("tenant", "t"), ("bucket", "model"), ("model", "m")],
+            &[("bucket", "model_total"), ("model", "m")],
+        ];
+        let descriptors = shapes
+            .iter()
+            .map(|e| descriptor(e, Some((10, RateLimitUnit::Minute))))
+            .collect();
+        let p = plan(&request(descriptors, 1), None).unwrap();
+        let mut keys: Vec<String> = p.into_iter().map(|c| c.unwrap().key).collect();
+        keys.sort();
+        keys.dedup();
+        assert_eq!(keys.len(), shapes.len());
+    }
+}

@@ -1,0 +1,35 @@
+//! The gRPC server: `RateLimitService` plus `grpc.health.v1.Health`, on a listener the caller
+//! has already bound (so the binary can print the real port before serving, and tests can
+//! bind `127.0.0.1:0`).
+
+use std::future::Future;
+
+use laneguard_protos::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::Server;
+
+use crate::rls::RateLimiter;
+
+/// Serve until `shutdown` resolves, then stop accepting and let in-flight calls finish.
+///
+/// Health answers SERVING for `""` and for `envoy.service.ratelimit.v3.RateLimitService`.
+pub async fn serve<F>(
+    listener: TcpListener,
+    limiter: RateLimiter,
+    shutdown: F,
+) -> Result<(), tonic::transport::Error>
+where
+    F: Future<Output = ()> + Send,
+{
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_serving::<RateLimitServiceServer<RateLimiter>>()
+        .await;
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    Server::builder()
+        .add_service(health)
+        .add_service(RateLimitServiceServer::new(limiter))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+}
