@@ -1,0 +1,236 @@
+//! # laneguard-tests
+//!
+//! The integration-test harness, and the only code in the repository that starts processes
+//! (STYLE rule 9). It runs the real parts the way an operator would: `laneguard-upstream`
+//! and `laneguard-service` on ephemeral ports (each announces itself with the
+//! `LANEGUARD_READY addr=...` line of `docs/architecture.md`), and a real Envoy whose
+//! configuration is the demo YAML (`envoy/demo/envoy.yaml`) rewritten to point at them.
+//! Readiness is polled (the READY line, Envoy's admin `/ready`), never slept for, and every
+//! child is killed when its handle is dropped, including when a test panics.
+//!
+//! Every process writes its logs into a run directory under `target/laneguard-tests/`. The
+//! directory is removed when the test passes and kept when it fails; assertion messages
+//! include the tail of Envoy's log and the directory's path. `docs/testing.md` explains how to
+//! run one test and where to look.
+
+pub mod client;
+pub mod config;
+pub mod envoy;
+pub mod process;
+pub mod rundir;
+pub mod traffic;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+pub use client::{Client, Reply};
+pub use config::{demo_config, demo_policy, DemoPorts};
+pub use envoy::{Envoy, EnvoyFailure, EnvoyOptions};
+pub use process::{BlackHole, Service, Upstream};
+pub use rundir::RunDir;
+
+/// A harness error: what failed, with enough context (log tails, paths) to debug it from
+/// the test output alone.
+pub struct Error(pub String);
+
+impl Error {
+    pub fn new(msg: impl Into<String>) -> Error {
+        Error(msg.into())
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+// Debug is what `Result::unwrap` and a failing `-> Result` test print: keep it readable
+// (real newlines, not an escaped string).
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Error {}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Attach context to any displayable error.
+pub trait Context<T> {
+    fn context(self, what: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T, E: fmt::Display> Context<T> for std::result::Result<T, E> {
+    fn context(self, what: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| Error(format!("{}: {e}", what())))
+    }
+}
+
+impl<T> Context<T> for Option<T> {
+    fn context(self, what: impl FnOnce() -> String) -> Result<T> {
+        self.ok_or_else(|| Error(what()))
+    }
+}
+
+/// The repository root (the workspace), found from this crate's manifest directory.
+pub fn repo_root() -> PathBuf {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    here.parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| here.to_path_buf())
+}
+
+/// The workspace's target directory (`CARGO_TARGET_DIR` if set, else `<root>/target`).
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => {
+            let dir = PathBuf::from(dir);
+            if dir.is_absolute() {
+                dir
+            } else {
+                repo_root().join(dir)
+            }
+        }
+        None => repo_root().join("target"),
+    }
+}
+
+/// A binary the Makefile builds before `cargo test` runs (`target/debug/NAME`).
+pub fn built_binary(name: &str) -> Result<PathBuf> {
+    let path = target_dir().join("debug").join(name);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(Error(format!(
+            "{} is missing: the integration tests run the built binaries. Run `make test` \
+             (or `make build`, or `cargo build -p laneguard-service -p laneguard-upstream`) first.",
+            path.display()
+        )))
+    }
+}
+
+/// The filter, as the Makefile builds it.
+pub fn wasm_path() -> Result<PathBuf> {
+    let path = target_dir()
+        .join("wasm32-wasip1")
+        .join("release")
+        .join("laneguard_wasm.wasm");
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(Error(format!(
+            "{} is missing: run `make test` (or `make build`, or `cargo build --release \
+             --target wasm32-wasip1 -p laneguard-wasm`) first.",
+            path.display()
+        )))
+    }
+}
+
+/// The demo identities of `envoy/demo/tokens.env` (`NAME=TOKEN` lines, `#` comments).
+pub fn tokens() -> Result<std::collections::HashMap<String, String>> {
+    let path = repo_root().join("envoy/demo/tokens.env");
+    let text = std::fs::read_to_string(&path).context(|| format!("reading {}", path.display()))?;
+    Ok(parse_env(&text))
+}
+
+/// One demo token by name (`NORTHWIND_ERP`, `ACME_WEB`, ...).
+pub fn token(name: &str) -> Result<String> {
+    tokens()?
+        .remove(name)
+        .context(|| format!("envoy/demo/tokens.env has no {name}"))
+}
+
+fn parse_env(text: &str) -> std::collections::HashMap<String, String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| {
+            let v = v.trim().trim_matches('"').trim_matches('\'');
+            (k.trim().to_string(), v.to_string())
+        })
+        .collect()
+}
+
+/// Read a policy file from `tests/policies/`.
+pub fn test_policy(relative: &str) -> Result<String> {
+    let path = repo_root().join("tests/policies").join(relative);
+    std::fs::read_to_string(&path).context(|| format!("reading {}", path.display()))
+}
+
+/// The last `n` lines of a text file ("" if it cannot be read).
+pub fn tail(path: &Path, n: usize) -> String {
+    let text = match std::fs::read(path) {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        Err(_) => return String::new(),
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.len().saturating_sub(n);
+    lines[start..].join("\n")
+}
+
+/// The whole stack the demo runs: upstream, rate-limit service and Envoy with the demo
+/// configuration, its policy replaced by `policy`. Dropping it stops all three.
+pub struct Stack {
+    pub envoy: Envoy,
+    pub service: Service,
+    pub upstream: Upstream,
+    pub client: Client,
+}
+
+impl Stack {
+    /// Start the stack with Envoy on one worker (deterministic local buckets).
+    pub fn start(label: &str, policy: &str) -> Result<Stack> {
+        Stack::start_with(label, policy, EnvoyOptions::default(), |_| Ok(()))
+    }
+
+    /// Start the stack, letting `edit` change the rewritten Envoy configuration last.
+    pub fn start_with(
+        label: &str,
+        policy: &str,
+        options: EnvoyOptions,
+        edit: impl FnOnce(&mut serde_yaml::Value) -> Result<()>,
+    ) -> Result<Stack> {
+        let dir = RunDir::new(label)?;
+        let upstream = Upstream::start(&dir)?;
+        let service = Service::start(&dir, &[])?;
+        let mut cfg = demo_config()?;
+        config::rewrite_demo(
+            &mut cfg,
+            &DemoPorts {
+                service: service.port(),
+                upstream: upstream.port(),
+            },
+        )?;
+        config::set_policy(&mut cfg, policy)?;
+        edit(&mut cfg)?;
+        let envoy = Envoy::start_in(dir, &cfg, options)?;
+        let client = Client::new(format!("http://127.0.0.1:{}", envoy.port("gateway")?));
+        Ok(Stack {
+            envoy,
+            service,
+            upstream,
+            client,
+        })
+    }
+
+    /// Context for assertion messages: Envoy's log tail and where all logs are.
+    pub fn logs(&self) -> String {
+        self.envoy.logs()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_file_lines() {
+        let env = parse_env("# c\nA=x.y.z\n\n B = 'q' \nnot a line\n");
+        assert_eq!(env.get("A").map(String::as_str), Some("x.y.z"));
+        assert_eq!(env.get("B").map(String::as_str), Some("q"));
+        assert_eq!(env.len(), 2);
+    }
+}
