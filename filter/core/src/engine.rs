@@ -334,8 +334,48 @@ pub struct Evaluation {
 #[derive(Debug, Clone, Copy, Default)]
 struct LocalBucket {
     gcra: Gcra,
+    /// Capacity the service granted this worker and that it has not spent yet. It is
+    /// pre-paid: the service charged it when it granted it.
     lease: u32,
     lease_until_ns: u64,
+    /// The size of the last grant, to tell when the lease runs low.
+    last_grant: u32,
+    /// A renewal for this bucket is in flight.
+    renewing: bool,
+    /// Spend counted in the current and the previous one-second slot, to size leases.
+    slot: u64,
+    spent_slot: u32,
+    spent_prev: u32,
+}
+
+impl LocalBucket {
+    fn note_spend(&mut self, cost: u32, now_ns: u64) {
+        let slot = now_ns / 1_000_000_000;
+        if slot != self.slot {
+            self.spent_prev = if slot == self.slot + 1 { self.spent_slot } else { 0 };
+            self.spent_slot = 0;
+            self.slot = slot;
+        }
+        self.spent_slot = self.spent_slot.saturating_add(cost);
+    }
+
+    /// Requests per second this worker spent recently.
+    fn rate(&self, now_ns: u64) -> u32 {
+        let slot = now_ns / 1_000_000_000;
+        match slot.checked_sub(self.slot) {
+            Some(0) => self.spent_prev.max(self.spent_slot),
+            Some(1) => self.spent_slot,
+            _ => 0,
+        }
+    }
+
+    fn lease_left(&self, now_ns: u64) -> u32 {
+        if self.lease_until_ns > now_ns {
+            self.lease
+        } else {
+            0
+        }
+    }
 }
 
 /// One worker's buckets. Each Envoy worker has its own VM and so its own table.
@@ -461,11 +501,64 @@ impl LocalTable {
         }
         for b in buckets {
             if let Some(s) = self.buckets.get_mut(&b.key) {
+                // No GCRA charge: the grant was already counted when the mirror synced
+                // with the service's answer that carried it.
                 s.lease -= cost;
-                s.gcra.force(&b.rate, cost, now_ns);
+                s.note_spend(cost, now_ns);
             }
         }
         true
+    }
+
+    /// How much capacity to ask the service for: about one second of this worker's recent
+    /// spend on these buckets, at least `min(cost, max)`, at most `max`. Small leases keep
+    /// the pre-paid, unspent capacity (the accuracy cost of leasing) small; one second of
+    /// traffic is enough for a renewal on the next tick to arrive before the lease runs out.
+    pub fn want(&self, buckets: &[&Bucket], cost: u32, now_ns: u64, max: u32) -> u32 {
+        let rate = buckets
+            .iter()
+            .filter_map(|b| self.buckets.get(&b.key))
+            .map(|s| s.rate(now_ns))
+            .max()
+            .unwrap_or(0);
+        rate.saturating_add(cost).clamp(1, max.max(1))
+    }
+
+    /// Whether the lease on these buckets is running low (a quarter of the last grant or
+    /// less, or gone within the next `horizon_ns`) and no renewal is in flight. Marks the
+    /// buckets as renewing when it says yes, so one renewal is asked at a time.
+    pub fn claim_renewal(&mut self, buckets: &[&Bucket], now_ns: u64, horizon_ns: u64) -> bool {
+        let low = buckets.iter().any(|b| {
+            self.buckets.get(&b.key).is_some_and(|s| {
+                let left = s.lease_left(now_ns);
+                s.last_grant > 0
+                    && !s.renewing
+                    && (left <= (s.last_grant / 4).max(1) || s.lease_until_ns <= now_ns + horizon_ns)
+            })
+        });
+        if low {
+            for b in buckets {
+                if let Some(s) = self.buckets.get_mut(&b.key) {
+                    s.renewing = true;
+                }
+            }
+        }
+        low
+    }
+
+    /// A renewal finished (granted or not): allow the next one.
+    pub fn renewal_done(&mut self, buckets: &[&Bucket]) {
+        for b in buckets {
+            if let Some(s) = self.buckets.get_mut(&b.key) {
+                s.renewing = false;
+            }
+        }
+    }
+
+    /// Unspent leased capacity held by this worker, summed over buckets (a gauge: it is the
+    /// most by which the fleet can under-admit, since leases are pre-paid).
+    pub fn outstanding_lease(&self, now_ns: u64) -> u64 {
+        self.buckets.values().map(|s| u64::from(s.lease_left(now_ns))).sum()
     }
 
     /// Record capacity the service granted this worker for a bucket.
@@ -475,14 +568,17 @@ impl LocalTable {
         }
         self.make_room(now_ns, 1);
         let s = self.buckets.entry(bucket.key.clone()).or_default();
-        s.lease = requests;
-        s.lease_until_ns = valid_until_ns;
+        // Grants add up: what is left of an earlier one was paid for too.
+        s.lease = s.lease_left(now_ns).saturating_add(requests);
+        s.lease_until_ns = s.lease_until_ns.max(valid_until_ns);
+        s.last_grant = requests;
+        s.renewing = false;
     }
 
     /// Drop buckets that are full again and hold no lease: they carry no information.
     pub fn prune(&mut self, now_ns: u64) {
         self.buckets.retain(|_, b| {
-            !(b.gcra.is_idle(now_ns) && (b.lease == 0 || b.lease_until_ns <= now_ns))
+            !(b.gcra.is_idle(now_ns) && b.lease_left(now_ns) == 0 && !b.renewing)
         });
     }
 
@@ -505,6 +601,39 @@ impl LocalTable {
         for (_, k) in by_tat.into_iter().take(excess) {
             self.buckets.remove(&k);
         }
+    }
+}
+
+/// Hits this worker admitted without the service (fail-open or local degraded decisions),
+/// per bucket, waiting to be reported with `hits_addend` so the central accounting
+/// converges once the service is back.
+#[derive(Debug, Clone, Default)]
+pub struct Unreported {
+    hits: HashMap<String, (Bucket, u64)>,
+}
+
+impl Unreported {
+    pub fn add(&mut self, buckets: &[&Bucket], cost: u32) {
+        for b in buckets {
+            let e = self
+                .hits
+                .entry(b.key.clone())
+                .or_insert_with(|| ((*b).clone(), 0));
+            e.1 = e.1.saturating_add(u64::from(cost));
+        }
+    }
+
+    /// Take everything, leaving the ledger empty.
+    pub fn take(&mut self) -> Vec<(Bucket, u64)> {
+        self.hits.drain().map(|(_, v)| v).collect()
+    }
+
+    pub fn total(&self) -> u64 {
+        self.hits.values().map(|(_, h)| *h).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.hits.is_empty()
     }
 }
 

@@ -19,7 +19,7 @@ pub mod policy;
 pub mod rate;
 
 pub use engine::{
-    plan, Bucket, BucketKind, Evaluation, Level, LocalTable, Plan, Reject, RequestInfo,
+    plan, Bucket, BucketKind, Evaluation, Level, LocalTable, Plan, Reject, RequestInfo, Unreported,
 };
 pub use policy::{parse, FailureMode, Policy, PolicyError};
 pub use rate::{Rate, Window};

@@ -10,7 +10,10 @@ use crate::rls;
 use crate::{now_ns, Shared};
 use laneguard_core::engine::{ceil_s, Evaluation, Level};
 use laneguard_core::headers::{error_body, limited_body, rate_limit_headers};
-use laneguard_core::{plan, FailureMode, Plan, RequestInfo};
+use laneguard_core::{plan, Bucket, FailureMode, LocalTable, Plan, RequestInfo};
+use laneguard_protos::envoy::service::ratelimit::v3::rate_limit_response::{
+    DescriptorStatus, Quota,
+};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, Status};
 use std::rc::Rc;
@@ -42,6 +45,7 @@ struct Pending {
     token: u32,
     plan: Plan,
     borrowing: bool,
+    started_ns: u64,
 }
 
 pub struct Request {
@@ -128,14 +132,17 @@ impl Request {
         let now = self.now();
         let primary = plan.attempt(false);
         // Fast path 1: capacity the service leased to this worker.
-        if shared
-            .table
-            .borrow_mut()
-            .try_lease(&primary, plan.cost, now)
-        {
-            let levels = shared.table.borrow().evaluate(&primary, 0, now, 1.0).levels;
+        let mut table = shared.table.borrow_mut();
+        if table.try_lease(&primary, plan.cost, now) {
+            if table.claim_renewal(&primary, now, crate::RENEW_HORIZON_NS) {
+                let set = primary.iter().map(|b| (*b).clone()).collect();
+                shared.renewals.borrow_mut().push(set);
+            }
+            let levels = table.evaluate(&primary, 0, now, 1.0).levels;
+            drop(table);
             return self.allow(&plan, &levels, DecidedBy::Local);
         }
+        drop(table);
         // Fast path 2: the local mirror already shows no room, so the fleet has none either.
         let table = shared.table.borrow();
         let eval = table.evaluate(&primary, plan.cost, now, 1.0);
@@ -161,12 +168,19 @@ impl Request {
     fn ask(&mut self, plan: Plan, borrowing: bool) -> Action {
         let shared = Rc::clone(&self.shared);
         let svc = &shared.policy.service;
-        let msg = rls::encode(&svc.domain, &plan.attempt(borrowing), plan.cost);
+        let attempt = plan.attempt(borrowing);
+        let msg = rls::encode(&svc.domain, &attempt, plan.cost);
+        let now = self.now();
+        let want = shared
+            .table
+            .borrow()
+            .want(&attempt, plan.cost, now, svc.max_lease);
+        let want = want.to_string();
         match self.dispatch_grpc_call(
             &svc.cluster,
             rls::SERVICE,
             rls::METHOD,
-            Vec::new(),
+            vec![(rls::LEASE_HEADER, want.as_bytes())],
             Some(&msg),
             Duration::from_millis(u64::from(svc.timeout_ms)),
         ) {
@@ -175,6 +189,7 @@ impl Request {
                     token,
                     plan,
                     borrowing,
+                    started_ns: now,
                 });
                 Action::Pause
             }
@@ -252,6 +267,10 @@ impl Request {
                     .table
                     .borrow_mut()
                     .charge(&plan.attempt(false), plan.cost, now);
+                shared
+                    .unreported
+                    .borrow_mut()
+                    .add(&plan.attempt(false), plan.cost);
                 let levels = shared
                     .table
                     .borrow()
@@ -274,8 +293,10 @@ impl Request {
             }
             FailureMode::Local => {
                 let share = shared.policy.service.local_share;
-                let (eval, _) = shared.table.borrow_mut().decide(plan, now, share);
+                let (eval, borrowed) = shared.table.borrow_mut().decide(plan, now, share);
                 if eval.allowed {
+                    let spent = plan.attempt(borrowed);
+                    shared.unreported.borrow_mut().add(&spent, plan.cost);
                     self.allow(plan, &eval.levels, DecidedBy::Degraded(reason))
                 } else {
                     self.limit(plan, &eval, DecidedBy::Degraded(reason))
@@ -301,10 +322,18 @@ impl Request {
     fn on_answer(&mut self, pending: Pending, status_code: u32, size: usize) -> Action {
         let shared = Rc::clone(&self.shared);
         let Pending {
-            plan, borrowing, ..
+            plan,
+            borrowing,
+            started_ns,
+            ..
         } = pending;
         if status_code != 0 {
-            let reason = if status_code == GRPC_DEADLINE_EXCEEDED {
+            // Envoy reports its own timeout of the call as UNAVAILABLE (14), not
+            // DEADLINE_EXCEEDED, so the elapsed time tells a timeout apart.
+            let elapsed_ms = self.now().saturating_sub(started_ns) / 1_000_000;
+            let timed_out = status_code == GRPC_DEADLINE_EXCEEDED
+                || elapsed_ms * 10 >= u64::from(shared.policy.service.timeout_ms) * 9;
+            let reason = if timed_out {
                 shared.metrics.service_error_timeout.inc();
                 "timeout"
             } else {
@@ -332,14 +361,7 @@ impl Request {
             if verdict.allowed {
                 table.charge(&attempt, plan.cost, now);
             }
-            for (bucket, status) in attempt.iter().zip(&verdict.statuses) {
-                if let Some(d) = &status.duration_until_reset {
-                    table.sync(bucket, rls::duration_ns(d), now);
-                }
-                if let Some(q) = &status.quota {
-                    table.grant(bucket, q.requests, quota_until(q, now), now);
-                }
-            }
+            apply_statuses(&mut table, &attempt, &verdict.statuses, now);
         }
         if verdict.allowed {
             let mut levels = shared.table.borrow().evaluate(&attempt, 0, now, 1.0).levels;
@@ -362,10 +384,7 @@ impl Request {
 }
 
 /// The service's figures win over the local mirror's where it sent them.
-fn overlay(
-    levels: &mut [Level],
-    statuses: &[laneguard_protos::envoy::service::ratelimit::v3::rate_limit_response::DescriptorStatus],
-) {
+fn overlay(levels: &mut [Level], statuses: &[DescriptorStatus]) {
     for (l, s) in levels.iter_mut().zip(statuses) {
         if s.current_limit.is_some() {
             l.remaining = s.limit_remaining;
@@ -376,10 +395,25 @@ fn overlay(
     }
 }
 
-fn quota_until(
-    q: &laneguard_protos::envoy::service::ratelimit::v3::rate_limit_response::Quota,
+/// Take in what the service said about each bucket: align the local mirror with its level,
+/// and record any capacity it leased to this worker.
+pub(crate) fn apply_statuses(
+    table: &mut LocalTable,
+    attempt: &[&Bucket],
+    statuses: &[DescriptorStatus],
     now: u64,
-) -> u64 {
+) {
+    for (bucket, status) in attempt.iter().zip(statuses) {
+        if let Some(d) = &status.duration_until_reset {
+            table.sync(bucket, rls::duration_ns(d), now);
+        }
+        if let Some(q) = &status.quota {
+            table.grant(bucket, q.requests, quota_until(q, now), now);
+        }
+    }
+}
+
+fn quota_until(q: &Quota, now: u64) -> u64 {
     use laneguard_protos::envoy::service::ratelimit::v3::rate_limit_response::quota::ExpirationSpecifier;
     match &q.expiration_specifier {
         Some(ExpirationSpecifier::ValidUntil(ts)) => {

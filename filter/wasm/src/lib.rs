@@ -16,13 +16,17 @@
 
 mod http;
 mod metrics;
+mod reconcile;
 mod rls;
 
-use laneguard_core::{LocalTable, Policy};
+use laneguard_core::{Bucket, LocalTable, Policy, Unreported};
+use laneguard_protos::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use metrics::Metrics;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{ContextType, LogLevel};
 use std::cell::RefCell;
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 use std::rc::Rc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -36,15 +40,45 @@ pub(crate) struct Shared {
     pub policy: Policy,
     pub table: RefCell<LocalTable>,
     pub metrics: Metrics,
+    /// Bucket sets whose lease runs low: the root context renews them on its next tick,
+    /// so no request waits for a renewal.
+    pub renewals: RefCell<Vec<Vec<Bucket>>>,
+    /// Hits admitted without the service, to report on the sync tick.
+    pub unreported: RefCell<Unreported>,
 }
 
-#[derive(Default)]
+/// A call the root context is waiting for.
+enum RootCall {
+    Renew(Vec<Bucket>),
+    Report(Vec<(String, RateLimitDescriptor, u64)>),
+}
+
 struct Root {
     shared: Option<Rc<Shared>>,
+    /// This VM's id for the reporter lease: random (WASI `random_get`, through std).
+    vm: u64,
+    ticks: u64,
+    calls: HashMap<u32, RootCall>,
 }
 
-/// How often the root context prunes idle buckets.
-const TICK: Duration = Duration::from_secs(5);
+impl Default for Root {
+    fn default() -> Self {
+        Root {
+            shared: None,
+            vm: RandomState::new().hash_one(0u8),
+            ticks: 0,
+            calls: HashMap::new(),
+        }
+    }
+}
+
+/// The root tick: renewals go out within one tick of a lease running low.
+const TICK: Duration = Duration::from_millis(100);
+const TICKS_PER_SECOND: u64 = 10;
+/// Prune idle buckets every this many ticks.
+const PRUNE_EVERY: u64 = 50;
+/// Ask for a renewal when the lease would run out within this horizon.
+pub(crate) const RENEW_HORIZON_NS: u64 = 300_000_000;
 
 pub(crate) fn now_ns(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
@@ -52,7 +86,127 @@ pub(crate) fn now_ns(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-impl Context for Root {}
+impl Root {
+    fn dispatch(
+        &mut self,
+        shared: &Shared,
+        message: &[u8],
+        metadata: Vec<(&str, &[u8])>,
+        call: RootCall,
+    ) -> bool {
+        let svc = &shared.policy.service;
+        match self.dispatch_grpc_call(
+            &svc.cluster,
+            rls::SERVICE,
+            rls::METHOD,
+            metadata,
+            Some(message),
+            Duration::from_millis(u64::from(svc.timeout_ms)),
+        ) {
+            Ok(token) => {
+                self.calls.insert(token, call);
+                true
+            }
+            Err(_) => {
+                shared.metrics.service_error_dispatch.inc();
+                false
+            }
+        }
+    }
+
+    fn renew(&mut self, shared: &Rc<Shared>, now: u64) {
+        let pending: Vec<Vec<Bucket>> = std::mem::take(&mut *shared.renewals.borrow_mut());
+        for buckets in pending {
+            let refs: Vec<&Bucket> = buckets.iter().collect();
+            let want = shared
+                .table
+                .borrow()
+                .want(&refs, 1, now, shared.policy.service.max_lease);
+            let descriptors = refs.iter().map(|b| rls::descriptor(b, Some(0))).collect();
+            let msg = rls::encode_descriptors(&shared.policy.service.domain, descriptors, 0);
+            let want = want.to_string();
+            let metadata = vec![(rls::LEASE_HEADER, want.as_bytes())];
+            shared.metrics.lease_renewals.inc();
+            if !self.dispatch(shared, &msg, metadata, RootCall::Renew(buckets.clone())) {
+                shared.table.borrow_mut().renewal_done(&refs);
+            }
+        }
+    }
+
+    fn reconcile(&mut self, shared: &Rc<Shared>, now: u64) {
+        let mine = shared.unreported.borrow_mut().take();
+        if !mine.is_empty() {
+            for (bucket, hits) in reconcile::publish(self.vm, mine) {
+                shared
+                    .unreported
+                    .borrow_mut()
+                    .add(&[&bucket], u32::try_from(hits).unwrap_or(u32::MAX));
+            }
+        }
+        let interval_ns = u64::from(shared.policy.service.sync_interval_s) * 1_000_000_000;
+        if !reconcile::lead(self.vm, now, interval_ns.saturating_mul(3)) {
+            return;
+        }
+        let entries = reconcile::drain();
+        if entries.is_empty() {
+            return;
+        }
+        let descriptors = entries
+            .iter()
+            .map(|(_, d, hits)| RateLimitDescriptor {
+                hits_addend: Some(*hits),
+                ..d.clone()
+            })
+            .collect();
+        let msg = rls::encode_descriptors(&shared.policy.service.domain, descriptors, 0);
+        let total: u64 = entries.iter().map(|(_, _, h)| h).sum();
+        log::info!("laneguard: reporting {total} hits admitted without the service");
+        shared.metrics.reported_hits.add(total);
+        if !self.dispatch(
+            shared,
+            &msg,
+            vec![(rls::REPORT_HEADER, b"1")],
+            RootCall::Report(entries.clone()),
+        ) {
+            reconcile::give_back(&entries);
+        }
+    }
+}
+
+impl Context for Root {
+    fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
+        let Some(call) = self.calls.remove(&token_id) else {
+            return;
+        };
+        let Some(shared) = self.shared.clone() else {
+            return;
+        };
+        let now = now_ns(self.get_current_time());
+        let verdict = if status_code == 0 {
+            let body = self
+                .get_grpc_call_response_body(0, response_size)
+                .unwrap_or_default();
+            rls::decode(&body).ok()
+        } else {
+            None
+        };
+        match call {
+            RootCall::Renew(buckets) => {
+                let refs: Vec<&Bucket> = buckets.iter().collect();
+                let mut table = shared.table.borrow_mut();
+                if let Some(v) = verdict {
+                    http::apply_statuses(&mut table, &refs, &v.statuses, now);
+                }
+                table.renewal_done(&refs);
+            }
+            RootCall::Report(entries) => {
+                if verdict.is_none() {
+                    reconcile::give_back(&entries);
+                }
+            }
+        }
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
@@ -86,15 +240,43 @@ impl RootContext for Root {
             policy,
             table: RefCell::new(LocalTable::default()),
             metrics,
+            renewals: RefCell::new(Vec::new()),
+            unreported: RefCell::new(Unreported::default()),
         }));
         self.set_tick_period(TICK);
         true
     }
 
+    fn on_vm_start(&mut self, _vm_configuration_size: usize) -> bool {
+        reconcile::seed();
+        true
+    }
+
     fn on_tick(&mut self) {
-        if let Some(shared) = &self.shared {
-            let now = now_ns(self.get_current_time());
+        let Some(shared) = self.shared.clone() else {
+            return;
+        };
+        self.ticks = self.ticks.wrapping_add(1);
+        let now = now_ns(self.get_current_time());
+        self.renew(&shared, now);
+        let sync_ticks = u64::from(shared.policy.service.sync_interval_s) * TICKS_PER_SECOND;
+        if self.ticks.is_multiple_of(sync_ticks) {
+            self.reconcile(&shared, now);
+        }
+        if self.ticks.is_multiple_of(PRUNE_EVERY) {
             shared.table.borrow_mut().prune(now);
+        }
+        if self.ticks.is_multiple_of(TICKS_PER_SECOND) {
+            let table = shared.table.borrow();
+            shared
+                .metrics
+                .lease_outstanding
+                .set(table.outstanding_lease(now));
+            shared.metrics.buckets.set(table.len() as u64);
+            shared
+                .metrics
+                .unreported_hits
+                .set(shared.unreported.borrow().total());
         }
     }
 

@@ -24,9 +24,35 @@ impl Counter {
     }
 
     pub fn inc(self) {
+        self.add(1);
+    }
+
+    pub fn add(self, n: u64) {
         if let Some(id) = self.0 {
-            // A failed increment loses one count; it must not fail the request.
-            let _ = hostcalls::increment_metric(id, 1);
+            // A failed increment loses counts; it must not fail the request.
+            let _ = hostcalls::increment_metric(id, i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+}
+
+/// A gauge id (same caveats as [`Counter`]).
+#[derive(Clone, Copy, Default)]
+pub struct Gauge(Option<u32>);
+
+impl Gauge {
+    fn define(name: &str) -> Gauge {
+        match hostcalls::define_metric(MetricType::Gauge, name) {
+            Ok(id) => Gauge(Some(id)),
+            Err(e) => {
+                log::warn!("laneguard: cannot define metric {name}: {e:?}");
+                Gauge(None)
+            }
+        }
+    }
+
+    pub fn set(self, value: u64) {
+        if let Some(id) = self.0 {
+            let _ = hostcalls::record_metric(id, value);
         }
     }
 }
@@ -52,6 +78,15 @@ pub struct Metrics {
     pub service_error_dispatch: Counter,
     pub service_error_decode: Counter,
     pub classes: Vec<ClassCounters>,
+    /// Leased capacity this worker holds unspent. Leases are pre-paid, so the sum over
+    /// workers and Envoys bounds how far the fleet can under-admit; it never over-admits
+    /// while the service answers.
+    pub lease_outstanding: Gauge,
+    /// Hits admitted without the service, not yet reported.
+    pub unreported_hits: Gauge,
+    pub buckets: Gauge,
+    pub lease_renewals: Counter,
+    pub reported_hits: Counter,
 }
 
 impl Metrics {
@@ -79,6 +114,11 @@ impl Metrics {
                     degraded: c(&format!("class.{}.degraded", cl.name)),
                 })
                 .collect(),
+            lease_outstanding: Gauge::define("laneguard.lease.outstanding"),
+            unreported_hits: Gauge::define("laneguard.unreported_hits"),
+            buckets: Gauge::define("laneguard.buckets"),
+            lease_renewals: c("lease.renewals"),
+            reported_hits: c("reported_hits"),
         }
     }
 

@@ -24,32 +24,45 @@ fn unit(w: Window) -> i32 {
     }
 }
 
-pub fn encode(domain: &str, buckets: &[&Bucket], cost: u32) -> Vec<u8> {
-    let descriptors = buckets
-        .iter()
-        .map(|b| {
-            let mut entries: Vec<Entry> = b
-                .entries()
-                .into_iter()
-                .map(|(k, v)| Entry {
-                    key: k.to_string(),
-                    value: v.to_string(),
-                })
-                .collect();
-            entries.push(Entry {
-                key: "lg.burst".to_string(),
-                value: b.rate.burst.get().to_string(),
-            });
-            RateLimitDescriptor {
-                entries,
-                limit: Some(RateLimitOverride {
-                    requests_per_unit: b.rate.requests.get(),
-                    unit: unit(b.rate.window),
-                }),
-                ..Default::default()
-            }
+/// One descriptor for a bucket. `hits` overrides the request-level `hits_addend` for this
+/// descriptor (renewals send 0, reports send what was admitted without the service).
+pub fn descriptor(b: &Bucket, hits: Option<u64>) -> RateLimitDescriptor {
+    let mut entries: Vec<Entry> = b
+        .entries()
+        .into_iter()
+        .map(|(k, v)| Entry {
+            key: k.to_string(),
+            value: v.to_string(),
         })
         .collect();
+    entries.push(Entry {
+        key: "lg.burst".to_string(),
+        value: b.rate.burst.get().to_string(),
+    });
+    RateLimitDescriptor {
+        entries,
+        limit: Some(RateLimitOverride {
+            requests_per_unit: b.rate.requests.get(),
+            unit: unit(b.rate.window),
+        }),
+        hits_addend: hits,
+    }
+}
+
+/// A decision request: `cost` charged to every bucket, all or nothing.
+pub fn encode(domain: &str, buckets: &[&Bucket], cost: u32) -> Vec<u8> {
+    encode_descriptors(
+        domain,
+        buckets.iter().map(|b| descriptor(b, None)).collect(),
+        cost,
+    )
+}
+
+pub fn encode_descriptors(
+    domain: &str,
+    descriptors: Vec<RateLimitDescriptor>,
+    cost: u32,
+) -> Vec<u8> {
     RateLimitRequest {
         domain: domain.to_string(),
         descriptors,
@@ -57,6 +70,12 @@ pub fn encode(domain: &str, buckets: &[&Bucket], cost: u32) -> Vec<u8> {
     }
     .encode_to_vec()
 }
+
+/// gRPC metadata asking the service to lease `want` requests per bucket (ignored by
+/// servers that do not grant).
+pub const LEASE_HEADER: &str = "x-laneguard-lease";
+/// gRPC metadata marking a report of hits already admitted: charge them unconditionally.
+pub const REPORT_HEADER: &str = "x-laneguard-report";
 
 /// The service's verdict on one attempt.
 pub struct Verdict {

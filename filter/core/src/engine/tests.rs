@@ -364,3 +364,55 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn lease_sizing_follows_recent_spend() {
+    let p = policy();
+    let plan = plan(&p, &req("nw", "erp", None)).unwrap();
+    let b = plan.attempt(false);
+    let mut t = LocalTable::default();
+    assert_eq!(t.want(&b, 1, 100 * S, 50), 1, "nothing spent yet: ask for one");
+    t.grant(b[0], 40, 110 * S, 100 * S);
+    t.grant(b[1], 40, 110 * S, 100 * S);
+    for i in 0..30 {
+        assert!(t.try_lease(&b, 1, 100 * S + i * (S / 100)));
+    }
+    assert_eq!(t.want(&b, 1, 101 * S, 50), 31, "last second's spend plus this request");
+    assert_eq!(t.want(&b, 1, 101 * S, 10), 10, "capped by max_lease");
+    assert_eq!(t.want(&b, 1, 103 * S, 50), 1, "spend older than a second is forgotten");
+}
+
+#[test]
+fn renewal_is_claimed_once_when_the_lease_runs_low() {
+    let p = policy();
+    let plan = plan(&p, &req("nw", "erp", None)).unwrap();
+    let b = plan.attempt(false);
+    let mut t = LocalTable::default();
+    let now = 100 * S;
+    t.grant(b[0], 8, now + 2 * S, now);
+    t.grant(b[1], 8, now + 2 * S, now);
+    assert!(!t.claim_renewal(&b, now, S / 10));
+    for _ in 0..6 {
+        assert!(t.try_lease(&b, 1, now));
+    }
+    assert!(t.claim_renewal(&b, now, S / 10), "2 of 8 left");
+    assert!(!t.claim_renewal(&b, now, S / 10), "already renewing");
+    assert_eq!(t.outstanding_lease(now), 4);
+    t.grant(b[0], 8, now + 2 * S, now);
+    t.grant(b[1], 8, now + 2 * S, now);
+    assert_eq!(t.outstanding_lease(now), 20, "grants add up");
+}
+
+#[test]
+fn unreported_hits_accumulate_per_bucket() {
+    let p = policy();
+    let plan = plan(&p, &req("nw", "erp", None)).unwrap();
+    let mut u = Unreported::default();
+    u.add(&plan.attempt(false), 2);
+    u.add(&plan.attempt(false), 1);
+    assert_eq!(u.total(), 6);
+    let taken = u.take();
+    assert_eq!(taken.len(), 2);
+    assert!(taken.iter().all(|(_, h)| *h == 3));
+    assert!(u.is_empty());
+}

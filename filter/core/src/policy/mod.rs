@@ -145,6 +145,10 @@ pub struct Service {
     pub timeout_ms: u32,
     /// Fraction of each rate a worker may spend on its own when the service is down.
     pub local_share: f64,
+    /// How often hits admitted without the service (degraded mode) are reported to it.
+    pub sync_interval_s: u32,
+    /// The most capacity a worker asks the service to lease it for one bucket at a time.
+    pub max_lease: u32,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -187,6 +191,8 @@ impl Policy {
 }
 
 pub const DEFAULT_TIMEOUT_MS: u32 = 200;
+pub const DEFAULT_SYNC_INTERVAL_S: u32 = 10;
+pub const DEFAULT_MAX_LEASE: u32 = 100;
 pub const MAX_TIMEOUT_MS: u32 = 10_000;
 
 /// Parse and validate a policy (YAML, or JSON, which is a subset).
@@ -439,11 +445,27 @@ fn validate(raw: RawPolicy) -> Result<Policy, PolicyError> {
         if !(local_share > 0.0 && local_share <= 1.0) {
             return Err(PolicyError::new("service.local_share", "must be in (0, 1]"));
         }
+        let sync_interval_s = s.sync_interval_s.unwrap_or(DEFAULT_SYNC_INTERVAL_S);
+        if !(1..=30).contains(&sync_interval_s) {
+            return Err(PolicyError::new(
+                "service.sync_interval_s",
+                "must be between 1 and 30 seconds",
+            ));
+        }
+        let max_lease = s.max_lease.unwrap_or(DEFAULT_MAX_LEASE);
+        if max_lease == 0 || max_lease > 100_000 {
+            return Err(PolicyError::new(
+                "service.max_lease",
+                "must be between 1 and 100000",
+            ));
+        }
         Service {
             cluster,
             domain,
             timeout_ms,
             local_share,
+            sync_interval_s,
+            max_lease,
         }
     };
 

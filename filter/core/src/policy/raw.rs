@@ -50,6 +50,8 @@ pub struct RawService {
     pub domain: Option<String>,
     pub timeout_ms: Option<u32>,
     pub local_share: Option<f64>,
+    pub sync_interval_s: Option<u32>,
+    pub max_lease: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
