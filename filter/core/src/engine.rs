@@ -352,7 +352,11 @@ impl LocalBucket {
     fn note_spend(&mut self, cost: u32, now_ns: u64) {
         let slot = now_ns / 1_000_000_000;
         if slot != self.slot {
-            self.spent_prev = if slot == self.slot + 1 { self.spent_slot } else { 0 };
+            self.spent_prev = if slot == self.slot + 1 {
+                self.spent_slot
+            } else {
+                0
+            };
             self.spent_slot = 0;
             self.slot = slot;
         }
@@ -533,7 +537,8 @@ impl LocalTable {
                 let left = s.lease_left(now_ns);
                 s.last_grant > 0
                     && !s.renewing
-                    && (left <= (s.last_grant / 4).max(1) || s.lease_until_ns <= now_ns + horizon_ns)
+                    && (left <= (s.last_grant / 4).max(1)
+                        || s.lease_until_ns <= now_ns + horizon_ns)
             })
         });
         if low {
@@ -558,7 +563,10 @@ impl LocalTable {
     /// Unspent leased capacity held by this worker, summed over buckets (a gauge: it is the
     /// most by which the fleet can under-admit, since leases are pre-paid).
     pub fn outstanding_lease(&self, now_ns: u64) -> u64 {
-        self.buckets.values().map(|s| u64::from(s.lease_left(now_ns))).sum()
+        self.buckets
+            .values()
+            .map(|s| u64::from(s.lease_left(now_ns)))
+            .sum()
     }
 
     /// Record capacity the service granted this worker for a bucket.
@@ -577,9 +585,8 @@ impl LocalTable {
 
     /// Drop buckets that are full again and hold no lease: they carry no information.
     pub fn prune(&mut self, now_ns: u64) {
-        self.buckets.retain(|_, b| {
-            !(b.gcra.is_idle(now_ns) && b.lease_left(now_ns) == 0 && !b.renewing)
-        });
+        self.buckets
+            .retain(|_, b| !(b.gcra.is_idle(now_ns) && b.lease_left(now_ns) == 0 && !b.renewing));
     }
 
     fn make_room(&mut self, now_ns: u64, incoming: usize) {

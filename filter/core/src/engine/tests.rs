@@ -371,15 +371,27 @@ fn lease_sizing_follows_recent_spend() {
     let plan = plan(&p, &req("nw", "erp", None)).unwrap();
     let b = plan.attempt(false);
     let mut t = LocalTable::default();
-    assert_eq!(t.want(&b, 1, 100 * S, 50), 1, "nothing spent yet: ask for one");
+    assert_eq!(
+        t.want(&b, 1, 100 * S, 50),
+        1,
+        "nothing spent yet: ask for one"
+    );
     t.grant(b[0], 40, 110 * S, 100 * S);
     t.grant(b[1], 40, 110 * S, 100 * S);
     for i in 0..30 {
         assert!(t.try_lease(&b, 1, 100 * S + i * (S / 100)));
     }
-    assert_eq!(t.want(&b, 1, 101 * S, 50), 31, "last second's spend plus this request");
+    assert_eq!(
+        t.want(&b, 1, 101 * S, 50),
+        31,
+        "last second's spend plus this request"
+    );
     assert_eq!(t.want(&b, 1, 101 * S, 10), 10, "capped by max_lease");
-    assert_eq!(t.want(&b, 1, 103 * S, 50), 1, "spend older than a second is forgotten");
+    assert_eq!(
+        t.want(&b, 1, 103 * S, 50),
+        1,
+        "spend older than a second is forgotten"
+    );
 }
 
 #[test]
