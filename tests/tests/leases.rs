@@ -1,0 +1,230 @@
+//! Leases over the standard RLS v3 protocol, through real Envoy and the real service.
+//!
+//! Policy `tests/policies/valid/leases.yaml`: the interactive class has a budget of 40/s
+//! (burst 40), which is the only limit in play. The filter asks for a lease with gRPC
+//! metadata `x-laneguard-lease`; laneguard-service answers with `DescriptorStatus.quota`,
+//! which the worker spends locally (`decided.local`) and renews from its root tick before it
+//! runs out. With `--grants off` the service behaves like a plain RLS server
+//! (envoyproxy/ratelimit): every request is a central check, and enforcement is unchanged.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use laneguard_tests::config::{self, DemoPorts};
+use laneguard_tests::traffic::{self, Stream};
+use laneguard_tests::{
+    demo_config, test_policy, token, Envoy, EnvoyOptions, RunDir, Service, Upstream,
+};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+const BUDGET_PER_S: f64 = 40.0;
+const BUDGET_BURST: f64 = 40.0;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A service and `envoys` Envoys (each with `workers` workers) sharing it.
+struct Fleet {
+    envoys: Vec<Envoy>,
+    service: Service,
+    _upstream: Upstream,
+}
+
+impl Fleet {
+    fn start(label: &str, service_args: &[&str], envoys: usize, workers: u32) -> Fleet {
+        let dir = RunDir::new(label).unwrap();
+        let upstream = Upstream::start(&dir).unwrap();
+        let service = Service::start(&dir, service_args).unwrap();
+        let mut cfg = demo_config().unwrap();
+        config::rewrite_demo(
+            &mut cfg,
+            &DemoPorts {
+                service: service.port(),
+                upstream: upstream.port(),
+            },
+        )
+        .unwrap();
+        config::set_policy(&mut cfg, &test_policy("valid/leases.yaml").unwrap()).unwrap();
+        let envoys = (0..envoys)
+            .map(|i| {
+                let d = RunDir::new(&format!("{label}-envoy{i}")).unwrap();
+                let options = EnvoyOptions {
+                    concurrency: workers,
+                    ..EnvoyOptions::default()
+                };
+                Envoy::start_in(d, &cfg, options).unwrap()
+            })
+            .collect();
+        Fleet {
+            envoys,
+            service,
+            _upstream: upstream,
+        }
+    }
+
+    fn base(&self, i: usize) -> String {
+        format!(
+            "http://127.0.0.1:{}",
+            self.envoys[i].port("gateway").unwrap()
+        )
+    }
+
+    /// Sum of a filter counter over every Envoy.
+    fn counter(&self, needle: &str) -> u64 {
+        self.envoys
+            .iter()
+            .map(|e| e.counter_sum("laneguard", needle).unwrap())
+            .sum()
+    }
+
+    /// ShouldRateLimit calls Envoy made to the service, over every Envoy.
+    fn rpcs(&self) -> u64 {
+        self.envoys
+            .iter()
+            .map(|e| {
+                e.counter_sum("laneguard_rls", "laneguard_rls.upstream_rq_total")
+                    .unwrap()
+            })
+            .sum()
+    }
+
+    fn logs(&self) -> String {
+        let mut s: String = self
+            .envoys
+            .iter()
+            .map(Envoy::logs)
+            .collect::<Vec<_>>()
+            .join("\n");
+        s.push_str(&self.service.logs());
+        s
+    }
+}
+
+fn web_stream(per_second: f64) -> Stream {
+    Stream::new(
+        "web",
+        &token("NORTHWIND_WEB").unwrap(),
+        "/orders/1",
+        per_second,
+    )
+}
+
+#[test]
+fn grants_are_spent_locally_and_renewed_before_they_run_out() {
+    let _guard = serial();
+    let fleet = Fleet::start("leases-on", &[], 1, 1);
+    // Under the budget: every request must pass, and most without a call.
+    let (results, _) = traffic::run(&fleet.base(0), &[web_stream(20.0)], Duration::from_secs(3));
+    let sent = results[0].sent();
+    let ok = results[0].count(200);
+    let ctx = format!("{}\n{}", results[0].summary(), fleet.logs());
+    assert_eq!(ok, sent, "under its budget every request passes\n{ctx}");
+    let local = fleet.counter("laneguard.decided.local");
+    let rpcs = fleet.rpcs();
+    let renewals = fleet.counter("laneguard.lease.renewals");
+    assert!(
+        local * 2 >= sent as u64,
+        "most requests spend a lease locally: local={local} of {sent}\n{ctx}"
+    );
+    assert!(
+        rpcs * 3 <= sent as u64,
+        "calls to the service are far fewer than requests: rpcs={rpcs} for {sent}\n{ctx}"
+    );
+    assert!(
+        renewals >= 1,
+        "leases were renewed from the root tick\n{ctx}"
+    );
+}
+
+#[test]
+fn without_grants_every_request_is_checked_centrally_and_limits_hold() {
+    let _guard = serial();
+    let fleet = Fleet::start("leases-off", &["--grants", "off"], 1, 1);
+    let run = Duration::from_secs(3);
+    let (results, elapsed) = traffic::run(&fleet.base(0), &[web_stream(80.0)], run);
+    let ok = results[0].count(200) as f64;
+    let ctx = format!("{}\n{}", results[0].summary(), fleet.logs());
+    let bound = BUDGET_PER_S * elapsed.as_secs_f64() + BUDGET_BURST;
+    assert!(ok <= bound + 1.0, "admitted {ok} > bound {bound:.1}\n{ctx}");
+    assert!(
+        ok >= 0.7 * BUDGET_PER_S * run.as_secs_f64(),
+        "admitted only {ok}\n{ctx}"
+    );
+    assert_eq!(fleet.counter("laneguard.lease.renewals"), 0, "{ctx}");
+    let central = fleet.counter("laneguard.decided.central");
+    assert_eq!(
+        central as f64, ok,
+        "every admission was a central decision\n{ctx}"
+    );
+}
+
+#[test]
+fn an_expired_lease_is_not_spent() {
+    let _guard = serial();
+    let fleet = Fleet::start("leases-expiry", &["--lease-ttl-ms", "300"], 1, 1);
+    let web = token("NORTHWIND_WEB").unwrap();
+    let client = laneguard_tests::Client::new(fleet.base(0));
+    for _ in 0..3 {
+        assert_eq!(client.get_as("/orders/1", &web, &[]).unwrap().status, 200);
+    }
+    let central_before = fleet.counter("laneguard.decided.central");
+    // Wait out the lease (300 ms) and the renewal horizon; nothing else is sent meanwhile.
+    std::thread::sleep(Duration::from_millis(1200));
+    let r = client.get_as("/orders/1", &web, &[]).unwrap();
+    assert_eq!(r.status, 200);
+    let central_after = fleet.counter("laneguard.decided.central");
+    assert_eq!(
+        central_after,
+        central_before + 1,
+        "after expiry the next request asks the service\n{}",
+        fleet.logs()
+    );
+}
+
+/// Two Envoys with two workers each share one service: the fleet admits no more than the
+/// budget allows (leases are pre-paid), and not much less. The tight figure is measured by
+/// `make bench-accuracy`; this asserts a loose bound.
+#[test]
+fn two_envoys_two_workers_stay_within_the_budget() {
+    let _guard = serial();
+    let fleet = Fleet::start("leases-fleet", &[], 2, 2);
+    let run = Duration::from_secs(4);
+    let streams = [web_stream(45.0), web_stream(45.0)];
+    let (r0, elapsed0) = {
+        let base0 = fleet.base(0);
+        let base1 = fleet.base(1);
+        let s1 = streams.clone();
+        let h = std::thread::spawn(move || traffic::run(&base1, &s1, run));
+        let r0 = traffic::run(&base0, &streams, run);
+        let r1 = h.join().unwrap();
+        let mut all = r0.0;
+        all.extend(r1.0);
+        (all, r0.1.max(r1.1))
+    };
+    let ok: usize = r0.iter().map(|r| r.count(200)).sum();
+    let sent: usize = r0.iter().map(|r| r.sent()).sum();
+    let ctx = format!(
+        "{}\n{}",
+        r0.iter()
+            .map(|r| r.summary())
+            .collect::<Vec<_>>()
+            .join("\n"),
+        fleet.logs()
+    );
+    let limit = BUDGET_PER_S * elapsed0.as_secs_f64() + BUDGET_BURST;
+    assert!(
+        sent as f64 > 2.0 * limit,
+        "the run must drive past the limit\n{ctx}"
+    );
+    assert!(
+        (ok as f64) <= limit * 1.05,
+        "admitted {ok} > limit {limit:.1} (+5%)\n{ctx}"
+    );
+    assert!(
+        (ok as f64) >= limit * 0.75,
+        "admitted {ok} is far under the limit {limit:.1}\n{ctx}"
+    );
+}
