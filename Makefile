@@ -44,11 +44,15 @@ build-wasm: bootstrap
 build: build-wasm
 	$(CARGO) build -p laneguard-service -p laneguard-upstream
 
+# REDIS=redis://127.0.0.1:6379 (or redis-cluster://h:p,h:p,...) keeps the service's buckets
+# in Redis instead of the embedded in-memory store.
 run: build
-	scripts/run-demo.sh
+	REDIS="$(REDIS)" scripts/run-demo.sh
 
-# The integration tests start Envoy with $ENVOY (exported above).
+# The integration tests start Envoy with $ENVOY (exported above), and the store tests start
+# their own redis-server, which bootstrap installs when it is missing.
 test: build
+	@scripts/bootstrap.sh $(BOOTSTRAP_FLAGS) --with-redis
 	$(CARGO) test --workspace
 
 # The Wasm is built first: validating envoy/demo/envoy.yaml loads it.

@@ -110,7 +110,8 @@ wait_ready() {
 }
 
 # --- start ----------------------------------------------------------------------------------
-start laneguard-service "$RUN_DIR/service.log" "$SERVICE_BIN" --listen "$SERVICE_ADDR"
+# REDIS (from `make run REDIS=redis://...`) moves the buckets to Redis; default: in memory.
+start laneguard-service "$RUN_DIR/service.log" "$SERVICE_BIN" --listen "$SERVICE_ADDR" --store "${REDIS:-memory}"
 SERVICE_PID=$STARTED_PID
 start laneguard-upstream "$RUN_DIR/upstream.log" "$UPSTREAM_BIN" --listen "$UPSTREAM_ADDR"
 UPSTREAM_PID=$STARTED_PID

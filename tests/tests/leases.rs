@@ -35,6 +35,17 @@ struct Fleet {
 
 impl Fleet {
     fn start(label: &str, service_args: &[&str], envoys: usize, workers: u32) -> Fleet {
+        let policy = test_policy("valid/leases.yaml").unwrap();
+        Fleet::start_with(label, &policy, service_args, envoys, workers)
+    }
+
+    fn start_with(
+        label: &str,
+        policy: &str,
+        service_args: &[&str],
+        envoys: usize,
+        workers: u32,
+    ) -> Fleet {
         let dir = RunDir::new(label).unwrap();
         let upstream = Upstream::start(&dir).unwrap();
         let service = Service::start(&dir, service_args).unwrap();
@@ -47,7 +58,7 @@ impl Fleet {
             },
         )
         .unwrap();
-        config::set_policy(&mut cfg, &test_policy("valid/leases.yaml").unwrap()).unwrap();
+        config::set_policy(&mut cfg, policy).unwrap();
         let envoys = (0..envoys)
             .map(|i| {
                 let d = RunDir::new(&format!("{label}-envoy{i}")).unwrap();
@@ -226,5 +237,71 @@ fn two_envoys_two_workers_stay_within_the_budget() {
     assert!(
         (ok as f64) >= limit * 0.75,
         "admitted {ok} is far under the limit {limit:.1}\n{ctx}"
+    );
+}
+
+/// The service goes away: a fail-open class keeps serving, and counts what it admitted.
+/// When the service is back, one reporter per Envoy sends those hits, and the service's
+/// count of the bucket includes them (the accounting converges).
+#[test]
+fn hits_admitted_while_the_service_was_down_are_reported_when_it_is_back() {
+    let _guard = serial();
+    // A slow bucket (60/min) so that refill during the test is small next to the hits.
+    let policy = test_policy("valid/leases.yaml").unwrap().replace(
+        "budget: { per_second: 40, burst: 40 }",
+        "budget: { per_minute: 60, burst: 60 }",
+    );
+    let mut fleet = Fleet::start_with("leases-reconcile", &policy, &["--grants", "off"], 1, 2);
+    let web = token("NORTHWIND_WEB").unwrap();
+    let client = laneguard_tests::Client::new(fleet.base(0));
+    fleet.service.stop();
+    let mut admitted = 0;
+    for _ in 0..30 {
+        let r = client.get_as("/orders/1", &web, &[]).unwrap();
+        assert_eq!(r.status, 200, "interactive fails open\n{}", r.describe());
+        assert!(
+            r.header("x-laneguard-degraded").is_some(),
+            "{}",
+            r.describe()
+        );
+        admitted += 1;
+    }
+    fleet.service.restart().unwrap();
+    // Bounded wait for the reporter (sync_interval_s is 1 in leases.yaml).
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let mut reported = 0;
+    while std::time::Instant::now() < deadline {
+        reported = fleet.counter("laneguard.reported_hits");
+        if reported >= 2 * admitted {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Each request touched two buckets (the shared pool and the class budget), and the
+    // counter counts hits per bucket.
+    assert_eq!(
+        reported,
+        2 * admitted,
+        "every degraded admission was reported once per bucket\n{}",
+        fleet.logs()
+    );
+    // The service now counts them: its answer shows the bucket drawn down.
+    let r = client.get_as("/orders/1", &web, &[]).unwrap();
+    assert_eq!(r.status, 200, "{}", r.describe());
+    assert!(
+        r.header("x-laneguard-degraded").is_none(),
+        "central again\n{}",
+        r.describe()
+    );
+    let state = r.header("ratelimit").unwrap_or_default().to_string();
+    let remaining: u64 = regex::Regex::new(r#""class:interactive";r=(\d+)"#)
+        .unwrap()
+        .captures(&state)
+        .and_then(|c| c[1].parse().ok())
+        .unwrap_or_else(|| panic!("no interactive level in {state:?}"));
+    assert!(
+        remaining <= 60 - 30 + 10,
+        "the central bucket reflects the reported hits: remaining {remaining} of 60\n{}",
+        fleet.logs()
     );
 }
