@@ -17,6 +17,7 @@ pub mod client;
 pub mod config;
 pub mod envoy;
 pub mod process;
+pub mod redis;
 pub mod rundir;
 pub mod traffic;
 
@@ -27,6 +28,7 @@ pub use client::{Client, Reply};
 pub use config::{demo_config, demo_policy, DemoPorts};
 pub use envoy::{Envoy, EnvoyFailure, EnvoyOptions};
 pub use process::{BlackHole, Service, Upstream};
+pub use redis::RedisServer;
 pub use rundir::RunDir;
 
 /// A harness error: what failed, with enough context (log tails, paths) to debug it from
@@ -193,9 +195,19 @@ impl Stack {
         options: EnvoyOptions,
         edit: impl FnOnce(&mut serde_yaml::Value) -> Result<()>,
     ) -> Result<Stack> {
-        let dir = RunDir::new(label)?;
+        Stack::start_in(RunDir::new(label)?, policy, &[], options, edit)
+    }
+
+    /// Start the stack in `dir`, with extra arguments for the service (`--store ...`).
+    pub fn start_in(
+        dir: RunDir,
+        policy: &str,
+        service_args: &[&str],
+        options: EnvoyOptions,
+        edit: impl FnOnce(&mut serde_yaml::Value) -> Result<()>,
+    ) -> Result<Stack> {
         let upstream = Upstream::start(&dir)?;
-        let service = Service::start(&dir, &[])?;
+        let service = Service::start(&dir, service_args)?;
         let mut cfg = demo_config()?;
         config::rewrite_demo(
             &mut cfg,
