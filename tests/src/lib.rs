@@ -234,6 +234,56 @@ impl Stack {
     }
 }
 
+/// Envoy's native `envoy.filters.http.ratelimit` (`envoy/native-ratelimit.yaml`) in front of
+/// the upstream, with laneguard-service as its rate-limit service. Dropping it stops all three.
+pub struct NativeStack {
+    pub envoy: Envoy,
+    pub service: Service,
+    pub upstream: Upstream,
+    pub client: Client,
+}
+
+impl NativeStack {
+    /// `edit` may change the rewritten configuration (ports already point at the children).
+    pub fn start(
+        dir: RunDir,
+        service_args: &[&str],
+        edit: impl FnOnce(&mut serde_yaml::Value) -> Result<()>,
+    ) -> Result<NativeStack> {
+        let upstream = Upstream::start(&dir)?;
+        let service = Service::start(&dir, service_args)?;
+        let mut cfg = config::load("envoy/native-ratelimit.yaml")?;
+        config::set_admin_port(&mut cfg, 0)?;
+        config::set_all_listener_ports(&mut cfg, 0)?;
+        let rls = config::http_filter(&cfg, "envoy.filters.http.ratelimit")?["typed_config"]
+            ["rate_limit_service"]["grpc_service"]["envoy_grpc"]["cluster_name"]
+            .as_str()
+            .ok_or_else(|| Error::new("native-ratelimit.yaml names no rate-limit cluster"))?
+            .to_string();
+        for cluster in config::cluster_names(&cfg) {
+            let port = if cluster == rls {
+                service.port()
+            } else {
+                upstream.port()
+            };
+            config::point_cluster(&mut cfg, &cluster, port)?;
+        }
+        edit(&mut cfg)?;
+        let listener = config::listener_names(&cfg)
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::new("native-ratelimit.yaml has no listener"))?;
+        let envoy = Envoy::start_in(dir, &cfg, EnvoyOptions::default())?;
+        let client = Client::new(format!("http://127.0.0.1:{}", envoy.port(&listener)?));
+        Ok(NativeStack {
+            envoy,
+            service,
+            upstream,
+            client,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

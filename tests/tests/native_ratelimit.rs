@@ -6,8 +6,7 @@
 // #[test] functions; this extends that to the helpers of this file).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use laneguard_tests::config::{self, http_filter};
-use laneguard_tests::{repo_root, Client, Envoy, EnvoyOptions, RunDir, Service, Upstream};
+use laneguard_tests::{repo_root, NativeStack, RunDir};
 use serde_yaml::Value;
 
 const SERVICE_CONFIG: &str = "envoy/native-ratelimit.service.yaml";
@@ -33,32 +32,9 @@ fn burst_of(key: &str, value: Option<&str>) -> u64 {
 #[test]
 fn native_filter_limits_each_tenant_separately() {
     let dir = RunDir::new("native-ratelimit").unwrap();
-    let upstream = Upstream::start(&dir).unwrap();
     let service_config = repo_root().join(SERVICE_CONFIG).display().to_string();
-    let service = Service::start(&dir, &["--config", &service_config]).unwrap();
-
-    let mut cfg = config::load("envoy/native-ratelimit.yaml").unwrap();
-    config::set_admin_port(&mut cfg, 0).unwrap();
-    config::set_all_listener_ports(&mut cfg, 0).unwrap();
-    let rls = http_filter(&cfg, "envoy.filters.http.ratelimit").unwrap()["typed_config"]
-        ["rate_limit_service"]["grpc_service"]["envoy_grpc"]["cluster_name"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    for cluster in config::cluster_names(&cfg) {
-        let port = if cluster == rls {
-            service.port()
-        } else {
-            upstream.port()
-        };
-        config::point_cluster(&mut cfg, &cluster, port).unwrap();
-    }
-    let listener = config::listener_names(&cfg).into_iter().next().unwrap();
-    let envoy = Envoy::start_in(dir, &cfg, EnvoyOptions::default()).unwrap();
-    let client = Client::new(format!(
-        "http://127.0.0.1:{}",
-        envoy.port(&listener).unwrap()
-    ));
+    let native = NativeStack::start(dir, &["--config", &service_config], |_| Ok(())).unwrap();
+    let (client, envoy, service) = (&native.client, &native.envoy, &native.service);
 
     // Quick requests (well inside one refill interval of a per-minute rule) for one tenant:
     // the burst is served, then Envoy answers 429.

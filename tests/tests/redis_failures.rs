@@ -105,12 +105,10 @@ fn redis_down_takes_each_class_failure_mode_and_recovers() {
 /// UNAVAILABLE (Redis down) makes Envoy refuse, promptly; with Redis back it serves again.
 #[test]
 fn native_failure_mode_deny_sees_unavailable() {
-    use laneguard_tests::config::{self, http_filter_mut};
-    use laneguard_tests::{repo_root, Client, Envoy, Service, Upstream};
+    use laneguard_tests::{config::http_filter_mut, repo_root, NativeStack};
 
     let dir = RunDir::new("redis-native-deny").unwrap();
     let mut redis = RedisServer::start(&dir).unwrap();
-    let upstream = Upstream::start(&dir).unwrap();
     let rules = repo_root().join("envoy/native-ratelimit.service.yaml");
     let rules = rules.display().to_string();
     let url = redis.url();
@@ -122,31 +120,13 @@ fn native_failure_mode_deny_sees_unavailable() {
         "--redis-timeout-ms",
         "100",
     ];
-    let service = Service::start(&dir, &args).unwrap();
-    let mut cfg = config::load("envoy/native-ratelimit.yaml").unwrap();
-    config::set_admin_port(&mut cfg, 0).unwrap();
-    config::set_all_listener_ports(&mut cfg, 0).unwrap();
-    let filter = http_filter_mut(&mut cfg, "envoy.filters.http.ratelimit").unwrap();
-    filter["typed_config"]["failure_mode_deny"] = serde_yaml::Value::Bool(true);
-    let rls = filter["typed_config"]["rate_limit_service"]["grpc_service"]["envoy_grpc"]
-        ["cluster_name"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    for cluster in config::cluster_names(&cfg) {
-        let port = if cluster == rls {
-            service.port()
-        } else {
-            upstream.port()
-        };
-        config::point_cluster(&mut cfg, &cluster, port).unwrap();
-    }
-    let listener = config::listener_names(&cfg).into_iter().next().unwrap();
-    let envoy = Envoy::start_in(dir, &cfg, EnvoyOptions::default()).unwrap();
-    let client = Client::new(format!(
-        "http://127.0.0.1:{}",
-        envoy.port(&listener).unwrap()
-    ));
+    let native = NativeStack::start(dir, &args, |cfg| {
+        let filter = http_filter_mut(cfg, "envoy.filters.http.ratelimit")?;
+        filter["typed_config"]["failure_mode_deny"] = serde_yaml::Value::Bool(true);
+        Ok(())
+    })
+    .unwrap();
+    let (client, envoy, service) = (&native.client, &native.envoy, &native.service);
     let get = || {
         client
             .get("/orders/1", &[("x-tenant", "t-native")])
