@@ -4,7 +4,8 @@
 #   make test    bootstrap, build, run every test (CI runs this: .ci/run)
 #   make lint    rustfmt, clippy (host and wasm32-wasip1), envoy --mode validate on envoy/
 #   make build   the Wasm filter (release) and the service and upstream binaries
-#   make bench   benchmarks (a later issue)
+#   make bench   laneguard vs Envoy's native filters: docs/benchmarks.md, bench/results/
+#   make bench-accuracy   2 Envoys x 2 workers past a binding limit: docs/accuracy.md
 #   make clean   remove build output and demo logs; `make distclean` also removes .venv
 #
 # ENVOY is the Envoy command. It defaults to the pinned Envoy that scripts/bootstrap.sh
@@ -30,10 +31,10 @@ BOOTSTRAP_FLAGS ?= --without-envoy
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: help bootstrap build build-wasm run test lint bench clean distclean
+.PHONY: help bootstrap build build-wasm run test lint bench bench-build bench-accuracy clean distclean
 
 help:
-	@sed -n '3,8p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
+	@sed -n '3,9p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
 
 bootstrap:
 	@scripts/bootstrap.sh $(BOOTSTRAP_FLAGS)
@@ -53,7 +54,7 @@ run: build
 # their own redis-server, which bootstrap installs when it is missing.
 test: build
 	@scripts/bootstrap.sh $(BOOTSTRAP_FLAGS) --with-redis
-	$(CARGO) test --workspace
+	@CARGO=$(CARGO) scripts/cargo-test-summary.sh
 
 # The Wasm is built first: validating envoy/demo/envoy.yaml loads it.
 lint: build-wasm
@@ -66,8 +67,19 @@ lint: build-wasm
 	  out=$$($(ENVOY) --mode validate -c $$f 2>&1) || { echo "$$out" | grep -v "\]\[info\]" | tail -n 20; echo "invalid Envoy config: $$f" >&2; exit 1; }; \
 	done
 
-bench:
-	@echo "make bench: the benchmarks come in a later issue (bench/upstream is the upstream they will use)."
+# Benchmarks run release builds only: both Wasm filters (laneguard and the no-op floor),
+# the service, the upstream and the service's load client. wrk, h2load and redis-server
+# are installed if missing. Settings are environment variables (docs/benchmarks.md).
+bench-build: bootstrap
+	@scripts/bootstrap.sh $(BOOTSTRAP_FLAGS) --with-load --with-redis
+	$(CARGO) build --release --target $(WASM_TARGET) -p laneguard-wasm -p laneguard-bench-noop
+	$(CARGO) build --release -p laneguard-service -p laneguard-upstream -p laneguard-rls-load
+
+bench: bench-build
+	python3 bench/run.py
+
+bench-accuracy: bench-build
+	python3 bench/accuracy.py
 
 clean:
 	$(CARGO) clean

@@ -11,6 +11,7 @@ const PROTOS: &[&str] = &[
     "proto/envoy/extensions/common/ratelimit/v3/ratelimit.proto",
     "proto/envoy/type/v3/ratelimit_unit.proto",
     "proto/envoy/config/core/v3/base.proto",
+    "proto/laneguard/audit/v1/audit.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -6,7 +6,8 @@
 #   ENVOY   the Envoy command (default .venv/bin/envoy); may be several words,
 #           for example ENVOY="func-e run"
 #
-# Logs and output go to .run/ (envoy.log, access.log, service.log, upstream.log).
+# Logs and output go to .run/ (envoy.log, access.log, service.log, upstream.log), and the
+# service's hash-chained audit log to .run/audit.log (laneguard-audit verify|query).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -111,7 +112,8 @@ wait_ready() {
 
 # --- start ----------------------------------------------------------------------------------
 # REDIS (from `make run REDIS=redis://...`) moves the buckets to Redis; default: in memory.
-start laneguard-service "$RUN_DIR/service.log" "$SERVICE_BIN" --listen "$SERVICE_ADDR" --store "${REDIS:-memory}"
+start laneguard-service "$RUN_DIR/service.log" "$SERVICE_BIN" --listen "$SERVICE_ADDR" --store "${REDIS:-memory}" \
+  --audit-log "$RUN_DIR/audit.log"
 SERVICE_PID=$STARTED_PID
 start laneguard-upstream "$RUN_DIR/upstream.log" "$UPSTREAM_BIN" --listen "$UPSTREAM_ADDR"
 UPSTREAM_PID=$STARTED_PID
@@ -171,8 +173,10 @@ In another terminal, from $ROOT:
   # the other principals: \$NORTHWIND_SUPPORT (recovery), \$NORTHWIND_EXPORT (export),
   # \$ACME_WEB (tenant acme). The policy is in $ENVOY_CONFIG; see docs/policy.md.
 
-Logs: $RUN_DIR/envoy.log (Envoy), $RUN_DIR/access.log (one line per request),
-      $RUN_DIR/service.log, $RUN_DIR/upstream.log
+Logs: $RUN_DIR/envoy.log (Envoy), $RUN_DIR/access.log (one line per request, with its
+      audit record), $RUN_DIR/service.log, $RUN_DIR/upstream.log
+Audit: target/debug/laneguard-audit query $RUN_DIR/audit.log --tenant northwind
+       target/debug/laneguard-audit verify $RUN_DIR/audit.log   (docs/operations.md)
 Press Ctrl-C to stop.
 EOF
 

@@ -11,6 +11,9 @@
 //! `dispatch_grpc_call`). The `server` feature adds tonic's
 //! `rate_limit_service_server` and `rate_limit_service_client` modules inside
 //! `envoy::service::ratelimit::v3`, for the service and the tests.
+//!
+//! [`laneguard::audit::v1`] is laneguard's own small protocol (not Envoy's): the filter ships
+//! audit records to the service's hash-chained log with `AuditLog/Append`.
 
 pub use prost;
 pub use prost_types;
@@ -58,6 +61,17 @@ pub mod envoy {
     }
 }
 
+/// laneguard's own protocols.
+pub mod laneguard {
+    pub mod audit {
+        /// `laneguard.audit.v1`: the filter ships audit records to the service's
+        /// hash-chained log (`AuditLog/Append`). With the `server` feature, tonic stubs too.
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/laneguard.audit.v1.rs"));
+        }
+    }
+}
+
 /// Google well-known types, as `prost_types`.
 pub mod google {
     pub mod protobuf {
@@ -67,6 +81,10 @@ pub mod google {
 
 /// The fully qualified gRPC service name, as used in paths and in `grpc.health.v1` checks.
 pub const RATE_LIMIT_SERVICE_NAME: &str = "envoy.service.ratelimit.v3.RateLimitService";
+
+/// The audit service's name and method, as `dispatch_grpc_call` takes them.
+pub const AUDIT_SERVICE_NAME: &str = "laneguard.audit.v1.AuditLog";
+pub const AUDIT_APPEND_METHOD: &str = "Append";
 
 /// The gRPC method path of `ShouldRateLimit` (what proxy-wasm's `dispatch_grpc_call` takes as
 /// service and method name, joined).

@@ -1,31 +1,55 @@
-//! Command-line arguments. Three flags do not need a parser crate; errors name the flag.
+//! Command-line arguments. A handful of flags do not need a parser crate; errors name the
+//! flag.
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::store::redis::{cluster_nodes, CLUSTER_SCHEME, REDIS_SCHEME};
 
 pub const USAGE: &str = "\
-Usage: laneguard-service [--listen ADDR] [--config FILE] [--store memory]
+Usage: laneguard-service [--listen ADDR] [--config FILE] [--store STORE]
+                         [--grants on|off] [--lease-ttl-ms MS] [--redis-timeout-ms MS]
+                         [--audit-log FILE]
 
 Serves envoy.service.ratelimit.v3.RateLimitService and grpc.health.v1.Health over gRPC.
 
 Options:
-  --listen ADDR    address to listen on, IP:PORT (PORT may be 0) [default: 127.0.0.1:8081]
-  --config FILE    YAML descriptor rules for clients that send no per-descriptor limit
-                   (see docs/service.md)
-  --store KIND     where bucket state lives: memory [default: memory]
-  -h, --help       print this help
-  -V, --version    print the version
+  --listen ADDR           address to listen on, IP:PORT (PORT may be 0)
+                          [default: 127.0.0.1:8081]
+  --config FILE           YAML descriptor rules for clients that send no per-descriptor
+                          limit (see docs/service.md)
+  --store STORE           where bucket state lives [default: memory]:
+                            memory
+                            redis://[USER:PASSWORD@]HOST:PORT[/DB]
+                            redis-cluster://HOST:PORT,HOST:PORT,...
+  --grants on|off         grant leases (DescriptorStatus.quota) to callers that send the
+                          x-laneguard-lease metadata [default: on]
+  --lease-ttl-ms MS       how long a granted lease is valid [default: 2000]
+  --redis-timeout-ms MS   bound on every Redis call, connecting included [default: 250]
+  --audit-log FILE        keep the filter's audit records in FILE, an append-only
+                          hash-chained log (laneguard-audit verify|query FILE)
+  -h, --help              print this help
+  -V, --version           print the version
 
 Once listening, prints `LANEGUARD_READY addr=IP:PORT` on stdout. Logs go to stderr; set
 LANEGUARD_LOG=error|warn|info|debug|trace (default info).";
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8081";
+pub const DEFAULT_LEASE_TTL_MS: u64 = 2000;
+pub const DEFAULT_REDIS_TIMEOUT_MS: u64 = 250;
+/// Upper bound of the millisecond flags: one hour.
+const MAX_MS: u64 = 3_600_000;
 
 /// The bucket store backend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreKind {
     Memory,
+    /// A standalone Redis URL (`redis://...`).
+    Redis(String),
+    /// Redis Cluster seed node URLs (from `redis-cluster://h1:p1,h2:p2`).
+    RedisCluster(Vec<String>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +57,12 @@ pub struct Args {
     pub listen: SocketAddr,
     pub config: Option<PathBuf>,
     pub store: StoreKind,
+    /// `--grants on|off`.
+    pub grants: bool,
+    pub lease_ttl: Duration,
+    pub redis_timeout: Duration,
+    /// `--audit-log FILE`: serve `laneguard.audit.v1.AuditLog` and append to FILE.
+    pub audit_log: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,8 +78,15 @@ pub enum CliError {
     MissingValue { flag: String },
     #[error("--listen: `{value}` is not an IP:PORT address")]
     BadListen { value: String },
-    #[error("--store: `{value}` is not supported (supported: memory)")]
+    #[error(
+        "--store: `{value}` is not supported (supported: memory, {REDIS_SCHEME}HOST:PORT, \
+         {CLUSTER_SCHEME}HOST:PORT,HOST:PORT,...)"
+    )]
     BadStore { value: String },
+    #[error("--grants: `{value}` is not `on` or `off`")]
+    BadGrants { value: String },
+    #[error("{flag}: `{value}` is not a whole number of milliseconds from 1 to {MAX_MS}")]
+    BadMillis { flag: String, value: String },
     #[error("{flag} given more than once")]
     Repeated { flag: String },
     #[error("unexpected argument `{arg}`")]
@@ -58,14 +95,22 @@ pub enum CliError {
     NotUtf8 { arg: OsString },
 }
 
+const FLAGS: [&str; 7] = [
+    "--listen",
+    "--config",
+    "--store",
+    "--grants",
+    "--lease-ttl-ms",
+    "--redis-timeout-ms",
+    "--audit-log",
+];
+
 /// Parse the arguments after the program name. Accepts `--flag value` and `--flag=value`.
 pub fn parse<I>(args: I) -> Result<Command, CliError>
 where
     I: IntoIterator<Item = OsString>,
 {
-    let mut listen: Option<String> = None;
-    let mut config: Option<PathBuf> = None;
-    let mut store: Option<String> = None;
+    let mut values: [Option<String>; FLAGS.len()] = Default::default();
 
     let mut args = args.into_iter();
     while let Some(raw) = args.next() {
@@ -77,12 +122,14 @@ where
             Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
             _ => (arg.clone(), None),
         };
-        match flag.as_str() {
+        let slot = match flag.as_str() {
             "-h" | "--help" => return Ok(Command::Help),
             "-V" | "--version" => return Ok(Command::Version),
-            "--listen" | "--config" | "--store" => {}
-            _ => return Err(CliError::Unexpected { arg }),
-        }
+            f => match FLAGS.iter().position(|known| *known == f) {
+                Some(slot) => slot,
+                None => return Err(CliError::Unexpected { arg }),
+            },
+        };
         let value = match inline {
             Some(v) => v,
             None => match args.next() {
@@ -90,15 +137,11 @@ where
                 None => return Err(CliError::MissingValue { flag }),
             },
         };
-        let slot_taken = match flag.as_str() {
-            "--listen" => listen.replace(value).is_some(),
-            "--config" => config.replace(PathBuf::from(value)).is_some(),
-            _ => store.replace(value).is_some(),
-        };
-        if slot_taken {
+        if values[slot].replace(value).is_some() {
             return Err(CliError::Repeated { flag });
         }
     }
+    let [listen, config, store, grants, lease_ttl, redis_timeout, audit_log] = values;
 
     let listen_text = listen.unwrap_or_else(|| DEFAULT_LISTEN.to_string());
     let listen = listen_text
@@ -106,17 +149,54 @@ where
         .map_err(|_| CliError::BadListen { value: listen_text })?;
     let store = match store.as_deref() {
         None | Some("memory") => StoreKind::Memory,
+        Some(spec) => parse_store(spec).ok_or_else(|| CliError::BadStore {
+            value: spec.to_string(),
+        })?,
+    };
+    let grants = match grants.as_deref() {
+        None | Some("on") => true,
+        Some("off") => false,
         Some(other) => {
-            return Err(CliError::BadStore {
+            return Err(CliError::BadGrants {
                 value: other.to_string(),
             })
         }
     };
     Ok(Command::Run(Args {
         listen,
-        config,
+        config: config.map(PathBuf::from),
         store,
+        grants,
+        lease_ttl: millis("--lease-ttl-ms", lease_ttl, DEFAULT_LEASE_TTL_MS)?,
+        redis_timeout: millis(
+            "--redis-timeout-ms",
+            redis_timeout,
+            DEFAULT_REDIS_TIMEOUT_MS,
+        )?,
+        audit_log: audit_log.map(PathBuf::from),
     }))
+}
+
+fn parse_store(spec: &str) -> Option<StoreKind> {
+    if spec.starts_with(CLUSTER_SCHEME) {
+        return cluster_nodes(spec).map(StoreKind::RedisCluster);
+    }
+    let rest = spec.strip_prefix(REDIS_SCHEME)?;
+    // The client library validates the rest when the store is built; refuse the obvious.
+    (!rest.is_empty()).then(|| StoreKind::Redis(spec.to_string()))
+}
+
+fn millis(flag: &str, value: Option<String>, default: u64) -> Result<Duration, CliError> {
+    let Some(text) = value else {
+        return Ok(Duration::from_millis(default));
+    };
+    match text.parse::<u64>() {
+        Ok(ms) if (1..=MAX_MS).contains(&ms) => Ok(Duration::from_millis(ms)),
+        _ => Err(CliError::BadMillis {
+            flag: flag.to_string(),
+            value: text,
+        }),
+    }
 }
 
 #[cfg(test)]
@@ -127,24 +207,91 @@ mod tests {
         parse(args.iter().map(OsString::from))
     }
 
+    fn defaults_with(f: impl FnOnce(&mut Args)) -> Command {
+        let mut args = Args {
+            listen: "127.0.0.1:8081".parse().unwrap(),
+            config: None,
+            store: StoreKind::Memory,
+            grants: true,
+            lease_ttl: Duration::from_millis(2000),
+            redis_timeout: Duration::from_millis(250),
+            audit_log: None,
+        };
+        f(&mut args);
+        Command::Run(args)
+    }
+
     #[test]
     fn defaults() {
+        assert_eq!(p(&[]).unwrap(), defaults_with(|_| {}));
+    }
+
+    #[test]
+    fn audit_log() {
         assert_eq!(
-            p(&[]).unwrap(),
-            Command::Run(Args {
-                listen: "127.0.0.1:8081".parse().unwrap(),
-                config: None,
-                store: StoreKind::Memory,
-            })
+            p(&["--audit-log", "audit.log"]).unwrap(),
+            defaults_with(|a| a.audit_log = Some(PathBuf::from("audit.log")))
         );
     }
 
     #[test]
+    fn stores_grants_and_timeouts() {
+        assert_eq!(
+            p(&["--store", "redis://127.0.0.1:6379"]).unwrap(),
+            defaults_with(|a| a.store = StoreKind::Redis("redis://127.0.0.1:6379".into()))
+        );
+        assert_eq!(
+            p(&["--store=redis-cluster://127.0.0.1:7000,127.0.0.1:7001"]).unwrap(),
+            defaults_with(|a| {
+                a.store = StoreKind::RedisCluster(vec![
+                    "redis://127.0.0.1:7000".into(),
+                    "redis://127.0.0.1:7001".into(),
+                ])
+            })
+        );
+        assert_eq!(
+            p(&[
+                "--grants",
+                "off",
+                "--lease-ttl-ms",
+                "500",
+                "--redis-timeout-ms=40"
+            ])
+            .unwrap(),
+            defaults_with(|a| {
+                a.grants = false;
+                a.lease_ttl = Duration::from_millis(500);
+                a.redis_timeout = Duration::from_millis(40);
+            })
+        );
+        for bad in [
+            &["--store", "redis://"][..],
+            &["--store", "redis-cluster://a:1,,b:2"],
+            &["--store", "postgres://x"],
+        ] {
+            assert!(matches!(p(bad), Err(CliError::BadStore { .. })), "{bad:?}");
+        }
+        assert!(matches!(
+            p(&["--grants", "yes"]),
+            Err(CliError::BadGrants { .. })
+        ));
+        for bad in ["0", "-1", "1.5", "3600001"] {
+            assert!(
+                matches!(p(&["--lease-ttl-ms", bad]), Err(CliError::BadMillis { .. })),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            p(&["--grants", "on", "--grants", "off"]),
+            Err(CliError::Repeated { .. })
+        ));
+    }
+
+    #[test]
     fn all_flags_both_spellings() {
-        let want = Command::Run(Args {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            config: Some(PathBuf::from("rules.yaml")),
-            store: StoreKind::Memory,
+        let want = defaults_with(|a| {
+            a.listen = "127.0.0.1:0".parse().unwrap();
+            a.config = Some(PathBuf::from("rules.yaml"));
         });
         assert_eq!(
             p(&[
@@ -182,7 +329,7 @@ mod tests {
             Err(CliError::BadListen { .. })
         ));
         assert!(matches!(
-            p(&["--store", "redis://x"]),
+            p(&["--store", "redis"]),
             Err(CliError::BadStore { .. })
         ));
         assert!(matches!(

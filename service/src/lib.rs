@@ -8,10 +8,13 @@
 //! A request names one descriptor per bucket ([`limits`] maps descriptors to buckets with
 //! `laneguard_core::key`); the [`store`] checks every bucket with `laneguard_core::gcra` and
 //! charges all of them or none, at a `now` read once per request from an injectable
-//! [`clock`]. [`rls`] turns the outcome into per-descriptor statuses; [`server`] puts it on a
-//! socket. The binary (`src/main.rs`) is a thin shell: arguments ([`cli`]), rules
+//! [`clock`], in memory or in Redis / Redis Cluster (one Lua script per hash slot). A caller
+//! that asks for a lease (`x-laneguard-lease` metadata) gets a pre-paid grant charged in the
+//! same atomic step. [`rls`] turns the outcome into per-descriptor statuses and quotas;
+//! [`server`] puts it on a socket. The binary (`src/main.rs`) is a thin shell: arguments ([`cli`]), rules
 //! ([`config`]), logging, signals, the readiness line. Operator docs: `docs/service.md`.
 
+pub mod audit;
 pub mod cli;
 pub mod clock;
 pub mod config;
@@ -24,5 +27,5 @@ pub mod unit;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{Config, ConfigError};
-pub use rls::{Grants, Options, RateLimiter, ServiceError};
-pub use store::{MemoryStore, Store, StoreError};
+pub use rls::{Ask, Grants, Options, RateLimiter, ServiceError, LEASE_METADATA, REPORT_METADATA};
+pub use store::{MemoryStore, RedisSettings, RedisStore, Store, StoreError};

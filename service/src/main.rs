@@ -5,9 +5,11 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use laneguard_service::audit::{AuditLog, AuditService};
 use laneguard_service::cli::{self, Args, Command, StoreKind};
 use laneguard_service::{
-    logger, server, Config, MemoryStore, Options, RateLimiter, Store, SystemClock,
+    logger, server, Config, Grants, MemoryStore, Options, RateLimiter, RedisSettings, RedisStore,
+    Store, SystemClock,
 };
 use tokio::net::TcpListener;
 
@@ -61,8 +63,35 @@ async fn run(args: Args) -> Result<(), String> {
         }
         None => None,
     };
-    let store: Arc<dyn Store> = match args.store {
+    let redis_settings = RedisSettings {
+        timeout: args.redis_timeout,
+        ..RedisSettings::default()
+    };
+    let store: Arc<dyn Store> = match &args.store {
         StoreKind::Memory => Arc::new(MemoryStore::new()),
+        StoreKind::Redis(url) => Arc::new(
+            redis_store(RedisStore::standalone(url, redis_settings).map_err(|e| e.to_string())?)
+                .await,
+        ),
+        StoreKind::RedisCluster(nodes) => Arc::new(
+            redis_store(RedisStore::cluster(nodes, redis_settings).map_err(|e| e.to_string())?)
+                .await,
+        ),
+    };
+    let grants = if args.grants {
+        Grants::On {
+            lease_ttl: args.lease_ttl,
+        }
+    } else {
+        Grants::Off
+    };
+    let audit = match &args.audit_log {
+        Some(path) => {
+            let log = AuditLog::open(path).map_err(|e| format!("audit log: {e}"))?;
+            log::info!("appending audit records to {}", path.display());
+            Some(AuditService::new(Arc::new(log)))
+        }
+        None => None,
     };
     let listener = TcpListener::bind(args.listen)
         .await
@@ -71,7 +100,12 @@ async fn run(args: Args) -> Result<(), String> {
         .local_addr()
         .map_err(|e| format!("cannot read the bound address: {e}"))?;
     let store_name = store.name();
-    let limiter = RateLimiter::new(store, rules, Arc::new(SystemClock), Options::default());
+    let limiter = RateLimiter::new(
+        store,
+        rules,
+        Arc::new(SystemClock),
+        Options::with_grants(grants),
+    );
 
     // The contract with scripts/ and tests/: exactly this line, flushed, once listening.
     let mut stdout = std::io::stdout().lock();
@@ -79,13 +113,28 @@ async fn run(args: Args) -> Result<(), String> {
         .and_then(|()| stdout.flush())
         .map_err(|e| format!("cannot write the readiness line: {e}"))?;
     drop(stdout);
-    log::info!("serving RLS v3 and gRPC health on {addr} (store: {store_name})");
+    log::info!(
+        "serving RLS v3 and gRPC health on {addr} (store: {store_name}, grants: {grants:?})"
+    );
 
-    server::serve(listener, limiter, shutdown_signal())
+    server::serve_with_audit(listener, limiter, audit, shutdown_signal())
         .await
         .map_err(|e| format!("server failed: {e}"))?;
     log::info!("stopped");
     Ok(())
+}
+
+/// Try the Redis store once at startup. A Redis that is not up yet does not stop the service:
+/// requests answer UNAVAILABLE (the callers' failure modes apply) until it is reachable.
+async fn redis_store(store: RedisStore) -> RedisStore {
+    match store.ping().await {
+        Ok(()) => log::info!("{} is reachable", store.name()),
+        Err(e) => log::warn!(
+            "{} is not reachable yet ({e}); answering UNAVAILABLE until it is",
+            store.name()
+        ),
+    }
+    store
 }
 
 /// Resolves on the first SIGINT or SIGTERM. If a handler cannot be installed, that signal is

@@ -1,14 +1,28 @@
 //! The `ShouldRateLimit` handler: plan the request's buckets, read the clock once, let the
-//! store decide all-or-nothing, and translate the outcome into a `RateLimitResponse`.
+//! store decide all-or-nothing (and size a lease when the caller asked for one), and
+//! translate the outcome into a `RateLimitResponse`.
+//!
+//! Leases ride on the standard protocol. A caller that wants one sends the gRPC request
+//! metadata [`LEASE_METADATA`] (`x-laneguard-lease: N`, the cost units it would like to admit
+//! locally per bucket). The grant is pre-paid: the store charges it to every bucket in the
+//! same atomic step as the request, so what the fleet admits never exceeds the limit, and
+//! the response carries it in every limited descriptor's `DescriptorStatus.quota`
+//! (`requests` = units granted, `valid_until` = now + the lease TTL). Plain RLS clients send
+//! no metadata and get no quota.
+//!
+//! Reports ride on it too: [`REPORT_METADATA`] (`x-laneguard-report: 1`) marks a request whose
+//! descriptors carry hits already admitted without the service (the filter's degraded mode,
+//! sent on its sync tick). The store charges them unconditionally and the answer is `OK`.
 
 use std::sync::Arc;
+use std::time::Duration as StdDuration;
 
 use laneguard_protos::envoy::service::ratelimit::v3::rate_limit_response::{
-    Code, DescriptorStatus, Quota, RateLimit,
+    quota, Code, DescriptorStatus, Quota, RateLimit,
 };
 use laneguard_protos::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService;
 use laneguard_protos::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
-use laneguard_protos::prost_types::Duration;
+use laneguard_protos::prost_types::{Duration, Timestamp};
 use tonic::{Request, Response, Status};
 
 use crate::clock::Clock;
@@ -17,16 +31,79 @@ use crate::limits::{self, RequestError};
 use crate::store::{BucketStatus, Charge, Store, StoreError};
 use crate::unit::Unit;
 
+/// The gRPC request metadata a caller sends to ask for a lease: the number of cost units it
+/// would like to admit locally, per bucket. Absent (or 0) asks for none.
+pub const LEASE_METADATA: &str = "x-laneguard-lease";
+
+/// The gRPC request metadata that marks a report of hits already admitted (`1`): they are
+/// charged unconditionally, even into debt, and never refused.
+pub const REPORT_METADATA: &str = "x-laneguard-report";
+
+/// What a caller asks for beyond the descriptors, from the gRPC request metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ask {
+    /// An all-or-nothing decision, and a lease of up to `lease` units per bucket (0: none).
+    Decide { lease: u32 },
+    /// A report of hits already admitted: charge them unconditionally.
+    Report,
+}
+
+impl Default for Ask {
+    fn default() -> Self {
+        Ask::Decide { lease: 0 }
+    }
+}
+
+impl Ask {
+    /// Read [`LEASE_METADATA`] and [`REPORT_METADATA`]. A malformed value is an error, not a
+    /// guess.
+    pub fn from_metadata(metadata: &tonic::metadata::MetadataMap) -> Result<Ask, ServiceError> {
+        let text = |name: &'static str| {
+            metadata.get(name).map(|v| {
+                v.to_str()
+                    .map(|t| t.trim().to_string())
+                    .map_err(|_| ServiceError::BadMetadata {
+                        name,
+                        value: String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    })
+            })
+        };
+        let bad = |name: &'static str, value: String| ServiceError::BadMetadata { name, value };
+        match text(REPORT_METADATA).transpose()?.as_deref() {
+            None | Some("0") => {}
+            Some("1") => return Ok(Ask::Report),
+            Some(other) => return Err(bad(REPORT_METADATA, other.to_string())),
+        }
+        match text(LEASE_METADATA).transpose()? {
+            None => Ok(Ask::default()),
+            Some(v) => v
+                .parse::<u32>()
+                .map(|lease| Ask::Decide { lease })
+                .map_err(|_| bad(LEASE_METADATA, v)),
+        }
+    }
+}
+
+/// The default lifetime of a lease (`--lease-ttl-ms`).
+pub const DEFAULT_LEASE_TTL: StdDuration = StdDuration::from_millis(2000);
+
 /// Whether the service hands out leases in `DescriptorStatus.quota`.
-///
-/// This is the seam for leases (a later issue): a grant policy will size a `Quota` from the
-/// bucket's state after the charge and reserve it in the store. Today the only policy is
-/// `Off`, and `quota` is always empty.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Grants {
-    #[default]
+    /// Never grant: every answer is a plain per-call decision, as from envoyproxy/ratelimit.
     Off,
+    /// Grant leases to callers that ask ([`LEASE_METADATA`]); each one is valid for
+    /// `lease_ttl` from the request's `now`.
+    On { lease_ttl: StdDuration },
+}
+
+impl Default for Grants {
+    fn default() -> Self {
+        Grants::On {
+            lease_ttl: DEFAULT_LEASE_TTL,
+        }
+    }
 }
 
 /// Service behaviour that is not part of the store or the rules.
@@ -36,11 +113,22 @@ pub struct Options {
     pub grants: Grants,
 }
 
+impl Options {
+    pub fn with_grants(grants: Grants) -> Options {
+        Options { grants }
+    }
+}
+
 /// Why a request got no answer.
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
     #[error("invalid request: {0}")]
     Request(#[from] RequestError),
+    #[error(
+        "invalid request: metadata `{name}`: `{value}` is not valid (`{LEASE_METADATA}` takes \
+         a non-negative 32-bit integer, `{REPORT_METADATA}` takes 0 or 1)"
+    )]
+    BadMetadata { name: &'static str, value: String },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -48,7 +136,9 @@ pub enum ServiceError {
 impl From<ServiceError> for Status {
     fn from(e: ServiceError) -> Status {
         match &e {
-            ServiceError::Request(_) => Status::invalid_argument(e.to_string()),
+            ServiceError::Request(_) | ServiceError::BadMetadata { .. } => {
+                Status::invalid_argument(e.to_string())
+            }
             // UNAVAILABLE sends the caller down its configured failure mode.
             ServiceError::Store(s) if s.is_transient() => Status::unavailable(e.to_string()),
             ServiceError::Store(_) => Status::internal(e.to_string()),
@@ -80,10 +170,29 @@ impl RateLimiter {
         }
     }
 
-    /// Answer one request (the transport-free core of `ShouldRateLimit`).
+    /// Answer one request that asks for no lease.
     pub async fn evaluate(
         &self,
         request: &RateLimitRequest,
+    ) -> Result<RateLimitResponse, ServiceError> {
+        self.evaluate_with_lease(request, 0).await
+    }
+
+    /// Answer one request that asks for a lease of up to `lease` units ([`LEASE_METADATA`]);
+    /// the ask is ignored while grants are off.
+    pub async fn evaluate_with_lease(
+        &self,
+        request: &RateLimitRequest,
+        lease: u32,
+    ) -> Result<RateLimitResponse, ServiceError> {
+        self.evaluate_ask(request, Ask::Decide { lease }).await
+    }
+
+    /// Answer one request (the transport-free core of `ShouldRateLimit`).
+    pub async fn evaluate_ask(
+        &self,
+        request: &RateLimitRequest,
+        ask: Ask,
     ) -> Result<RateLimitResponse, ServiceError> {
         let plan = limits::plan(request, self.rules.as_deref())?;
         let charges: Vec<Charge> = plan.iter().flatten().cloned().collect();
@@ -96,8 +205,22 @@ impl RateLimiter {
             });
         }
 
+        let (lease, lease_ttl) = match (ask, self.options.grants) {
+            (Ask::Decide { lease }, Grants::On { lease_ttl }) if lease > 0 => (lease, lease_ttl),
+            _ => (0, StdDuration::ZERO),
+        };
         let now_ns = self.clock.now_ns();
-        let outcome = self.store.check_and_charge(&charges, now_ns).await?;
+        let outcome = match ask {
+            Ask::Decide { .. } => self.store.check_and_charge(&charges, lease, now_ns).await?,
+            Ask::Report => self.store.report(&charges, now_ns).await?,
+        };
+        let quota = (outcome.admitted && outcome.grant > 0).then(|| Quota {
+            requests: outcome.grant,
+            id: String::new(),
+            expiration_specifier: Some(quota::ExpirationSpecifier::ValidUntil(timestamp(
+                now_ns.saturating_add(u64::try_from(lease_ttl.as_nanos()).unwrap_or(u64::MAX)),
+            ))),
+        });
 
         let mut buckets = outcome.buckets.iter();
         let mut statuses = Vec::with_capacity(plan.len());
@@ -105,7 +228,7 @@ impl RateLimiter {
             let status = match planned {
                 None => unlimited_status(),
                 Some(charge) => match buckets.next() {
-                    Some(bucket) => self.status(charge, bucket),
+                    Some(bucket) => bucket_status(charge, bucket, quota.clone()),
                     None => {
                         return Err(StoreError::Corrupt {
                             key: charge.key.clone(),
@@ -117,17 +240,20 @@ impl RateLimiter {
             };
             statuses.push(status);
         }
-        let overall = if outcome.admitted {
+        // A report is never refused (its statuses still say which buckets are now full).
+        let overall = if outcome.admitted || ask == Ask::Report {
             Code::Ok
         } else {
             Code::OverLimit
         };
         log::debug!(
-            "domain={} descriptors={} buckets={} overall={:?}",
+            "domain={} {ask:?} descriptors={} buckets={} overall={:?} lease_asked={} granted={}",
             request.domain,
             plan.len(),
             charges.len(),
-            overall
+            overall,
+            lease,
+            outcome.grant
         );
         Ok(RateLimitResponse {
             overall_code: overall as i32,
@@ -135,31 +261,24 @@ impl RateLimiter {
             ..Default::default()
         })
     }
+}
 
-    fn status(&self, charge: &Charge, bucket: &BucketStatus) -> DescriptorStatus {
-        let code = if bucket.has_room {
-            Code::Ok
-        } else {
-            Code::OverLimit
-        };
-        DescriptorStatus {
-            code: code as i32,
-            current_limit: Some(RateLimit {
-                name: String::new(),
-                requests_per_unit: charge.rate.requests.get(),
-                unit: Unit::from_window(charge.rate.window).to_response() as i32,
-            }),
-            limit_remaining: bucket.remaining,
-            duration_until_reset: Some(duration(bucket.reset_ns)),
-            quota: self.grant(charge, bucket),
-        }
-    }
-
-    /// The lease seam: what to grant for this bucket. Always nothing while `Grants::Off`.
-    fn grant(&self, _charge: &Charge, _bucket: &BucketStatus) -> Option<Quota> {
-        match self.options.grants {
-            Grants::Off => None,
-        }
+fn bucket_status(charge: &Charge, bucket: &BucketStatus, quota: Option<Quota>) -> DescriptorStatus {
+    let code = if bucket.has_room {
+        Code::Ok
+    } else {
+        Code::OverLimit
+    };
+    DescriptorStatus {
+        code: code as i32,
+        current_limit: Some(RateLimit {
+            name: String::new(),
+            requests_per_unit: charge.rate.requests.get(),
+            unit: Unit::from_window(charge.rate.window).to_response() as i32,
+        }),
+        limit_remaining: bucket.remaining,
+        duration_until_reset: Some(duration(bucket.reset_ns)),
+        quota,
     }
 }
 
@@ -167,6 +286,14 @@ fn unlimited_status() -> DescriptorStatus {
     DescriptorStatus {
         code: Code::Ok as i32,
         ..Default::default()
+    }
+}
+
+fn timestamp(ns: u64) -> Timestamp {
+    const NS: u64 = 1_000_000_000;
+    Timestamp {
+        seconds: i64::try_from(ns / NS).unwrap_or(i64::MAX),
+        nanos: i32::try_from(ns % NS).unwrap_or(0),
     }
 }
 
@@ -185,12 +312,19 @@ impl RateLimitService for RateLimiter {
         &self,
         request: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, Status> {
+        let ask = Ask::from_metadata(request.metadata());
         let request = request.into_inner();
-        match self.evaluate(&request).await {
+        let result = match ask {
+            Ok(ask) => self.evaluate_ask(&request, ask).await,
+            Err(e) => Err(e),
+        };
+        match result {
             Ok(response) => Ok(Response::new(response)),
             Err(e) => {
                 match &e {
-                    ServiceError::Request(_) => log::debug!("domain={}: {e}", request.domain),
+                    ServiceError::Request(_) | ServiceError::BadMetadata { .. } => {
+                        log::debug!("domain={}: {e}", request.domain)
+                    }
                     ServiceError::Store(_) => log::warn!("domain={}: {e}", request.domain),
                 }
                 Err(e.into())
@@ -316,7 +450,15 @@ mod tests {
         fn name(&self) -> &'static str {
             "down"
         }
-        fn check_and_charge<'a>(&'a self, _: &'a [Charge], _: u64) -> StoreFuture<'a, Outcome> {
+        fn check_and_charge<'a>(
+            &'a self,
+            _: &'a [Charge],
+            _: u32,
+            _: u64,
+        ) -> StoreFuture<'a, Outcome> {
+            Box::pin(async { Err(StoreError::Unavailable("connection refused".into())) })
+        }
+        fn report<'a>(&'a self, _: &'a [Charge], _: u64) -> StoreFuture<'a, Outcome> {
             Box::pin(async { Err(StoreError::Unavailable("connection refused".into())) })
         }
     }
@@ -382,5 +524,75 @@ mod tests {
                 nanos: 0
             }
         );
+    }
+
+    #[test]
+    fn metadata_asks_for_a_lease_or_a_report() {
+        use tonic::metadata::MetadataMap;
+        let with = |pairs: &[(&'static str, &str)]| {
+            let mut m = MetadataMap::new();
+            for (k, v) in pairs {
+                m.insert(*k, v.parse().unwrap());
+            }
+            Ask::from_metadata(&m)
+        };
+        assert_eq!(with(&[]).unwrap(), Ask::Decide { lease: 0 });
+        assert_eq!(
+            with(&[(LEASE_METADATA, "12")]).unwrap(),
+            Ask::Decide { lease: 12 }
+        );
+        assert_eq!(with(&[(REPORT_METADATA, "1")]).unwrap(), Ask::Report);
+        assert_eq!(
+            with(&[(REPORT_METADATA, "0"), (LEASE_METADATA, "3")]).unwrap(),
+            Ask::Decide { lease: 3 }
+        );
+        for bad in [
+            &[(LEASE_METADATA, "-1")][..],
+            &[(LEASE_METADATA, "many")],
+            &[(LEASE_METADATA, "4294967296")],
+            &[(REPORT_METADATA, "yes")],
+        ] {
+            let e = with(bad).unwrap_err();
+            assert_eq!(Status::from(e).code(), tonic::Code::InvalidArgument);
+        }
+    }
+
+    #[tokio::test]
+    async fn reports_are_charged_unconditionally_and_answered_ok() {
+        let clock = Arc::new(ManualClock::new(T0));
+        let svc = limiter(clock.clone());
+        let bucket = |hits| {
+            let mut d = descriptor(
+                &[("tenant", "t"), ("bucket", "shared")],
+                Some((10, RateLimitUnit::Second)),
+            );
+            d.hits_addend = Some(hits);
+            d
+        };
+        let report = RateLimitRequest {
+            domain: "laneguard".into(),
+            descriptors: vec![bucket(12)],
+            hits_addend: 0,
+        };
+        // 12 hits into a bucket of 10: accepted, and the bucket is now in debt.
+        let r = svc.evaluate_ask(&report, Ask::Report).await.unwrap();
+        assert_eq!(r.overall_code, Code::Ok as i32);
+        assert_eq!(r.statuses[0].code, Code::OverLimit as i32);
+        assert_eq!(r.statuses[0].limit_remaining, 0);
+        assert_eq!(r.statuses[0].quota, None);
+        // The debt holds decisions shut until it has drained below the burst: 300 ms.
+        let ask = RateLimitRequest {
+            domain: "laneguard".into(),
+            descriptors: vec![bucket(1)],
+            hits_addend: 1,
+        };
+        let r = svc.evaluate(&ask).await.unwrap();
+        assert_eq!(r.overall_code, Code::OverLimit as i32);
+        clock.advance(std::time::Duration::from_millis(300));
+        let r = svc.evaluate(&ask).await.unwrap();
+        assert_eq!(r.overall_code, Code::Ok as i32);
+        // A report asks for no lease, even with grants on.
+        let r = svc.evaluate_ask(&report, Ask::Report).await.unwrap();
+        assert!(r.statuses.iter().all(|s| s.quota.is_none()));
     }
 }

@@ -9,6 +9,7 @@ use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
+use crate::audit::AuditService;
 use crate::rls::RateLimiter;
 
 /// Serve until `shutdown` resolves, then stop accepting and let in-flight calls finish.
@@ -22,6 +23,20 @@ pub async fn serve<F>(
 where
     F: Future<Output = ()> + Send,
 {
+    serve_with_audit(listener, limiter, None, shutdown).await
+}
+
+/// [`serve`], plus `laneguard.audit.v1.AuditLog` when the service keeps an audit log
+/// (`--audit-log`). Without one, an Append call answers UNIMPLEMENTED.
+pub async fn serve_with_audit<F>(
+    listener: TcpListener,
+    limiter: RateLimiter,
+    audit: Option<AuditService>,
+    shutdown: F,
+) -> Result<(), tonic::transport::Error>
+where
+    F: Future<Output = ()> + Send,
+{
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
         .set_serving::<RateLimitServiceServer<RateLimiter>>()
@@ -30,6 +45,7 @@ where
     Server::builder()
         .add_service(health)
         .add_service(RateLimitServiceServer::new(limiter))
+        .add_optional_service(audit.map(AuditService::server))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }

@@ -12,10 +12,12 @@ use laneguard_protos::envoy::extensions::common::ratelimit::v3::rate_limit_descr
 };
 use laneguard_protos::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use laneguard_protos::envoy::r#type::v3::RateLimitUnit;
-use laneguard_protos::envoy::service::ratelimit::v3::rate_limit_response::Code;
+use laneguard_protos::envoy::service::ratelimit::v3::rate_limit_response::{quota, Code};
 use laneguard_protos::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use laneguard_protos::envoy::service::ratelimit::v3::RateLimitRequest;
-use laneguard_service::{server, Config, ManualClock, MemoryStore, Options, RateLimiter};
+use laneguard_service::{
+    server, Config, Grants, ManualClock, MemoryStore, Options, RateLimiter, LEASE_METADATA,
+};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
@@ -32,13 +34,17 @@ struct Running {
 }
 
 async fn start(clock: Arc<ManualClock>, rules: Option<Config>) -> Running {
+    start_with(clock, rules, Options::default()).await
+}
+
+async fn start_with(clock: Arc<ManualClock>, rules: Option<Config>, options: Options) -> Running {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let limiter = RateLimiter::new(
         Arc::new(MemoryStore::new()),
         rules.map(Arc::new),
         clock,
-        Options::default(),
+        options,
     );
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(server::serve(listener, limiter, async {
@@ -259,4 +265,121 @@ async fn shutdown_with_an_open_connection_is_prompt() {
     // `client` and `running.channel` keep the HTTP/2 connection open across the shutdown.
     running.shutdown().await;
     drop(client);
+}
+
+fn leased(request: &RateLimitRequest, lease: &str) -> tonic::Request<RateLimitRequest> {
+    let mut r = tonic::Request::new(request.clone());
+    r.metadata_mut()
+        .insert(LEASE_METADATA, lease.parse().unwrap());
+    r
+}
+
+#[tokio::test]
+async fn leases_ride_on_request_metadata_and_quota() {
+    let clock = Arc::new(ManualClock::new(T0));
+    let running = start(clock.clone(), None).await;
+    let mut client = RateLimitServiceClient::new(running.channel.clone());
+    let request = RateLimitRequest {
+        domain: "laneguard".into(),
+        descriptors: vec![
+            descriptor(
+                &[
+                    ("tenant", "acme"),
+                    ("bucket", "shared"),
+                    ("lg.burst", "100"),
+                ],
+                Some((6000, RateLimitUnit::Minute)),
+            ),
+            descriptor(&[("unlimited", "x")], None),
+            descriptor(
+                &[("tenant", "acme"), ("bucket", "user"), ("user", "u")],
+                Some((40, RateLimitUnit::Second)),
+            ),
+        ],
+        hits_addend: 1,
+    };
+
+    // A plain RLS client (no metadata) gets no quota.
+    let plain = client
+        .should_rate_limit(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(plain.overall_code, Code::Ok as i32);
+    assert!(plain.statuses.iter().all(|s| s.quota.is_none()));
+
+    // Asking for 16: the user bucket has 38 left after the request, a quarter is 9.
+    let r = client
+        .should_rate_limit(leased(&request, "16"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.overall_code, Code::Ok as i32);
+    let quota = r.statuses[0].quota.clone().expect("a grant");
+    assert_eq!(quota.requests, 9);
+    let valid_until = match quota.expiration_specifier {
+        Some(quota::ExpirationSpecifier::ValidUntil(ts)) => ts,
+        None => panic!("no valid_until"),
+    };
+    // now + the default lease TTL (2 s).
+    assert_eq!(
+        valid_until.seconds,
+        i64::try_from(T0 / 1_000_000_000).unwrap() + 2
+    );
+    assert_eq!(valid_until.nanos, 0);
+    // The same grant on every limited descriptor; none on the unlimited one.
+    assert_eq!(r.statuses[2].quota, Some(quota.clone()));
+    assert_eq!(r.statuses[1].quota, None);
+    // The grant is pre-paid: the statuses count it as spent.
+    assert_eq!(r.statuses[2].limit_remaining, 40 - 2 - 9);
+
+    // Bad metadata is refused, not guessed at.
+    let bad = client
+        .should_rate_limit(leased(&request, "lots"))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    assert!(bad.message().contains(LEASE_METADATA), "{}", bad.message());
+
+    // Drain the user bucket: an OVER_LIMIT answer carries no quota.
+    loop {
+        let r = client
+            .should_rate_limit(leased(&request, "16"))
+            .await
+            .unwrap()
+            .into_inner();
+        if r.overall_code == Code::OverLimit as i32 {
+            assert!(r.statuses.iter().all(|s| s.quota.is_none()));
+            break;
+        }
+    }
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn grants_off_never_grants() {
+    let running = start_with(
+        Arc::new(ManualClock::new(T0)),
+        None,
+        Options::with_grants(Grants::Off),
+    )
+    .await;
+    let mut client = RateLimitServiceClient::new(running.channel.clone());
+    let request = RateLimitRequest {
+        domain: "laneguard".into(),
+        descriptors: vec![descriptor(
+            &[("tenant", "acme"), ("bucket", "shared")],
+            Some((600, RateLimitUnit::Minute)),
+        )],
+        hits_addend: 1,
+    };
+    let r = client
+        .should_rate_limit(leased(&request, "50"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.overall_code, Code::Ok as i32);
+    assert_eq!(r.statuses[0].quota, None);
+    assert_eq!(r.statuses[0].limit_remaining, 599);
+    running.shutdown().await;
 }

@@ -297,6 +297,10 @@ pub struct Level {
     pub reset_s: u64,
     /// Seconds until this request's cost would fit (0 if it fits; rounded up, at least 1 if not).
     pub retry_after_s: u64,
+    /// The same, exact: how long a queued request has to wait for this bucket.
+    pub retry_after_ns: u64,
+    /// The bucket's burst: the most cost-1 requests it holds (its ceiling at any instant).
+    pub burst: u32,
     pub has_room: bool,
 }
 
@@ -313,6 +317,8 @@ impl Level {
             } else {
                 ceil_s(c.retry_after_ns).max(1)
             },
+            retry_after_ns: c.retry_after_ns,
+            burst: b.rate.burst.get(),
             has_room: c.allowed,
         }
     }
@@ -558,6 +564,15 @@ impl LocalTable {
                 s.renewing = false;
             }
         }
+    }
+
+    /// Leased capacity this worker holds for one bucket and has not spent yet. The mirror
+    /// counts a lease as spent when it is granted, so a bucket's `remaining` as a caller
+    /// sees it is the mirror's plus this.
+    pub fn lease_left(&self, bucket: &Bucket, now_ns: u64) -> u32 {
+        self.buckets
+            .get(&bucket.key)
+            .map_or(0, |s| s.lease_left(now_ns))
     }
 
     /// Unspent leased capacity held by this worker, summed over buckets (a gauge: it is the

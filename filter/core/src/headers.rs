@@ -49,23 +49,28 @@ pub fn rate_limit_headers(levels: &[Level], draft03: bool) -> Vec<(&'static str,
     out
 }
 
-/// The JSON body of a 429.
+/// The JSON body of a 429. `request_id` (Envoy's `x-request-id`) is what the caller quotes
+/// to find the decision's audit record.
 pub fn limited_body(
     tenant: &str,
     class: &str,
     bucket: &str,
     retry_after_s: u64,
     decided_by: &str,
+    request_id: Option<&str>,
 ) -> String {
-    json!({
+    let mut v = json!({
         "error": "rate_limited",
         "tenant": tenant,
         "class": class,
         "bucket": bucket,
         "retry_after_s": retry_after_s,
         "decided_by": decided_by,
-    })
-    .to_string()
+    });
+    if let (Some(id), Some(m)) = (request_id, v.as_object_mut()) {
+        m.insert("request_id".into(), json!(id));
+    }
+    v.to_string()
 }
 
 /// The JSON body of any other local reply.
@@ -104,6 +109,8 @@ mod tests {
             remaining: r,
             reset_s: t,
             retry_after_s: 0,
+            retry_after_ns: 0,
+            burst: q,
             has_room: room,
         }
     }
@@ -147,10 +154,12 @@ mod tests {
     #[test]
     fn body_is_json_naming_tenant_class_bucket() {
         let v: serde_json::Value =
-            serde_json::from_str(&limited_body("t", "c", "shared", 3, "local")).unwrap();
+            serde_json::from_str(&limited_body("t", "c", "shared", 3, "local", Some("r1")))
+                .unwrap();
         assert_eq!(v["tenant"], "t");
         assert_eq!(v["class"], "c");
         assert_eq!(v["bucket"], "shared");
         assert_eq!(v["retry_after_s"], 3);
+        assert_eq!(v["request_id"], "r1");
     }
 }

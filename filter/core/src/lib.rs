@@ -4,22 +4,27 @@
 //! policy model and its validation ([`policy`]), classification of declared traffic classes
 //! ([`classify`]), the GCRA bucket math ([`gcra`]), the decision over every bucket a request
 //! touches, including reserved lanes and borrowing ([`engine`]), response headers
-//! ([`headers`]) and the one bucket-key codec ([`key`]) that every store uses.
+//! ([`headers`]) and the one bucket-key codec ([`key`]) that every store uses. Operability
+//! lives here too: rollout modes and near misses ([`rollout`]), graceful degradation before
+//! the 429 ([`degrade`]) and audit records ([`audit`]).
 //!
 //! It knows nothing of proxy-wasm, tokio or Redis, and time is always an argument
 //! (`now_ns`, nanoseconds since the Unix epoch), so every behaviour is deterministic in
 //! tests and identical on the host and in `wasm32-wasip1`.
 
+pub mod audit;
 pub mod classify;
+pub mod degrade;
 pub mod engine;
 pub mod gcra;
 pub mod headers;
 pub mod key;
 pub mod policy;
 pub mod rate;
+pub mod rollout;
 
 pub use engine::{
     plan, Bucket, BucketKind, Evaluation, Level, LocalTable, Plan, Reject, RequestInfo, Unreported,
 };
-pub use policy::{parse, FailureMode, Policy, PolicyError};
+pub use policy::{parse, FailureMode, Fallback, Mode, Policy, PolicyError};
 pub use rate::{Rate, Window};

@@ -5,12 +5,22 @@
 //! shared capacity). Envoy enforces the call's timeout, and every way the call can fail
 //! (dispatch error, unknown cluster, non-OK gRPC status, timeout, undecodable answer) goes
 //! through [`Request::degrade`], which applies the class's failure mode.
+//!
+//! Every decision goes through the rollout (`laneguard_core::rollout`): a request whose
+//! class (or tenant) is `off` is not limited at all; one whose buckets lack room is judged
+//! under its mode. A shadow limit is let through with the headers and a record; an enforced
+//! limit walks the class's fallbacks (`laneguard_core::degrade`): queue (charge ahead, hold
+//! the request, the root tick resumes it), fallback route (set the routing header, let it
+//! through), reject (429). Each of those leaves an audit record (`crate::audit`).
 
-use crate::rls;
+use crate::{audit, rls};
 use crate::{now_ns, Shared};
+use laneguard_core::audit::{Caller, DecisionPath, Event, Record};
+use laneguard_core::degrade::{self, Step};
 use laneguard_core::engine::{ceil_s, Evaluation, Level};
 use laneguard_core::headers::{error_body, limited_body, rate_limit_headers};
-use laneguard_core::{plan, Bucket, FailureMode, LocalTable, Plan, RequestInfo};
+use laneguard_core::rollout::{self, Verdict};
+use laneguard_core::{plan, Bucket, BucketKind, FailureMode, LocalTable, Mode, Plan, RequestInfo};
 use laneguard_protos::envoy::service::ratelimit::v3::rate_limit_response::{
     DescriptorStatus, Quota,
 };
@@ -38,6 +48,29 @@ impl DecidedBy {
             DecidedBy::Degraded(_) => "degraded",
         }
     }
+
+    fn path(self) -> DecisionPath {
+        match self {
+            DecidedBy::Local => DecisionPath::Local,
+            DecidedBy::Central => DecisionPath::Central,
+            DecidedBy::Degraded(_) => DecisionPath::Degraded,
+        }
+    }
+
+    fn reason(self) -> Option<&'static str> {
+        match self {
+            DecidedBy::Degraded(r) => Some(r),
+            _ => None,
+        }
+    }
+}
+
+/// What the audit record needs besides the plan.
+#[derive(Default)]
+struct Ctx {
+    method: String,
+    path: String,
+    mode: Option<Mode>,
 }
 
 /// A request waiting for the service.
@@ -50,18 +83,29 @@ struct Pending {
 
 pub struct Request {
     shared: Rc<Shared>,
+    context_id: u32,
     pending: Option<Pending>,
     /// Headers to add to the upstream's response once the request was allowed.
     response_headers: Vec<(&'static str, String)>,
+    ctx: Ctx,
+    /// Held by the queue fallback (until the root tick resumes it).
+    queued: bool,
 }
 
 impl Request {
-    pub fn new(shared: Rc<Shared>) -> Request {
+    pub fn new(shared: Rc<Shared>, context_id: u32) -> Request {
         Request {
             shared,
+            context_id,
             pending: None,
             response_headers: Vec::new(),
+            ctx: Ctx::default(),
+            queued: false,
         }
+    }
+
+    fn mode(&self) -> Mode {
+        self.ctx.mode.unwrap_or(Mode::Enforce)
     }
 
     fn header(&self, name: &str) -> Option<String> {
@@ -93,7 +137,9 @@ impl Request {
             purpose: purpose.as_deref(),
             model: model.as_deref(),
         };
-        let plan = match plan(p, &info) {
+        self.ctx.method.clone_from(&method);
+        self.ctx.path.clone_from(&path);
+        let mut plan = match plan(p, &info) {
             Ok(plan) => plan,
             Err(reject) => {
                 match reject {
@@ -116,8 +162,13 @@ impl Request {
                 return Action::Pause;
             }
         };
+        let mode = rollout::scope(p, &mut plan);
+        self.ctx.mode = Some(mode);
         if plan.forged {
             shared.metrics.forged_class.inc();
+            if let Some(c) = shared.metrics.class(plan.class) {
+                c.forged.inc();
+            }
             log::warn!(
                 "laneguard: forged class: tenant={} principal={} declared={:?} granted={}",
                 plan.tenant,
@@ -130,6 +181,22 @@ impl Request {
         self.set_http_request_header(&p.classification.granted_header, Some(&plan.class_name));
 
         let now = self.now();
+        if mode == Mode::Off {
+            // Not limited, not charged, no headers.
+            shared.metrics.off.inc();
+            if let Some(c) = shared.metrics.class(plan.class) {
+                c.off.inc();
+            }
+            if plan.forged {
+                let rec = self.record(vec![Event::ForgedClass], &plan, &[], &[], DecidedBy::Local);
+                self.emit(rec);
+            }
+            return Action::Continue;
+        }
+        shared
+            .watch
+            .borrow_mut()
+            .note(&plan.tenant, plan.class, now);
         let primary = plan.attempt(false);
         // Fast path 1: capacity the service leased to this worker.
         let mut table = shared.table.borrow_mut();
@@ -140,7 +207,7 @@ impl Request {
             }
             let levels = table.evaluate(&primary, 0, now, 1.0).levels;
             drop(table);
-            return self.allow(&plan, &levels, DecidedBy::Local);
+            return self.allow(&plan, &levels, DecidedBy::Local, false);
         }
         drop(table);
         // Fast path 2: the local mirror already shows no room, so the fleet has none either.
@@ -155,7 +222,7 @@ impl Request {
                     .allowed;
             if !alt_ok {
                 drop(table);
-                return self.limit(&plan, &eval, DecidedBy::Local);
+                return self.over(&plan, &eval, DecidedBy::Local, false);
             }
             borrowing = true;
         }
@@ -206,51 +273,333 @@ impl Request {
         }
     }
 
-    fn allow(&mut self, plan: &Plan, levels: &[Level], by: DecidedBy) -> Action {
-        let m = &self.shared.metrics;
+    fn allow(&mut self, plan: &Plan, levels: &[Level], by: DecidedBy, borrowed: bool) -> Action {
+        let shared = Rc::clone(&self.shared);
+        let m = &shared.metrics;
+        // What this worker still holds on lease is capacity the caller can still use.
+        let mut levels = levels.to_vec();
+        {
+            let table = shared.table.borrow();
+            let now = self.now();
+            for (l, b) in levels.iter_mut().zip(plan.attempt(borrowed)) {
+                l.remaining = l
+                    .remaining
+                    .saturating_add(table.lease_left(b, now))
+                    .min(l.burst);
+            }
+        }
+        let levels = levels.as_slice();
         m.allowed.inc();
         if let Some(c) = m.class(plan.class) {
             c.allowed.inc();
+        }
+        if let Some(t) = m.tenant(&plan.tenant) {
+            t.allowed.inc();
         }
         match by {
             DecidedBy::Local => m.decided_local.inc(),
             DecidedBy::Central => m.decided_central.inc(),
             DecidedBy::Degraded(_) => {}
         }
-        self.response_headers = rate_limit_headers(levels, self.shared.policy.draft03_headers);
+        self.response_headers = rate_limit_headers(levels, shared.policy.draft03_headers);
         if let DecidedBy::Degraded(reason) = by {
             self.response_headers
                 .push(("x-laneguard-degraded", reason.to_string()));
         }
+        // A protected lane that had to borrow, or is nearly spent, is a near miss.
+        let mut events = Vec::new();
+        let mut active = Vec::new();
+        if let Some(lane) = plan
+            .buckets
+            .first()
+            .filter(|b| b.kind == BucketKind::Reserve)
+        {
+            let pct = shared.policy.ops.near_miss_pct;
+            let near = borrowed
+                || levels
+                    .first()
+                    .is_some_and(|l| rollout::is_near_miss(lane, l, pct));
+            if near {
+                let (first, names) = self.squeeze(plan);
+                if first {
+                    active = names;
+                    m.near_miss.inc();
+                    if let Some(c) = m.class(plan.class) {
+                        c.near_miss.inc();
+                    }
+                    events.push(Event::NearMiss);
+                }
+            }
+        }
+        if plan.forged {
+            events.push(Event::ForgedClass);
+        }
+        if !events.is_empty() {
+            let attempt = plan.attempt(borrowed);
+            let mut rec = self.record(events, plan, levels, &attempt, by);
+            rec.active_classes = active;
+            self.emit(rec);
+        }
         Action::Continue
     }
 
-    fn limit(&mut self, plan: &Plan, eval: &Evaluation, by: DecidedBy) -> Action {
+    /// A protected lane was squeezed (near miss or limit): the other classes of the tenant
+    /// active within the lane's window are the collision evidence, counted once per window.
+    /// Returns whether this is the window's first squeeze, and the active classes' names.
+    fn squeeze(&self, plan: &Plan) -> (bool, Vec<String>) {
+        let Some(lane) = plan
+            .buckets
+            .first()
+            .filter(|b| b.kind == BucketKind::Reserve)
+        else {
+            return (false, Vec::new());
+        };
+        let shared = &self.shared;
+        let now = self.now();
+        let window = lane.rate.window.nanos();
+        let mut watch = shared.watch.borrow_mut();
+        let active = watch.active_with(&plan.tenant, plan.class, now, window);
+        let first = watch.first_squeeze(&plan.tenant, plan.class, now, window);
+        if first {
+            if let Some(c) = shared.metrics.class(plan.class) {
+                for &other in &active {
+                    if let Some(counter) = c.collisions.get(other) {
+                        counter.inc();
+                    }
+                }
+            }
+        }
+        let names = active
+            .iter()
+            .filter_map(|&id| shared.policy.classes.get(id).map(|c| c.name.clone()))
+            .collect();
+        (first, names)
+    }
+
+    /// An audit record for this request.
+    fn record(
+        &self,
+        mut events: Vec<Event>,
+        plan: &Plan,
+        levels: &[Level],
+        attempt: &[&Bucket],
+        by: DecidedBy,
+    ) -> Record {
+        let p = &self.shared.policy;
+        let mode = self.mode();
+        if plan.forged && !events.contains(&Event::ForgedClass) {
+            events.push(Event::ForgedClass);
+        }
+        // Read only when a record is written: most requests never need it.
+        let request_id = self.header("x-request-id");
+        let caller = Caller {
+            request_id: request_id.as_deref(),
+            method: &self.ctx.method,
+            path: &self.ctx.path,
+        };
+        let levels = laneguard_core::audit::levels(levels, attempt, |b| {
+            rollout::effective_bucket_mode(p, mode, b, plan.family.as_deref())
+        });
+        let mut rec = Record::new(self.now(), events, plan, &caller, mode, by.path(), levels);
+        rec.degraded_reason = by.reason().map(str::to_string);
+        rec
+    }
+
+    /// Put a record in the access log's filter state and in the outbox to the service.
+    fn emit(&self, rec: Record) {
+        let json = rec.to_json();
         let m = &self.shared.metrics;
-        m.limited.inc();
+        m.audit_records.inc();
+        // A missing access-log field must never fail the request.
+        let _ =
+            proxy_wasm::hostcalls::set_property(vec![audit::FILTER_STATE], Some(json.as_bytes()));
+        let audit = &self.shared.policy.ops.audit;
+        if audit.ship && !self.shared.audit.borrow_mut().push(json) {
+            m.audit_dropped.inc();
+        }
+    }
+
+    /// The request's buckets lack room: judge it under its rollout mode.
+    fn over(&mut self, plan: &Plan, eval: &Evaluation, by: DecidedBy, borrowing: bool) -> Action {
+        let attempt = plan.attempt(borrowing);
+        let room: Vec<bool> = eval.levels.iter().map(|l| l.has_room).collect();
+        let j = rollout::judge(
+            &self.shared.policy,
+            self.mode(),
+            &attempt,
+            plan.family.as_deref(),
+            &room,
+        );
+        let tripped = j.bucket.or(eval.tripped).unwrap_or(0);
+        match j.verdict {
+            Verdict::ShadowLimit => self.shadow(plan, eval, tripped, by, borrowing),
+            // `Allow` cannot happen for an evaluation without room; refuse rather than guess.
+            Verdict::Limit | Verdict::Allow => self.enforce(plan, eval, tripped, by, borrowing),
+        }
+    }
+
+    fn count_limit(&self, plan: &Plan, kind: Option<BucketKind>, shadow: bool, by: DecidedBy) {
+        let m = &self.shared.metrics;
+        let pick =
+            |l: crate::metrics::Counter, s: crate::metrics::Counter| if shadow { s } else { l };
+        pick(m.limited, m.shadow_limited).inc();
         if let Some(c) = m.class(plan.class) {
-            c.limited.inc();
+            pick(c.limited, c.shadow_limited).inc();
+            if let Some(k) = kind {
+                let b = c.budget(k);
+                pick(b.limited, b.shadow_limited).inc();
+            }
+        }
+        if let Some(t) = m.tenant(&plan.tenant) {
+            pick(t.limited, t.shadow_limited).inc();
         }
         if by == DecidedBy::Local {
             m.decided_local.inc();
         }
-        let tripped = eval.tripped.unwrap_or(0);
-        let bucket = eval
-            .levels
-            .get(tripped)
-            .map_or_else(String::new, |l| l.name.clone());
-        let retry = eval
-            .levels
-            .get(tripped)
-            .map_or(1, |l| l.retry_after_s.max(1));
+    }
+
+    /// Would have been limited: let it through, with the headers and a record.
+    fn shadow(
+        &mut self,
+        plan: &Plan,
+        eval: &Evaluation,
+        tripped: usize,
+        by: DecidedBy,
+        borrowing: bool,
+    ) -> Action {
+        let attempt = plan.attempt(borrowing);
+        self.count_limit(plan, attempt.get(tripped).map(|b| b.kind), true, by);
+        let bucket = eval.levels.get(tripped).map(|l| l.name.clone());
+        let (_, active) = self.squeeze(plan);
         let mut headers = rate_limit_headers(&eval.levels, self.shared.policy.draft03_headers);
-        headers.push(("retry-after", retry.to_string()));
+        headers.push((
+            "x-laneguard-shadow-limited",
+            bucket.clone().unwrap_or_default(),
+        ));
         if let DecidedBy::Degraded(reason) = by {
             headers.push(("x-laneguard-degraded", reason.to_string()));
         }
-        let body = limited_body(&plan.tenant, &plan.class_name, &bucket, retry, by.as_str());
-        self.reply(429, &body, &headers);
-        Action::Pause
+        self.response_headers = headers;
+        let mut rec = self.record(vec![Event::ShadowLimited], plan, &eval.levels, &attempt, by);
+        rec.bucket = bucket;
+        rec.active_classes = active;
+        rec.retry_after_s = Some(degrade::retry_after_s(&eval.levels));
+        self.emit(rec);
+        Action::Continue
+    }
+
+    /// Limited: the class's fallbacks, in order, before the 429.
+    fn enforce(
+        &mut self,
+        plan: &Plan,
+        eval: &Evaluation,
+        tripped: usize,
+        by: DecidedBy,
+        borrowing: bool,
+    ) -> Action {
+        let shared = Rc::clone(&self.shared);
+        let m = &shared.metrics;
+        let attempt = plan.attempt(borrowing);
+        self.count_limit(plan, attempt.get(tripped).map(|b| b.kind), false, by);
+        let (_, active) = self.squeeze(plan);
+        let now = self.now();
+        let wait_ns = degrade::wait_ns(&eval.levels);
+        let ops = shared.policy.ops.class(plan.class);
+        let depth = shared.queue.borrow().depth(plan.class);
+        let step = ops.map_or(
+            Step::Reject {
+                queue_refused: false,
+            },
+            |o| degrade::choose(o, wait_ns, depth),
+        );
+        let fallback = step.fallback();
+        m.fallback.get(fallback).inc();
+        if let Some(c) = m.class(plan.class) {
+            c.fallback.get(fallback).inc();
+        }
+        let bucket = eval.levels.get(tripped).map(|l| l.name.clone());
+        let mut events = vec![Event::Limited];
+        if !matches!(step, Step::Reject { .. }) {
+            events.push(Event::Degraded);
+        }
+        let draft03 = shared.policy.draft03_headers;
+        let degraded = |h: &mut Vec<(&'static str, String)>| {
+            if let DecidedBy::Degraded(reason) = by {
+                h.push(("x-laneguard-degraded", reason.to_string()));
+            }
+        };
+        match step {
+            Step::Queue { wait_ns } => {
+                // Reserve the request's place: charge now, go when the charge conforms.
+                let levels = {
+                    let mut table = shared.table.borrow_mut();
+                    table.charge(&attempt, plan.cost, now);
+                    table.evaluate(&attempt, 0, now, 1.0).levels
+                };
+                shared.unreported.borrow_mut().add(&attempt, plan.cost);
+                shared.queue.borrow_mut().push(
+                    self.context_id,
+                    plan.class,
+                    now.saturating_add(wait_ns),
+                );
+                self.queued = true;
+                let wait_ms = wait_ns.div_ceil(1_000_000);
+                let mut h = rate_limit_headers(&levels, draft03);
+                h.push(("x-laneguard-fallback", fallback.as_str().to_string()));
+                h.push(("x-laneguard-queued-ms", wait_ms.to_string()));
+                degraded(&mut h);
+                self.response_headers = h;
+                let mut rec = self.record(events, plan, &eval.levels, &attempt, by);
+                rec.bucket = bucket;
+                rec.fallback = Some(fallback.as_str());
+                rec.wait_ms = Some(wait_ms);
+                rec.active_classes = active;
+                self.emit(rec);
+                Action::Pause
+            }
+            Step::Route => {
+                if let Some(o) = ops {
+                    let r = &o.fallback_route;
+                    self.set_http_request_header(&r.header, Some(&r.value));
+                }
+                let mut h = rate_limit_headers(&eval.levels, draft03);
+                h.push(("x-laneguard-fallback", fallback.as_str().to_string()));
+                degraded(&mut h);
+                self.response_headers = h;
+                let mut rec = self.record(events, plan, &eval.levels, &attempt, by);
+                rec.bucket = bucket;
+                rec.fallback = Some(fallback.as_str());
+                rec.active_classes = active;
+                self.emit(rec);
+                Action::Continue
+            }
+            Step::Reject { .. } => {
+                let retry = degrade::retry_after_s(&eval.levels);
+                let mut h = rate_limit_headers(&eval.levels, draft03);
+                h.push(("retry-after", retry.to_string()));
+                h.push(("x-laneguard-fallback", fallback.as_str().to_string()));
+                degraded(&mut h);
+                let name = bucket.clone().unwrap_or_default();
+
+                let mut rec = self.record(events, plan, &eval.levels, &attempt, by);
+                rec.bucket = bucket;
+                rec.fallback = Some(fallback.as_str());
+                let body = limited_body(
+                    &plan.tenant,
+                    &plan.class_name,
+                    &name,
+                    retry,
+                    by.as_str(),
+                    rec.request_id.as_deref(),
+                );
+                rec.status = 429;
+                rec.retry_after_s = Some(retry);
+                rec.active_classes = active;
+                self.emit(rec);
+                self.reply(429, &body, &h);
+                Action::Pause
+            }
+        }
     }
 
     /// The service could not answer: apply the class's failure mode.
@@ -276,7 +625,7 @@ impl Request {
                     .borrow()
                     .evaluate(&plan.attempt(false), 0, now, 1.0)
                     .levels;
-                self.allow(plan, &levels, DecidedBy::Degraded(reason))
+                self.allow(plan, &levels, DecidedBy::Degraded(reason), false)
             }
             FailureMode::Closed => {
                 let retry = 1.to_string();
@@ -288,6 +637,11 @@ impl Request {
                     "rate_limit_service_unavailable",
                     "the rate-limit service did not answer and this class fails closed",
                 );
+                let by = DecidedBy::Degraded(reason);
+                let mut rec = self.record(vec![Event::Degraded], plan, &[], &[], by);
+                rec.status = 503;
+                rec.retry_after_s = Some(1);
+                self.emit(rec);
                 self.reply(503, &body, &headers);
                 Action::Pause
             }
@@ -297,9 +651,9 @@ impl Request {
                 if eval.allowed {
                     let spent = plan.attempt(borrowed);
                     shared.unreported.borrow_mut().add(&spent, plan.cost);
-                    self.allow(plan, &eval.levels, DecidedBy::Degraded(reason))
+                    self.allow(plan, &eval.levels, DecidedBy::Degraded(reason), borrowed)
                 } else {
-                    self.limit(plan, &eval, DecidedBy::Degraded(reason))
+                    self.over(plan, &eval, DecidedBy::Degraded(reason), false)
                 }
             }
         }
@@ -366,7 +720,7 @@ impl Request {
         if verdict.allowed {
             let mut levels = shared.table.borrow().evaluate(&attempt, 0, now, 1.0).levels;
             overlay(&mut levels, &verdict.statuses);
-            return self.allow(&plan, &levels, DecidedBy::Central);
+            return self.allow(&plan, &levels, DecidedBy::Central, borrowing);
         }
         if verdict.tripped == Some(0) && !borrowing && plan.borrow.is_some() {
             // The reserve is empty fleet-wide: try idle shared capacity.
@@ -379,7 +733,16 @@ impl Request {
         overlay(&mut eval.levels, &verdict.statuses);
         eval.allowed = false;
         eval.tripped = verdict.tripped.or(eval.tripped).or(Some(0));
-        self.limit(&plan, &eval, DecidedBy::Central)
+        // The service's per-descriptor codes say which buckets lacked room.
+        for (l, st) in eval.levels.iter_mut().zip(&verdict.statuses) {
+            l.has_room = st.code != rls::OVER_LIMIT;
+        }
+        if eval.levels.iter().all(|l| l.has_room) {
+            if let Some(l) = eval.tripped.and_then(|i| eval.levels.get_mut(i)) {
+                l.has_room = false;
+            }
+        }
+        self.over(&plan, &eval, DecidedBy::Central, borrowing)
     }
 }
 
@@ -426,6 +789,13 @@ fn quota_until(q: &Quota, now: u64) -> u64 {
 }
 
 impl Context for Request {
+    fn on_done(&mut self) -> bool {
+        if self.queued && self.shared.queue.borrow_mut().remove(self.context_id) {
+            self.shared.metrics.queue_abandoned.inc();
+        }
+        true
+    }
+
     fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
         let Some(pending) = self.pending.take() else {
             return;

@@ -11,14 +11,22 @@
 //! otherwise the filter asks the rate-limit service with `ShouldRateLimit` and waits at most
 //! `service.timeout_ms`. Every failure of that call takes the class's failure mode.
 //!
+//! Operability (issue 4): rollout modes and fallbacks are applied per request in
+//! [`http`]; the root context's tick resumes queued requests (it makes a paused request's
+//! context the effective one and resumes it) and ships audit records to the service in
+//! batches ([`audit`]), so neither adds latency to a request.
+//!
 //! No code path here may panic: a panic poisons the VM for every later request. The
 //! workspace denies `unwrap`, `expect` and `panic` outside tests.
 
+mod audit;
 mod http;
 mod metrics;
 mod reconcile;
 mod rls;
 
+use laneguard_core::degrade::WaitQueue;
+use laneguard_core::rollout::{Watch, DEFAULT_WATCH_TENANTS};
 use laneguard_core::{Bucket, LocalTable, Policy, Unreported};
 use laneguard_protos::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use metrics::Metrics;
@@ -32,7 +40,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
+    proxy_wasm::set_root_context(|id| -> Box<dyn RootContext> { Box::new(Root::new(id)) });
 }}
 
 /// State one VM (one Envoy worker) shares between its root context and its requests.
@@ -45,15 +53,25 @@ pub(crate) struct Shared {
     pub renewals: RefCell<Vec<Vec<Bucket>>>,
     /// Hits admitted without the service, to report on the sync tick.
     pub unreported: RefCell<Unreported>,
+    /// Which classes of which tenants were active lately; squeezes already reported.
+    pub watch: RefCell<Watch>,
+    /// Requests held by the `queue` fallback, resumed from the root tick.
+    pub queue: RefCell<WaitQueue>,
+    /// Audit records waiting to be shipped to the service.
+    pub audit: RefCell<audit::Outbox>,
 }
 
 /// A call the root context is waiting for.
 enum RootCall {
     Renew(Vec<Bucket>),
     Report(Vec<(String, RateLimitDescriptor, u64)>),
+    Audit(Vec<String>),
 }
 
 struct Root {
+    /// This root context's id, to make it the effective context again after resuming a
+    /// queued request's.
+    id: u32,
     shared: Option<Rc<Shared>>,
     /// This VM's id for the reporter lease: random (WASI `random_get`, through std).
     vm: u64,
@@ -61,9 +79,10 @@ struct Root {
     calls: HashMap<u32, RootCall>,
 }
 
-impl Default for Root {
-    fn default() -> Self {
+impl Root {
+    fn new(id: u32) -> Root {
         Root {
+            id,
             shared: None,
             vm: RandomState::new().hash_one(0u8),
             ticks: 0,
@@ -87,6 +106,59 @@ pub(crate) fn now_ns(t: SystemTime) -> u64 {
 }
 
 impl Root {
+    /// Resume the queued requests whose wait is over. Their buckets were charged when they
+    /// were queued, so there is nothing left to decide: make each one's context effective
+    /// and continue it. A request whose client went away was removed from the queue by its
+    /// own `on_done`; if Envoy still refuses the context, it is counted and forgotten.
+    fn resume_queued(&mut self, shared: &Shared, now: u64) {
+        let ready = shared.queue.borrow_mut().take_ready(now);
+        if ready.is_empty() {
+            return;
+        }
+        for id in ready {
+            let resumed = proxy_wasm::hostcalls::set_effective_context(id)
+                .and_then(|()| proxy_wasm::hostcalls::resume_http_request());
+            match resumed {
+                Ok(()) => shared.metrics.queue_resumed.inc(),
+                Err(e) => {
+                    shared.metrics.queue_abandoned.inc();
+                    log::warn!("laneguard: cannot resume queued request {id}: {e:?}");
+                }
+            }
+        }
+        // Later calls in this tick (gRPC dispatches) belong to the root context.
+        let _ = proxy_wasm::hostcalls::set_effective_context(self.id);
+    }
+
+    /// Ship one batch of audit records, if any wait and no batch is in flight.
+    fn ship_audit(&mut self, shared: &Shared) {
+        let audit = &shared.policy.ops.audit;
+        let next = shared
+            .audit
+            .borrow_mut()
+            .next_batch(audit.ship, audit.max_batch as usize);
+        let Some(batch) = next else {
+            return;
+        };
+        let msg = audit::encode(&batch);
+        match self.dispatch_grpc_call(
+            &audit.cluster,
+            audit::SERVICE,
+            audit::METHOD,
+            Vec::new(),
+            Some(&msg),
+            Duration::from_millis(audit::TIMEOUT_MS),
+        ) {
+            Ok(token) => {
+                self.calls.insert(token, RootCall::Audit(batch));
+            }
+            Err(status) => {
+                log::debug!("laneguard: cannot dispatch audit records: {status:?}");
+                audit::shipped(shared, batch, audit::DISPATCH_FAILED, None);
+            }
+        }
+    }
+
     fn dispatch(
         &mut self,
         shared: &Shared,
@@ -182,14 +254,16 @@ impl Context for Root {
             return;
         };
         let now = now_ns(self.get_current_time());
-        let verdict = if status_code == 0 {
-            let body = self
-                .get_grpc_call_response_body(0, response_size)
-                .unwrap_or_default();
-            rls::decode(&body).ok()
+        let body = if status_code == 0 {
+            self.get_grpc_call_response_body(0, response_size)
         } else {
             None
         };
+        if let RootCall::Audit(records) = call {
+            audit::shipped(&shared, records, status_code, body.as_deref());
+            return;
+        }
+        let verdict = body.and_then(|b| rls::decode(&b).ok());
         match call {
             RootCall::Renew(buckets) => {
                 let refs: Vec<&Bucket> = buckets.iter().collect();
@@ -204,6 +278,7 @@ impl Context for Root {
                     reconcile::give_back(&entries);
                 }
             }
+            RootCall::Audit(_) => {}
         }
     }
 }
@@ -229,6 +304,8 @@ impl RootContext for Root {
             }
         };
         let metrics = Metrics::define(&policy);
+        let classes = policy.classes.len();
+        let max_buffer = policy.ops.audit.max_buffer as usize;
         log::info!(
             "laneguard: policy loaded: {} classes, {} principals, {} tenant overrides, service cluster {:?}",
             policy.classes.len(),
@@ -242,6 +319,9 @@ impl RootContext for Root {
             metrics,
             renewals: RefCell::new(Vec::new()),
             unreported: RefCell::new(Unreported::default()),
+            watch: RefCell::new(Watch::new(classes, DEFAULT_WATCH_TENANTS)),
+            queue: RefCell::new(WaitQueue::default()),
+            audit: RefCell::new(audit::Outbox::new(max_buffer)),
         }));
         self.set_tick_period(TICK);
         true
@@ -263,6 +343,8 @@ impl RootContext for Root {
         if self.ticks.is_multiple_of(sync_ticks) {
             self.reconcile(&shared, now);
         }
+        self.resume_queued(&shared, now);
+        self.ship_audit(&shared);
         if self.ticks.is_multiple_of(PRUNE_EVERY) {
             shared.table.borrow_mut().prune(now);
         }
@@ -277,15 +359,23 @@ impl RootContext for Root {
                 .metrics
                 .unreported_hits
                 .set(shared.unreported.borrow().total());
+            shared
+                .metrics
+                .queue_depth
+                .set(shared.queue.borrow().len() as u64);
+            shared
+                .metrics
+                .audit_buffered
+                .set(shared.audit.borrow().len() as u64);
         }
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         // Without a policy on_configure returned false and Envoy refused the configuration,
         // so this branch is not reached in practice. Returning None would panic in the SDK,
         // so an unconfigured VM answers 500 instead of guessing.
         match self.shared.clone() {
-            Some(shared) => Some(Box::new(http::Request::new(shared))),
+            Some(shared) => Some(Box::new(http::Request::new(shared, context_id))),
             None => Some(Box::new(http::Unconfigured)),
         }
     }

@@ -1,11 +1,18 @@
-//! Envoy stats. Counters are defined once per VM in `on_configure`; Envoy shows them with
-//! the prefix `wasmcustom.` (e.g. `wasmcustom.laneguard.forged_class`). Series are per class
-//! and per outcome only: the number of classes is fixed by the policy, so request data
-//! (tenant ids, users) can never grow the number of series.
+//! Envoy stats. Every series is defined once per VM in `on_configure`; Envoy shows them with
+//! the prefix `wasmcustom.` (e.g. `wasmcustom.laneguard.forged_class`, and
+//! `envoy_wasmcustom_laneguard_forged_class` on `/stats/prometheus`).
+//!
+//! Cardinality is fixed by the policy, never by traffic: series are per class, per bucket
+//! kind a class can touch, per pair of classes (collisions), and per tenant *named in the
+//! policy* (`tenants.overrides`, model allocations). A request from any other tenant only
+//! moves the aggregate series, so a flood of random tenant ids cannot add a single series.
+//! `docs/operations.md` says how to read each one.
 
-use laneguard_core::Policy;
+use laneguard_core::policy::Fallback;
+use laneguard_core::{BucketKind, Policy};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
+use std::collections::HashMap;
 
 /// A counter id, or none if Envoy refused to define it (then it is silently skipped:
 /// a missing stat must never fail a request).
@@ -57,16 +64,82 @@ impl Gauge {
     }
 }
 
+/// Counters for one outcome, by fallback.
+pub struct FallbackCounters {
+    pub queue: Counter,
+    pub fallback_route: Counter,
+    pub reject: Counter,
+}
+
+impl FallbackCounters {
+    fn define(prefix: &str) -> FallbackCounters {
+        let c = |f: Fallback| Counter::define(&format!("{prefix}.fallback.{}", f.as_str()));
+        FallbackCounters {
+            queue: c(Fallback::Queue),
+            fallback_route: c(Fallback::FallbackRoute),
+            reject: c(Fallback::Reject),
+        }
+    }
+
+    pub fn get(&self, f: Fallback) -> Counter {
+        match f {
+            Fallback::Queue => self.queue,
+            Fallback::FallbackRoute => self.fallback_route,
+            Fallback::Reject => self.reject,
+        }
+    }
+}
+
+/// Limited and shadow-limited by the budget (bucket kind) that tripped.
+#[derive(Clone, Copy, Default)]
+pub struct BudgetCounters {
+    pub limited: Counter,
+    pub shadow_limited: Counter,
+}
+
 /// Per-class counters, indexed by class id.
 pub struct ClassCounters {
     pub allowed: Counter,
+    /// Enforced limits, whatever fallback then fired.
     pub limited: Counter,
+    pub shadow_limited: Counter,
+    /// Decided without the service (its failure mode applied).
     pub degraded: Counter,
+    /// Requests that declared a class they may not use and were given this one.
+    pub forged: Counter,
+    /// Not limited: the class (or the tenant) is `off`.
+    pub off: Counter,
+    pub fallback: FallbackCounters,
+    /// Protected classes only: windows in which the lane came within `near_miss_pct`.
+    pub near_miss: Counter,
+    budgets: Vec<(BucketKind, BudgetCounters)>,
+    /// Protected classes only: per other class id, squeezes of this lane while it was active.
+    pub collisions: Vec<Counter>,
+}
+
+impl ClassCounters {
+    pub fn budget(&self, kind: BucketKind) -> BudgetCounters {
+        self.budgets
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, c)| *c)
+            .unwrap_or_default()
+    }
+}
+
+/// Per tenant named in the policy.
+#[derive(Clone, Copy)]
+pub struct TenantCounters {
+    pub allowed: Counter,
+    pub limited: Counter,
+    pub shadow_limited: Counter,
 }
 
 pub struct Metrics {
     pub allowed: Counter,
     pub limited: Counter,
+    pub shadow_limited: Counter,
+    pub off: Counter,
     pub forged_class: Counter,
     pub missing_identity: Counter,
     pub invalid_identity: Counter,
@@ -77,7 +150,20 @@ pub struct Metrics {
     pub service_error_timeout: Counter,
     pub service_error_dispatch: Counter,
     pub service_error_decode: Counter,
+    pub fallback: FallbackCounters,
+    pub near_miss: Counter,
+    pub queue_resumed: Counter,
+    /// Queued requests whose client went away before their turn.
+    pub queue_abandoned: Counter,
+    pub queue_depth: Gauge,
+    pub audit_records: Counter,
+    pub audit_shipped: Counter,
+    /// Records lost: the buffer was full, or the service refused them.
+    pub audit_dropped: Counter,
+    pub audit_ship_errors: Counter,
+    pub audit_buffered: Gauge,
     pub classes: Vec<ClassCounters>,
+    tenants: HashMap<String, TenantCounters>,
     /// Leased capacity this worker holds unspent. Leases are pre-paid, so the sum over
     /// workers and Envoys bounds how far the fleet can under-admit; it never over-admits
     /// while the service answers.
@@ -89,12 +175,116 @@ pub struct Metrics {
     pub reported_hits: Counter,
 }
 
+/// The bucket kinds a class can trip, given the policy.
+fn kinds_for(policy: &Policy, class: usize) -> Vec<BucketKind> {
+    let c = &policy.classes[class];
+    let plans = std::iter::once(&policy.default_plan).chain(policy.tenant_plans.values());
+    let mut kinds = Vec::new();
+    if c.consequence.is_protected() {
+        kinds.push(BucketKind::Reserve);
+        if c.borrow {
+            kinds.push(BucketKind::Shared);
+        }
+    } else {
+        kinds.push(BucketKind::Shared);
+    }
+    if plans
+        .clone()
+        .any(|p| p.budgets.get(class).is_some_and(Option::is_some))
+    {
+        kinds.push(BucketKind::Class);
+    }
+    if policy.users.is_some() {
+        kinds.push(BucketKind::User);
+    }
+    if policy.families.iter().any(|f| f.limit.is_some()) {
+        kinds.push(BucketKind::Tool);
+    }
+    if policy.purposes.is_some() {
+        kinds.push(BucketKind::Purpose);
+    }
+    if policy.models.is_some() {
+        kinds.push(BucketKind::Model);
+        kinds.push(BucketKind::ModelTotal);
+    }
+    kinds
+}
+
 impl Metrics {
     pub fn define(policy: &Policy) -> Metrics {
         let c = |n: &str| Counter::define(&format!("laneguard.{n}"));
+        let g = |n: &str| Gauge::define(&format!("laneguard.{n}"));
+        let classes = policy
+            .classes
+            .iter()
+            .enumerate()
+            .map(|(id, cl)| {
+                let p = format!("class.{}", cl.name);
+                let protected = cl.consequence.is_protected();
+                let budgets = kinds_for(policy, id)
+                    .into_iter()
+                    .map(|k| {
+                        let b = format!("{p}.budget.{}", k.as_str());
+                        (
+                            k,
+                            BudgetCounters {
+                                limited: c(&format!("{b}.limited")),
+                                shadow_limited: c(&format!("{b}.shadow_limited")),
+                            },
+                        )
+                    })
+                    .collect();
+                let collisions = policy
+                    .classes
+                    .iter()
+                    .enumerate()
+                    .map(|(other, o)| {
+                        if protected && other != id {
+                            c(&format!("collision.{}.{}", cl.name, o.name))
+                        } else {
+                            Counter::default()
+                        }
+                    })
+                    .collect();
+                ClassCounters {
+                    allowed: c(&format!("{p}.allowed")),
+                    limited: c(&format!("{p}.limited")),
+                    shadow_limited: c(&format!("{p}.shadow_limited")),
+                    degraded: c(&format!("{p}.degraded")),
+                    forged: c(&format!("{p}.forged")),
+                    off: c(&format!("{p}.off")),
+                    fallback: FallbackCounters::define(&format!("laneguard.{p}")),
+                    near_miss: if protected {
+                        c(&format!("{p}.near_miss"))
+                    } else {
+                        Counter::default()
+                    },
+                    budgets,
+                    collisions,
+                }
+            })
+            .collect();
+        let tenants = policy
+            .ops
+            .named_tenants
+            .iter()
+            .map(|t| {
+                let p = format!("tenant.{t}");
+                (
+                    t.clone(),
+                    TenantCounters {
+                        allowed: c(&format!("{p}.allowed")),
+                        limited: c(&format!("{p}.limited")),
+                        shadow_limited: c(&format!("{p}.shadow_limited")),
+                    },
+                )
+            })
+            .collect();
         Metrics {
             allowed: c("allowed"),
             limited: c("limited"),
+            shadow_limited: c("shadow_limited"),
+            off: c("off"),
             forged_class: c("forged_class"),
             missing_identity: c("missing_identity"),
             invalid_identity: c("invalid_identity"),
@@ -105,18 +295,21 @@ impl Metrics {
             service_error_timeout: c("service_error.timeout"),
             service_error_dispatch: c("service_error.dispatch"),
             service_error_decode: c("service_error.decode"),
-            classes: policy
-                .classes
-                .iter()
-                .map(|cl| ClassCounters {
-                    allowed: c(&format!("class.{}.allowed", cl.name)),
-                    limited: c(&format!("class.{}.limited", cl.name)),
-                    degraded: c(&format!("class.{}.degraded", cl.name)),
-                })
-                .collect(),
-            lease_outstanding: Gauge::define("laneguard.lease.outstanding"),
-            unreported_hits: Gauge::define("laneguard.unreported_hits"),
-            buckets: Gauge::define("laneguard.buckets"),
+            fallback: FallbackCounters::define("laneguard"),
+            near_miss: c("near_miss"),
+            queue_resumed: c("queue.resumed"),
+            queue_abandoned: c("queue.abandoned"),
+            queue_depth: g("queue.depth"),
+            audit_records: c("audit.records"),
+            audit_shipped: c("audit.shipped"),
+            audit_dropped: c("audit.dropped"),
+            audit_ship_errors: c("audit.ship_errors"),
+            audit_buffered: g("audit.buffered"),
+            classes,
+            tenants,
+            lease_outstanding: g("lease.outstanding"),
+            unreported_hits: g("unreported_hits"),
+            buckets: g("buckets"),
             lease_renewals: c("lease.renewals"),
             reported_hits: c("reported_hits"),
         }
@@ -124,5 +317,10 @@ impl Metrics {
 
     pub fn class(&self, id: usize) -> Option<&ClassCounters> {
         self.classes.get(id)
+    }
+
+    /// The counters of a tenant the policy names; none for any other tenant.
+    pub fn tenant(&self, tenant: &str) -> Option<&TenantCounters> {
+        self.tenants.get(tenant)
     }
 }

@@ -77,6 +77,9 @@ pub const LEASE_HEADER: &str = "x-laneguard-lease";
 /// gRPC metadata marking a report of hits already admitted: charge them unconditionally.
 pub const REPORT_HEADER: &str = "x-laneguard-report";
 
+/// `DescriptorStatus.code` of a bucket without room.
+pub const OVER_LIMIT: i32 = Code::OverLimit as i32;
+
 /// The service's verdict on one attempt.
 pub struct Verdict {
     pub allowed: bool,

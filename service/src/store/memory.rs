@@ -11,7 +11,7 @@ use std::sync::{Mutex, PoisonError};
 
 use laneguard_core::gcra::Gcra;
 
-use super::{decide, Charge, Outcome, Store, StoreFuture};
+use super::{decide, decide_report, Charge, Decision, Outcome, Store, StoreFuture};
 
 /// Never sweep maps smaller than this.
 const MIN_SWEEP_LEN: usize = 1024;
@@ -60,13 +60,32 @@ impl MemoryStore {
     }
 
     /// The synchronous core of [`Store::check_and_charge`].
-    pub fn check_and_charge_now(&self, charges: &[Charge], now_ns: u64) -> Outcome {
+    pub fn check_and_charge_now(&self, charges: &[Charge], lease: u32, now_ns: u64) -> Outcome {
+        self.apply(charges, now_ns, |loaded| {
+            decide(charges, loaded, lease, now_ns)
+        })
+    }
+
+    /// The synchronous core of [`Store::report`].
+    pub fn report_now(&self, charges: &[Charge], now_ns: u64) -> Outcome {
+        self.apply(charges, now_ns, |loaded| {
+            decide_report(charges, loaded, now_ns)
+        })
+    }
+
+    /// Load, decide and write back under the one lock.
+    fn apply(
+        &self,
+        charges: &[Charge],
+        now_ns: u64,
+        decide: impl FnOnce(&[Gcra]) -> Decision,
+    ) -> Outcome {
         let mut inner = self.lock();
         let loaded: Vec<Gcra> = charges
             .iter()
             .map(|c| inner.buckets.get(&c.key).copied().unwrap_or_default())
             .collect();
-        let decision = decide(charges, &loaded, now_ns);
+        let decision = decide(&loaded);
         if let Some(writes) = decision.writes {
             for (i, state) in writes {
                 if let Some(charge) = charges.get(i) {
@@ -97,10 +116,15 @@ impl Store for MemoryStore {
     fn check_and_charge<'a>(
         &'a self,
         charges: &'a [Charge],
+        lease: u32,
         now_ns: u64,
     ) -> StoreFuture<'a, Outcome> {
-        let outcome = self.check_and_charge_now(charges, now_ns);
+        let outcome = self.check_and_charge_now(charges, lease, now_ns);
         Box::pin(std::future::ready(Ok(outcome)))
+    }
+
+    fn report<'a>(&'a self, charges: &'a [Charge], now_ns: u64) -> StoreFuture<'a, Outcome> {
+        Box::pin(std::future::ready(Ok(self.report_now(charges, now_ns))))
     }
 }
 
@@ -121,7 +145,7 @@ mod tests {
     }
 
     fn run(store: &MemoryStore, charges: &[Charge], now: u64) -> Outcome {
-        store.check_and_charge_now(charges, now)
+        store.check_and_charge_now(charges, 0, now)
     }
 
     #[test]

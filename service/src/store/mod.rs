@@ -1,17 +1,20 @@
 //! Bucket storage: where GCRA state lives between requests.
 //!
 //! A [`Store`] does one thing, atomically: for the buckets one request touches, check that
-//! every bucket has room for its cost at `now`, and charge all of them or none. The GCRA math
-//! is `laneguard_core::gcra`; [`decide`] applies it to a request's loaded states, so a store
-//! only has to load the states, call [`decide`], and write the new states back without
-//! interleaving with another request (the memory store holds a lock; a Redis store would run
-//! the same decision as one atomic script or a compare-and-swap over keys that share the
-//! tenant's hash tag).
+//! every bucket has room for its cost at `now`, and charge all of them or none; when the
+//! caller asks for a lease and the request is admitted, also grant (and charge) a few more
+//! units to every bucket in the same step. The GCRA math is `laneguard_core::gcra`;
+//! [`decide`] applies it to a request's loaded states, so a store only has to load the
+//! states, call [`decide`], and write the new states back without interleaving with another
+//! request. The memory store holds a lock; the Redis store runs the same arithmetic as one
+//! Lua script over keys that share the tenant's hash tag, and checks the script's verdict
+//! against [`decide`] (`docs/storage.md`).
 //!
 //! Errors know whether they are transient ([`StoreError::is_transient`]); the service
 //! answers a transient error with gRPC `UNAVAILABLE`, so the caller's failure mode applies.
 
 mod memory;
+pub mod redis;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -20,6 +23,7 @@ use std::time::Duration;
 use laneguard_core::gcra::Gcra;
 use laneguard_core::Rate;
 
+pub use self::redis::{RedisSettings, RedisStore};
 pub use memory::MemoryStore;
 
 /// One bucket a request wants to charge.
@@ -52,6 +56,10 @@ pub struct BucketStatus {
 pub struct Outcome {
     /// Every bucket had room, and all were charged.
     pub admitted: bool,
+    /// Cost units granted as a lease to every bucket of the request, and already charged to
+    /// each of them. 0 when no lease was asked for, when the request was refused, or when a
+    /// bucket has no room left after the request.
+    pub grant: u32,
     pub buckets: Vec<BucketStatus>,
 }
 
@@ -67,6 +75,10 @@ pub enum StoreError {
     Contention { attempts: u32 },
     #[error("store holds invalid state for key {key}: {reason}")]
     Corrupt { key: String, reason: String },
+    /// The backend refused the operation for a reason retrying will not fix (a script error,
+    /// a misconfigured server).
+    #[error("store backend error: {0}")]
+    Backend(String),
 }
 
 impl StoreError {
@@ -76,29 +88,38 @@ impl StoreError {
             StoreError::Unavailable(_) | StoreError::Timeout(_) | StoreError::Contention { .. } => {
                 true
             }
-            StoreError::Corrupt { .. } => false,
+            StoreError::Corrupt { .. } | StoreError::Backend(_) => false,
         }
     }
 }
 
 /// The future a store returns. Boxed so `Store` stays object-safe and the binary can pick a
-/// backend at run time (`--store memory`, later `redis://...`).
+/// backend at run time (`--store memory`, `redis://...`, `redis-cluster://...`).
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
-/// Atomic all-or-nothing bucket charging. Every implementation must pass the same contract:
-/// nothing is charged unless every bucket has room; repeated keys in one request see each
-/// other's charges; state only ever depends on the `now_ns` passed in.
+/// Atomic all-or-nothing bucket charging. Every implementation must pass the same contract
+/// (`service/tests/store_contract.rs`): nothing is charged unless every bucket has room;
+/// repeated keys in one request see each other's charges; a lease is granted exactly as
+/// [`decide`] grants it; state only ever depends on the `now_ns` passed in.
 pub trait Store: Send + Sync + 'static {
-    /// A short name for logs (`memory`, `redis`).
+    /// A short name for logs (`memory`, `redis`, `redis-cluster`).
     fn name(&self) -> &'static str;
 
     /// Check that every bucket in `charges` has room for its cost at `now_ns` and, if so,
-    /// charge all of them. `Outcome::buckets[i]` answers `charges[i]`.
+    /// charge all of them, plus a lease of at most `lease` units (0: no lease wanted) sized
+    /// as [`decide`] sizes it. `Outcome::buckets[i]` answers `charges[i]`.
     fn check_and_charge<'a>(
         &'a self,
         charges: &'a [Charge],
+        lease: u32,
         now_ns: u64,
     ) -> StoreFuture<'a, Outcome>;
+
+    /// Charge every bucket in `charges` unconditionally, as [`decide_report`] does: the
+    /// hits were already admitted elsewhere (a filter in degraded mode reporting them on
+    /// its sync tick), so the account must include them even if that puts a bucket in debt
+    /// beyond its burst. Never refuses, never grants.
+    fn report<'a>(&'a self, charges: &'a [Charge], now_ns: u64) -> StoreFuture<'a, Outcome>;
 }
 
 /// The result of [`decide`]: the outcome, and the states to write back if admitted.
@@ -106,18 +127,33 @@ pub trait Store: Send + Sync + 'static {
 pub struct Decision {
     pub outcome: Outcome,
     /// `Some((index, state))` for the first occurrence of every distinct key, when admitted:
-    /// the new state of `charges[index].key`. `None` when refused: write nothing.
+    /// the new state of `charges[index].key` (request and grant included). `None` when
+    /// refused: write nothing.
     pub writes: Option<Vec<(usize, Gcra)>>,
 }
 
-/// The all-or-nothing decision over a request's buckets, given their current states
-/// (`loaded[i]` is the state of `charges[i].key`; a key that repeats must load the same
-/// state each time). Pure: every store shares it, so the semantics cannot drift between
-/// backends.
-pub fn decide(charges: &[Charge], loaded: &[Gcra], now_ns: u64) -> Decision {
-    // The index of the first charge with the same key: repeated keys share one state, so a
-    // bucket named twice is charged twice.
-    let first: Vec<usize> = charges
+/// How many units to grant, given the smallest room (whole cost-1 units) left in any bucket
+/// of an admitted request after its own charge, and the units asked for.
+///
+/// A quarter of the smallest room, rounded down, but at least 1 while there is any room;
+/// never more than asked. Pre-paying a quarter keeps the lease small next to what is left, so
+/// several clients asking at once still share the remainder instead of the first one taking
+/// it all, while a bucket with little left still grants one unit at a time. The function is
+/// monotone in `min_room`, which is what lets the Redis store size a cross-slot lease per slot
+/// group and take the minimum.
+pub fn lease_size(min_room: u32, asked: u32) -> u32 {
+    let cap = if min_room == 0 {
+        0
+    } else {
+        (min_room / 4).max(1)
+    };
+    cap.min(asked)
+}
+
+/// The index of the first charge with the same key, for every charge: repeated keys share
+/// one state.
+pub(crate) fn first_mentions(charges: &[Charge]) -> Vec<usize> {
+    charges
         .iter()
         .enumerate()
         .map(|(i, c)| {
@@ -126,7 +162,62 @@ pub fn decide(charges: &[Charge], loaded: &[Gcra], now_ns: u64) -> Decision {
                 .position(|earlier| earlier.key == c.key)
                 .unwrap_or(i)
         })
+        .collect()
+}
+
+/// A report of hits already admitted: every mention's cost is charged unconditionally
+/// (`Gcra::force`), in request order, and every distinct bucket is written. `admitted` is
+/// true and `grant` 0; a bucket's status says whether it still has room for a cost-1 request
+/// after the report (`has_room`), with `remaining` and `reset_ns` after the report.
+pub fn decide_report(charges: &[Charge], loaded: &[Gcra], now_ns: u64) -> Decision {
+    let first = first_mentions(charges);
+    let mut work: Vec<Gcra> = (0..charges.len())
+        .map(|i| loaded.get(first[i]).copied().unwrap_or_default())
         .collect();
+    for (i, charge) in charges.iter().enumerate() {
+        work[first[i]].force(&charge.rate, charge.cost, now_ns);
+    }
+    let buckets = charges
+        .iter()
+        .enumerate()
+        .map(|(i, charge)| {
+            let state = work[first[i]];
+            let after = state.check(&charge.rate, 0, now_ns);
+            let next = state.check(&charge.rate, 1, now_ns);
+            BucketStatus {
+                has_room: next.allowed,
+                remaining: after.remaining,
+                reset_ns: after.reset_ns,
+                retry_after_ns: next.retry_after_ns,
+            }
+        })
+        .collect();
+    let writes = (0..charges.len())
+        .filter(|&i| first[i] == i)
+        .map(|i| (i, work[i]))
+        .collect();
+    Decision {
+        outcome: Outcome {
+            admitted: true,
+            grant: 0,
+            buckets,
+        },
+        writes: Some(writes),
+    }
+}
+
+/// The all-or-nothing decision over a request's buckets, given their current states
+/// (`loaded[i]` is the state of `charges[i].key`; a key that repeats must load the same
+/// state each time). Pure: every store shares it, so the semantics cannot drift between
+/// backends.
+///
+/// Leases: when the request is admitted and `lease > 0`, the grant is
+/// [`lease_size`]`(smallest room after the request, lease)`, and it is charged once to every
+/// distinct bucket (at the rate of that key's first mention). Statuses of an admitted request
+/// report each bucket after the request and the grant.
+pub fn decide(charges: &[Charge], loaded: &[Gcra], lease: u32, now_ns: u64) -> Decision {
+    // Repeated keys share one state, so a bucket named twice is charged twice.
+    let first = first_mentions(charges);
     let state_of = |i: usize| loaded.get(first[i]).copied().unwrap_or_default();
 
     let mut work: Vec<Gcra> = (0..charges.len()).map(state_of).collect();
@@ -142,15 +233,39 @@ pub fn decide(charges: &[Charge], loaded: &[Gcra], now_ns: u64) -> Decision {
         }
         checks.push(check);
     }
+    let distinct = || (0..charges.len()).filter(|&i| first[i] == i);
+
+    let mut grant = 0;
+    if admitted && lease > 0 {
+        let min_room = distinct()
+            .map(|i| work[i].check(&charges[i].rate, 0, now_ns).remaining)
+            .min()
+            .unwrap_or(0);
+        grant = lease_size(min_room, lease);
+        if grant > 0 {
+            for i in distinct().collect::<Vec<_>>() {
+                work[i].force(&charges[i].rate, grant, now_ns);
+            }
+        }
+    }
 
     let buckets = charges
         .iter()
         .zip(&checks)
         .enumerate()
         .map(|(i, (charge, check))| {
-            if admitted || !check.allowed {
+            if admitted {
+                // After everything this request charged to the bucket (repeats and grant).
+                let after = work[first[i]].check(&charge.rate, 0, now_ns);
                 BucketStatus {
-                    has_room: check.allowed,
+                    has_room: true,
+                    remaining: after.remaining,
+                    reset_ns: after.reset_ns,
+                    retry_after_ns: 0,
+                }
+            } else if !check.allowed {
+                BucketStatus {
+                    has_room: false,
                     remaining: check.remaining,
                     reset_ns: check.reset_ns,
                     retry_after_ns: check.retry_after_ns,
@@ -169,14 +284,13 @@ pub fn decide(charges: &[Charge], loaded: &[Gcra], now_ns: u64) -> Decision {
         })
         .collect();
 
-    let writes = admitted.then(|| {
-        (0..charges.len())
-            .filter(|&i| first[i] == i)
-            .map(|i| (i, work[i]))
-            .collect()
-    });
+    let writes = admitted.then(|| distinct().map(|i| (i, work[i])).collect());
     Decision {
-        outcome: Outcome { admitted, buckets },
+        outcome: Outcome {
+            admitted,
+            grant,
+            buckets,
+        },
         writes,
     }
 }
@@ -201,6 +315,7 @@ mod tests {
         assert!(StoreError::Unavailable("x".into()).is_transient());
         assert!(StoreError::Timeout(Duration::from_millis(5)).is_transient());
         assert!(StoreError::Contention { attempts: 3 }.is_transient());
+        assert!(!StoreError::Backend("ERR unknown command".into()).is_transient());
         assert!(!StoreError::Corrupt {
             key: "k".into(),
             reason: "r".into()
@@ -212,7 +327,7 @@ mod tests {
     fn refused_request_writes_nothing_and_reports_untouched_buckets_as_they_stand() {
         let charges = [charge("a", 10, 10, 1), charge("b", 1, 1, 1)];
         let full_b = Gcra::from_tat(100 * S + S); // b is spent until 101 s
-        let d = decide(&charges, &[Gcra::default(), full_b], 100 * S);
+        let d = decide(&charges, &[Gcra::default(), full_b], 0, 100 * S);
         assert!(!d.outcome.admitted);
         assert_eq!(d.writes, None);
         assert!(d.outcome.buckets[0].has_room);
@@ -225,8 +340,10 @@ mod tests {
     #[test]
     fn repeated_key_is_charged_once_per_mention() {
         let charges = [charge("a", 1, 2, 1), charge("a", 1, 2, 1)];
-        let d = decide(&charges, &[Gcra::default(), Gcra::default()], 10 * S);
+        let d = decide(&charges, &[Gcra::default(), Gcra::default()], 0, 10 * S);
         assert!(d.outcome.admitted);
+        // Both mentions report the bucket after both charges.
+        assert_eq!(d.outcome.buckets[0].remaining, 0);
         assert_eq!(d.outcome.buckets[1].remaining, 0);
         let writes = d.writes.unwrap();
         assert_eq!(writes.len(), 1);
@@ -237,8 +354,76 @@ mod tests {
             charge("a", 1, 2, 1),
             charge("a", 1, 2, 1),
         ];
-        let d = decide(&three, &[Gcra::default(); 3], 10 * S);
+        let d = decide(&three, &[Gcra::default(); 3], 0, 10 * S);
         assert!(!d.outcome.admitted);
         assert!(!d.outcome.buckets[2].has_room);
+    }
+
+    #[test]
+    fn lease_is_a_quarter_of_the_smallest_room_at_least_one() {
+        assert_eq!(lease_size(0, 100), 0);
+        assert_eq!(lease_size(1, 100), 1);
+        assert_eq!(lease_size(3, 100), 1);
+        assert_eq!(lease_size(4, 100), 1);
+        assert_eq!(lease_size(8, 100), 2);
+        assert_eq!(lease_size(99, 100), 24);
+        assert_eq!(lease_size(99, 5), 5);
+        assert_eq!(lease_size(99, 0), 0);
+        // Monotone in the room, so a per-group minimum equals the global one.
+        for asked in [1, 3, 50] {
+            for room in 0..200 {
+                assert!(lease_size(room, asked) <= lease_size(room + 1, asked));
+            }
+        }
+    }
+
+    #[test]
+    fn grant_is_charged_to_every_bucket_and_sized_by_the_tightest() {
+        // a: 100 per second, burst 100; b: 10 per second, burst 10.
+        let charges = [charge("a", 100, 100, 1), charge("b", 10, 10, 1)];
+        let d = decide(&charges, &[Gcra::default(); 2], 50, 10 * S);
+        assert!(d.outcome.admitted);
+        // b has 9 left after the request: a quarter is 2.
+        assert_eq!(d.outcome.grant, 2);
+        assert_eq!(d.outcome.buckets[0].remaining, 97);
+        assert_eq!(d.outcome.buckets[1].remaining, 7);
+        let writes = d.writes.unwrap();
+        assert_eq!(writes[0], (0, Gcra::from_tat(10 * S + 3 * (S / 100))));
+        assert_eq!(writes[1], (1, Gcra::from_tat(10 * S + 3 * (S / 10))));
+
+        // Refused requests get no grant and write nothing.
+        let spent = Gcra::from_tat(11 * S);
+        let d = decide(&charges, &[Gcra::default(), spent], 50, 10 * S);
+        assert!(!d.outcome.admitted);
+        assert_eq!(d.outcome.grant, 0);
+        assert_eq!(d.writes, None);
+
+        // No room left after the request: admitted, but nothing to grant.
+        let nearly = Gcra::from_tat(10 * S + 9 * (S / 10));
+        let d = decide(&charges, &[Gcra::default(), nearly], 50, 10 * S);
+        assert!(d.outcome.admitted);
+        assert_eq!(d.outcome.grant, 0);
+        assert_eq!(d.outcome.buckets[1].remaining, 0);
+    }
+
+    #[test]
+    fn reports_charge_unconditionally_even_into_debt() {
+        let charges = [charge("a", 10, 10, 15), charge("b", 10, 10, 2)];
+        let d = decide_report(&charges, &[Gcra::default(); 2], 0);
+        assert!(d.outcome.admitted);
+        assert_eq!(d.outcome.grant, 0);
+        // a: 15 units at 100 ms each, 5 beyond its burst of 10.
+        let writes = d.writes.unwrap();
+        assert_eq!(writes[0], (0, Gcra::from_tat(1_500_000_000)));
+        assert!(!d.outcome.buckets[0].has_room);
+        assert_eq!(d.outcome.buckets[0].remaining, 0);
+        assert_eq!(d.outcome.buckets[0].reset_ns, 1_500_000_000);
+        // One more unit fits again once the debt is back under the burst: 600 ms.
+        assert_eq!(d.outcome.buckets[0].retry_after_ns, 600_000_000);
+        assert!(d.outcome.buckets[1].has_room);
+        assert_eq!(d.outcome.buckets[1].remaining, 8);
+        // The debt then holds the bucket shut as a decision would see it.
+        let later = decide(&charges[..1], &[writes[0].1], 0, 500_000_000);
+        assert!(!later.outcome.admitted);
     }
 }

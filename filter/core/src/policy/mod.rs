@@ -3,9 +3,11 @@
 //! `on_configure`, the CLI validator and the tests. Errors name their path
 //! (`classes[2].reserve.per_minute`), so an operator can fix the field without reading code.
 
+pub mod ops;
 pub mod raw;
 
 use crate::rate::{Rate, Window};
+pub use ops::{Fallback, Mode, Operations};
 use raw::*;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -178,6 +180,8 @@ pub struct Policy {
     pub users: Option<Rate>,
     pub purposes: Option<Purposes>,
     pub models: Option<Models>,
+    /// Rollout modes, near misses, fallbacks and audit shipping (`policy::ops`).
+    pub ops: Operations,
 }
 
 impl Policy {
@@ -672,6 +676,20 @@ fn validate(raw: RawPolicy) -> Result<Policy, PolicyError> {
         }
     };
 
+    let ops = ops::validate(
+        &raw.rollout,
+        &raw.audit,
+        &raw.classes,
+        &raw.tenants,
+        &raw.endpoint_families,
+        &names,
+        &service.cluster,
+        models
+            .iter()
+            .flat_map(|m| m.list.values())
+            .flat_map(|m| m.tenant_allocations.keys().cloned()),
+    )?;
+
     let policy = Policy {
         identity,
         classification,
@@ -685,6 +703,7 @@ fn validate(raw: RawPolicy) -> Result<Policy, PolicyError> {
         users,
         purposes,
         models,
+        ops,
     };
     check_costs(&policy)?;
     Ok(policy)

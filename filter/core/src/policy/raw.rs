@@ -25,6 +25,71 @@ pub struct RawPolicy {
     pub users: Option<RawUsers>,
     pub purposes: Option<RawPurposes>,
     pub models: Option<RawModels>,
+    #[serde(default)]
+    pub rollout: RawRollout,
+    #[serde(default)]
+    pub audit: RawAudit,
+}
+
+/// `enforce | shadow | off` (see `policy::ops::Mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawMode {
+    Enforce,
+    Shadow,
+    Off,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawFallback {
+    Queue,
+    FallbackRoute,
+    Reject,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRollout {
+    pub mode: Option<RawMode>,
+    pub near_miss_pct: Option<u32>,
+    #[serde(default)]
+    pub buckets: RawBucketModes,
+}
+
+/// Per bucket kind. The lane (shared pool or reserve) follows the class's mode.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBucketModes {
+    pub class: Option<RawMode>,
+    pub user: Option<RawMode>,
+    pub tool: Option<RawMode>,
+    pub purpose: Option<RawMode>,
+    pub model: Option<RawMode>,
+    pub model_total: Option<RawMode>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAudit {
+    pub ship: Option<bool>,
+    pub cluster: Option<String>,
+    pub max_buffer: Option<u32>,
+    pub max_batch: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawQueue {
+    pub max_wait_ms: Option<u32>,
+    pub max_depth: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFallbackRoute {
+    pub header: Option<String>,
+    pub value: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -102,6 +167,10 @@ pub struct RawClass {
     pub failure_mode: Option<RawFailureMode>,
     #[serde(default)]
     pub must_not_compete_with: Vec<String>,
+    pub mode: Option<RawMode>,
+    pub fallbacks: Option<Vec<RawFallback>>,
+    pub queue: Option<RawQueue>,
+    pub fallback_route: Option<RawFallbackRoute>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -133,6 +202,7 @@ pub struct RawTenantPlan {
 #[serde(deny_unknown_fields)]
 pub struct RawTenantOverride {
     pub ceiling: Option<RawRate>,
+    pub mode: Option<RawMode>,
     #[serde(default)]
     pub classes: BTreeMap<String, RawClassOverride>,
 }
@@ -142,6 +212,7 @@ pub struct RawTenantOverride {
 pub struct RawClassOverride {
     pub budget: Option<RawRate>,
     pub reserve: Option<RawRate>,
+    pub mode: Option<RawMode>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -154,6 +225,7 @@ pub struct RawFamily {
     pub methods: Vec<String>,
     pub cost: Option<u32>,
     pub limit: Option<RawRate>,
+    pub mode: Option<RawMode>,
 }
 
 #[derive(Debug, Deserialize)]

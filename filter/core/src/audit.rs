@@ -1,0 +1,326 @@
+//! Audit records: one per limited, shadow-limited, degraded, near-miss or forged-class
+//! decision, built here and serialised as one line of JSON. The filter puts the line in
+//! Envoy's filter state (so the access log can print it) and ships it to the service,
+//! which appends it to its hash-chained audit log.
+//!
+//! A record answers the four questions an operator asks after a throttle (seed 003):
+//! which bucket tripped (`bucket`), which caller drove it (`tenant`, `principal`, `user`,
+//! `request_id`, `request`), how close each bucket was (`buckets[]`: level against ceiling)
+//! and which fallback fired (`fallback`, `status`).
+
+use crate::engine::{Bucket, Level, Plan};
+use crate::policy::Mode;
+use serde::Serialize;
+
+/// Why a record was written. A decision can have several reasons (a forged class that was
+/// then limited); they are all listed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Event {
+    Limited,
+    ShadowLimited,
+    /// A fallback fired (queue or fallback route), or the service failed and the class
+    /// failed closed.
+    Degraded,
+    NearMiss,
+    ForgedClass,
+}
+
+/// Which path made the decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecisionPath {
+    /// This worker's buckets (leased capacity, or a mirror that already showed no room).
+    Local,
+    /// The rate-limit service.
+    Central,
+    /// The service could not answer; the class's failure mode decided.
+    Degraded,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ClassRecord {
+    /// What the caller declared (absent if nothing).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub declared: Option<String>,
+    pub granted: String,
+    pub forged: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RequestRecord {
+    pub method: String,
+    /// Without the query string.
+    pub path: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub family: Option<String>,
+    pub cost: u32,
+}
+
+/// One bucket's level against its ceiling when the decision was made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BucketLevel {
+    pub bucket: String,
+    /// Requests per window, and the window in seconds.
+    pub limit: u32,
+    pub window_s: u64,
+    /// The most requests the bucket holds at once.
+    pub burst: u32,
+    /// Requests of cost 1 in use now (`burst - remaining`), and as a percentage of `burst`.
+    pub used: u32,
+    pub used_pct: u32,
+    pub remaining: u32,
+    /// Seconds until the bucket is full again.
+    pub reset_s: u64,
+    /// Whether the request's cost fitted.
+    pub room: bool,
+    /// The rule's rollout mode for this request.
+    pub mode: &'static str,
+}
+
+impl BucketLevel {
+    pub fn new(level: &Level, mode: Mode) -> BucketLevel {
+        let used = level.burst.saturating_sub(level.remaining);
+        BucketLevel {
+            bucket: level.name.clone(),
+            limit: level.quota,
+            window_s: level.window_s,
+            burst: level.burst,
+            used,
+            used_pct: crate::rollout::used_pct(level),
+            remaining: level.remaining,
+            reset_s: level.reset_s,
+            room: level.has_room,
+            mode: mode.as_str(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Record {
+    /// RFC 3339, UTC, milliseconds.
+    pub time: String,
+    pub events: Vec<Event>,
+    pub tenant: String,
+    pub principal: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Envoy's `x-request-id`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    pub class: ClassRecord,
+    pub request: RequestRecord,
+    /// The bucket that tripped first (absent when none did: a near miss or a forged class
+    /// that was allowed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bucket: Option<String>,
+    /// Every bucket the request touched, in evaluation order.
+    pub buckets: Vec<BucketLevel>,
+    /// The request's rollout mode.
+    pub mode: &'static str,
+    pub path: DecisionPath,
+    /// Why the service could not decide (timeout, service_error, ...), on the degraded path.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub degraded_reason: Option<String>,
+    /// The fallback that fired: queue, fallback_route or reject. Absent when the request
+    /// was not limited.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<&'static str>,
+    /// The status the caller got (200 for a request let through; the upstream may still
+    /// answer otherwise), or that a queued request was held.
+    pub status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wait_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after_s: Option<u64>,
+    /// Other classes of the tenant active within the lane's window when a protected lane
+    /// was squeezed: the collision evidence.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub active_classes: Vec<String>,
+}
+
+/// What the shell knows about the request besides the plan.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Caller<'a> {
+    pub request_id: Option<&'a str>,
+    pub method: &'a str,
+    pub path: &'a str,
+}
+
+impl Record {
+    /// A record for `plan` with the levels of the buckets it was checked against. The
+    /// caller sets `bucket`, `fallback`, `status` and the rest that apply.
+    pub fn new(
+        now_ns: u64,
+        events: Vec<Event>,
+        plan: &Plan,
+        caller: &Caller<'_>,
+        mode: Mode,
+        path: DecisionPath,
+        levels: Vec<BucketLevel>,
+    ) -> Record {
+        Record {
+            time: rfc3339_ms(now_ns),
+            events,
+            tenant: plan.tenant.clone(),
+            principal: plan.principal.clone(),
+            user: plan.user.clone(),
+            request_id: caller.request_id.map(str::to_string),
+            class: ClassRecord {
+                declared: plan.declared_class.clone(),
+                granted: plan.class_name.clone(),
+                forged: plan.forged,
+            },
+            request: RequestRecord {
+                method: caller.method.to_string(),
+                path: caller.path.split('?').next().unwrap_or("").to_string(),
+                family: plan.family.clone(),
+                cost: plan.cost,
+            },
+            bucket: None,
+            buckets: levels,
+            mode: mode.as_str(),
+            path,
+            degraded_reason: None,
+            fallback: None,
+            status: 200,
+            wait_ms: None,
+            retry_after_s: None,
+            active_classes: Vec::new(),
+        }
+    }
+
+    /// One line of JSON, no newline.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|e| {
+            // Serialising plain strings and numbers cannot fail; keep a trace if it does.
+            format!("{{\"error\":\"audit record not serialisable: {e}\"}}")
+        })
+    }
+}
+
+/// Levels paired with their buckets' modes.
+pub fn levels(
+    levels: &[Level],
+    buckets: &[&Bucket],
+    mode_of: impl Fn(&Bucket) -> Mode,
+) -> Vec<BucketLevel> {
+    levels
+        .iter()
+        .zip(buckets)
+        .map(|(l, b)| BucketLevel::new(l, mode_of(b)))
+        .collect()
+}
+
+/// `2026-11-24T05:25:22.123Z` from nanoseconds since the Unix epoch.
+pub fn rfc3339_ms(now_ns: u64) -> String {
+    let secs = now_ns / 1_000_000_000;
+    let ms = (now_ns / 1_000_000) % 1_000;
+    let days = i64::try_from(secs / 86_400).unwrap_or(0);
+    let rem = secs % 86_400;
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z",
+        rem / 3_600,
+        (rem / 60) % 60,
+        rem % 60
+    )
+}
+
+/// Howard Hinnant's `civil_from_days`: days since 1970-01-01 to (year, month, day).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    (
+        y,
+        u32::try_from(m).unwrap_or(1),
+        u32::try_from(d).unwrap_or(1),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{plan, LocalTable, RequestInfo};
+    use crate::policy::parse;
+
+    #[test]
+    fn time_is_rfc3339_utc() {
+        assert_eq!(rfc3339_ms(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            rfc3339_ms(951_782_400_123_000_000),
+            "2000-02-29T00:00:00.123Z"
+        );
+        assert_eq!(
+            rfc3339_ms(1_795_000_000_000_000_000),
+            "2026-11-18T11:06:40.000Z"
+        );
+    }
+
+    #[test]
+    fn a_limited_record_answers_the_four_questions() {
+        let p = parse(
+            r#"
+version: 1
+classes: [{ name: web, consequence: time_sensitive, budget: { per_minute: 6, burst: 1 } }]
+tenants: { default: { ceiling: { per_minute: 60, burst: 10 } } }
+"#,
+        )
+        .unwrap();
+        let info = RequestInfo {
+            tenant: Some("northwind"),
+            principal: Some("web"),
+            user: Some("alice"),
+            declared_class: Some("web"),
+            method: "GET",
+            path: "/orders/1?x=1",
+            ..Default::default()
+        };
+        let pl = plan(&p, &info).unwrap();
+        let mut t = LocalTable::default();
+        let now = 1_795_000_000 * 1_000_000_000;
+        assert!(t.decide(&pl, now, 1.0).0.allowed);
+        let (eval, _) = t.decide(&pl, now, 1.0);
+        let caller = Caller {
+            request_id: Some("rid-1"),
+            method: "GET",
+            path: "/orders/1?x=1",
+        };
+        let mut r = Record::new(
+            now,
+            vec![Event::Limited],
+            &pl,
+            &caller,
+            Mode::Enforce,
+            DecisionPath::Local,
+            levels(&eval.levels, &pl.attempt(false), |_| Mode::Enforce),
+        );
+        r.bucket = Some("class:web".into());
+        r.fallback = Some("reject");
+        r.status = 429;
+        let v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+        assert_eq!(v["bucket"], "class:web");
+        assert_eq!(v["tenant"], "northwind");
+        assert_eq!(v["principal"], "web");
+        assert_eq!(v["user"], "alice");
+        assert_eq!(v["request_id"], "rid-1");
+        assert_eq!(v["request"]["path"], "/orders/1");
+        assert_eq!(v["events"][0], "limited");
+        assert_eq!(v["buckets"][1]["bucket"], "class:web");
+        assert_eq!(v["buckets"][1]["used"], 1);
+        assert_eq!(v["buckets"][1]["burst"], 1);
+        assert_eq!(v["buckets"][1]["room"], false);
+        assert_eq!(v["fallback"], "reject");
+        assert_eq!(v["path"], "local");
+        assert_eq!(v["mode"], "enforce");
+        assert_eq!(v["time"], "2026-11-18T11:06:40.000Z");
+    }
+}
