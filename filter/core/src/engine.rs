@@ -348,6 +348,8 @@ struct LocalBucket {
     last_grant: u32,
     /// A renewal for this bucket is in flight.
     renewing: bool,
+    /// The service said the bucket is empty: refuse locally until then (see [`EMPTY_HOLD_NS`]).
+    hold_until_ns: u64,
     /// Spend counted in the current and the previous one-second slot, to size leases.
     slot: u64,
     spent_slot: u32,
@@ -402,6 +404,15 @@ pub struct LocalTable {
 
 pub const DEFAULT_MAX_BUCKETS: usize = 100_000;
 
+/// How long a worker refuses locally after the service reported a bucket empty, at least.
+///
+/// Without it, a saturated bucket shows room in the local mirror again one emission interval
+/// later, and every worker asks the service at once, so a binding limit costs about one call
+/// per admitted request. Held, the workers ask at most ~20 times a second each; the capacity
+/// that refills meanwhile stays in the service's bucket (up to its burst) and goes to the next
+/// ask as a lease, so nothing is lost unless the hold outlasts the burst.
+pub const EMPTY_HOLD_NS: u64 = 50_000_000;
+
 impl Default for LocalTable {
     fn default() -> Self {
         LocalTable::new(DEFAULT_MAX_BUCKETS)
@@ -435,7 +446,12 @@ impl LocalTable {
         let mut tripped = None;
         for (i, b) in buckets.iter().enumerate() {
             let rate = scaled(&b.rate, share);
-            let check = self.state(&b.key).check(&rate, cost, now_ns);
+            let mut check = self.state(&b.key).check(&rate, cost, now_ns);
+            let hold = self.buckets.get(&b.key).map_or(0, |s| s.hold_until_ns);
+            if check.allowed && hold > now_ns {
+                check.allowed = false;
+                check.retry_after_ns = hold - now_ns;
+            }
             if !check.allowed && tripped.is_none() {
                 tripped = Some(i);
             }
@@ -475,6 +491,15 @@ impl LocalTable {
         let tat = now_ns.saturating_add(until_full_ns);
         if tat > entry.gcra.tat_ns() {
             entry.gcra = Gcra::from_tat(tat);
+        }
+        // No room for one more request fleet-wide: hold local refusals for a while.
+        let interval = bucket.rate.interval_ns();
+        let capacity = interval.saturating_mul(u64::from(bucket.rate.burst.get()));
+        let debt = entry.gcra.tat_ns().saturating_sub(now_ns);
+        if capacity.saturating_sub(debt) < interval {
+            let until_room = debt.saturating_add(interval).saturating_sub(capacity);
+            let hold = now_ns.saturating_add(until_room.max(EMPTY_HOLD_NS));
+            entry.hold_until_ns = entry.hold_until_ns.max(hold);
         }
     }
 
@@ -600,8 +625,12 @@ impl LocalTable {
 
     /// Drop buckets that are full again and hold no lease: they carry no information.
     pub fn prune(&mut self, now_ns: u64) {
-        self.buckets
-            .retain(|_, b| !(b.gcra.is_idle(now_ns) && b.lease_left(now_ns) == 0 && !b.renewing));
+        self.buckets.retain(|_, b| {
+            !(b.gcra.is_idle(now_ns)
+                && b.lease_left(now_ns) == 0
+                && !b.renewing
+                && b.hold_until_ns <= now_ns)
+        });
     }
 
     fn make_room(&mut self, now_ns: u64, incoming: usize) {

@@ -428,3 +428,34 @@ fn unreported_hits_accumulate_per_bucket() {
     assert!(taken.iter().all(|(_, h)| *h == 3));
     assert!(u.is_empty());
 }
+
+#[test]
+fn an_empty_bucket_is_held_locally_for_a_while() {
+    let p = policy();
+    let plan = plan(&p, &req("nw", "erp", None)).unwrap();
+    let b = plan.attempt(false);
+    let mut t = LocalTable::default();
+    let now = 100 * S;
+    // The service says the integration budget (10/s, burst 10) has room for nothing now:
+    // full again in exactly one burst's worth of intervals.
+    t.sync(b[1], S, now);
+    // GCRA alone would show room after one interval (100 ms); the hold is 100 ms here too.
+    assert!(!t.evaluate(&b, 1, now + S / 20, 1.0).allowed);
+    assert!(t.evaluate(&b, 1, now + S / 10, 1.0).allowed);
+    // A fast bucket (200/s): GCRA would show room after 5 ms; the hold keeps it 50 ms.
+    let fast = Bucket {
+        rate: Rate::new(200, crate::rate::Window::Second, 20).unwrap(),
+        key: "fast".into(),
+        ..b[1].clone()
+    };
+    t.sync(&fast, S / 10, now);
+    let at = |ms: u64| now + ms * 1_000_000;
+    assert!(!t.evaluate(&[&fast], 1, at(10), 1.0).allowed, "held");
+    let held = t.evaluate(&[&fast], 1, at(10), 1.0);
+    assert_eq!(held.levels[0].retry_after_s, 1);
+    assert!(t.evaluate(&[&fast], 1, at(50), 1.0).allowed, "released");
+    // A bucket with room left is not held.
+    let mut u = LocalTable::default();
+    u.sync(&fast, S / 20, now);
+    assert!(u.evaluate(&[&fast], 1, at(1), 1.0).allowed);
+}

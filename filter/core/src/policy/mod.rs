@@ -196,7 +196,7 @@ impl Policy {
 
 pub const DEFAULT_TIMEOUT_MS: u32 = 200;
 pub const DEFAULT_SYNC_INTERVAL_S: u32 = 10;
-pub const DEFAULT_MAX_LEASE: u32 = 100;
+pub const DEFAULT_MAX_LEASE: u32 = 1_000;
 pub const MAX_TIMEOUT_MS: u32 = 10_000;
 
 /// Parse and validate a policy (YAML, or JSON, which is a subset).
