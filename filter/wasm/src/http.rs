@@ -119,14 +119,24 @@ impl Request {
     fn start(&mut self) -> Action {
         let shared = Rc::clone(&self.shared);
         let p = &shared.policy;
-        let tenant = self.header(&p.identity.tenant_header);
-        let principal = self.header(&p.identity.principal_header);
-        let user = self.header(&p.identity.user_header);
-        let declared = self.header(&p.classification.header);
-        let method = self.header(":method").unwrap_or_default();
-        let path = self.header(":path").unwrap_or_default();
-        let purpose = p.purposes.as_ref().and_then(|x| self.header(&x.header));
-        let model = p.models.as_ref().and_then(|x| self.header(&x.header));
+        // One host call for every header (each call crosses the V8 boundary, which costs
+        // more than scanning a dozen short pairs). Envoy's header names are lower case, and
+        // so are the policy's (the validator lowercases them).
+        let headers = self.get_http_request_headers();
+        let header = |name: &str| -> Option<String> {
+            headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
+        let tenant = header(&p.identity.tenant_header);
+        let principal = header(&p.identity.principal_header);
+        let user = header(&p.identity.user_header);
+        let declared = header(&p.classification.header);
+        let method = header(":method").unwrap_or_default();
+        let path = header(":path").unwrap_or_default();
+        let purpose = p.purposes.as_ref().and_then(|x| header(&x.header));
+        let model = p.models.as_ref().and_then(|x| header(&x.header));
         let info = RequestInfo {
             tenant: tenant.as_deref(),
             principal: principal.as_deref(),
