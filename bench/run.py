@@ -44,6 +44,12 @@ from benchlib import (  # noqa: E402
 
 CONFIGS = ["router", "local_ratelimit", "wasm_noop", "native_global", "laneguard",
            "laneguard_binding", "laneguard_shadow"]
+# Measured in the same rounds, reported in docs/benchmarks.md, not in latest.json: the no-op
+# filter making the host calls laneguard makes per request on its fast path (one read of
+# the request headers, two clock reads, three counters, one request header and two response
+# headers set; see filter/wasm/src/http.rs), without laneguard's logic.
+EXTRA_CONFIGS = ["wasm_hostcalls"]
+HOSTCALLS = "headers=1,time=2,metrics=3,set_request=1,set_response=2"
 
 SETTINGS = {
     "BENCH_ROUNDS": (env_int, 3, "rounds of the main comparison (median reported)"),
@@ -60,6 +66,7 @@ SETTINGS = {
     "BENCH_SERVICE_ROUNDS": (env_int, 3, "rounds per service-alone measurement"),
     "BENCH_CRITERION_TIME": (env_float, 3.0, "criterion measurement time per bench, seconds"),
     "BENCH_POLICY_EXTRA": (None, "", "JSON merged into every laneguard bench policy"),
+    "BENCH_CONFIGS": (None, "", "main part: only these configurations (router is always run)"),
 }
 
 
@@ -122,6 +129,8 @@ def config_for(name: str, upstream: Binary, svc: Binary | None) -> str:
     elif name == "wasm_noop":
         require(NOOP_WASM, "make build (or cargo build --release --target wasm32-wasip1 -p laneguard-bench-noop)")
         filters = wasm_filter(NOOP_WASM, "noop", "{}")
+    elif name == "wasm_hostcalls":
+        filters = wasm_filter(NOOP_WASM, "noop", HOSTCALLS)
     elif name == "native_global":
         filters = filter_snippet("native_global")
         rate_limits = filter_snippet("native_global.rate_limits")
@@ -218,10 +227,20 @@ def measure(name: str, upstream: Binary, grants: list[str], logdir: Path, *,
     }
 
 
-def buckets_gauge(envoy: Envoy) -> int | None:
-    """The filter's `laneguard.buckets` gauge (its table size, set once a second), if the
-    filter has it."""
-    return envoy.stats(r"^wasmcustom\.laneguard\.buckets$").get("wasmcustom.laneguard.buckets")
+def buckets_gauge(envoy: Envoy, polls: int = 12) -> int | None:
+    """The filter's `laneguard.buckets` gauge (its table size), if the filter has it.
+
+    Every VM of the Envoy writes the one gauge on its own tick, the main thread's VM (with
+    an empty table) included, so a single read can see another VM's value: the largest of
+    a few reads over a little more than a second is the worker's table."""
+    best = None
+    for i in range(polls):
+        v = envoy.stats(r"^wasmcustom\.laneguard\.buckets$").get("wasmcustom.laneguard.buckets")
+        if v is not None:
+            best = v if best is None else max(best, v)
+        if i + 1 < polls:
+            time.sleep(0.1)
+    return best
 
 
 def _wrk_sampling(url, duration, connections, script, script_args, envoy, samples):
@@ -248,7 +267,7 @@ def _wrk_sampling(url, duration, connections, script, script_args, envoy, sample
                 "http.bench.downstream_rq_total", 0) - s0
             samples.append({"t": time.monotonic() - start, "requests": n, "rss": envoy.rss(),
                             "allocated": int(envoy.memory().get("allocated", 0)),
-                            "buckets": buckets_gauge(envoy)})
+                            "buckets": buckets_gauge(envoy, polls=3)})
         except OSError:
             pass
     if "e" in box:
@@ -264,9 +283,15 @@ def part_main(full: dict) -> None:
     duration, warmup = setting("BENCH_DURATION"), setting("BENCH_WARMUP")
     conns = setting("BENCH_CONNECTIONS")
     grants = grants_flag()
-    configs = list(CONFIGS)
+    configs = list(CONFIGS) + EXTRA_CONFIGS
+    only = [c for c in str(setting("BENCH_CONFIGS")).split(",") if c]
+    if only:
+        unknown = set(only) - set(configs)
+        if unknown:
+            raise BenchError(f"BENCH_CONFIGS: unknown {sorted(unknown)}")
+        configs = [c for c in configs if c in only or c == "router"]
     shadow = shadow_supported()
-    if not shadow:
+    if not shadow and "laneguard_shadow" in configs:
         configs.remove("laneguard_shadow")
     runs: dict[str, list[dict]] = {c: [] for c in configs}
     failures: dict[str, str] = {}
@@ -298,7 +323,7 @@ def part_main(full: dict) -> None:
         upstream.stop()
 
     summary = []
-    for name in CONFIGS:
+    for name in CONFIGS + EXTRA_CONFIGS:
         rs = runs.get(name, [])
         if not rs:
             reason = failures.get(name) or (
@@ -318,10 +343,22 @@ def part_main(full: dict) -> None:
         if row.get("rps") is not None:
             row["rps_vs_router"] = row["rps"] / base["rps"]
             row["cpu_over_router_us"] = row["envoy_cpu_us"] - base["envoy_cpu_us"]
+    if only:
+        # A partial run is an experiment: keep it out of latest.json and the docs.
+        label = f"{','.join(only)} {setting('BENCH_POLICY_EXTRA')}".strip()
+        full.setdefault("experiments", {})[label] = {"summary": summary, "runs": runs}
+        for r in summary:
+            if r.get("rps") is not None:
+                log(f"experiment {label}: {r['name']:16s} {r['rps']:8.0f} req/s "
+                    f"({r['rps_vs_router']:.2f}x router)  p99 {r['p99_us']:.0f} us  "
+                    f"CPU over router {r['cpu_over_router_us']:+.1f} us  "
+                    f"rpcs/1000 {r['rpcs_per_1000']:.1f}  429 {r['pct_429']:.1f}%")
+        return
     full["main"] = {"summary": summary, "runs": runs, "grants": " ".join(grants) or "absent",
                     "settings": {"rounds": rounds, "duration_s": duration, "warmup_s": warmup,
                                  "connections": conns,
-                                 "binding_rps": setting("BENCH_BINDING_RPS")}}
+                                 "binding_rps": setting("BENCH_BINDING_RPS"),
+                                 "policy_extra": setting("BENCH_POLICY_EXTRA")}}
 
 
 def tenant_policy(n: int, duration: float, rps_hi: float, rps_lo: float) -> dict:
@@ -354,7 +391,8 @@ def part_tenants(full: dict) -> None:
             svc = start_service(logdir, cpus(1), grants, name=f"tenants{n}.service")
             try:
                 cfg = envoy_config(
-                    wasm_filter(LANEGUARD_WASM, "laneguard", policy_json(ceiling, extra=policy_extra())),
+                    wasm_filter(LANEGUARD_WASM, "laneguard",
+                                policy_json(ceiling, extra=policy_extra())),
                     upstream_port=upstream.port, rls_port=svc.port)
                 m = measure_with_service(f"tenants{n}", svc, cfg, logdir, duration=duration,
                                          connections=conns, script_args=[str(n), "t"])
@@ -364,11 +402,15 @@ def part_tenants(full: dict) -> None:
             m["ceiling"] = ceiling
             m["duration_s"] = duration
             m["tenants_reached"] = min(m["requests"] + m["warm_requests"], n)
-            m["live_buckets"] = (m["buckets_after"] if m["buckets_after"] is not None
-                                 else min(m["tenants_reached"], 100_000))
+            # The filter's gauge when it reads something; otherwise one bucket per tenant
+            # reached (the policy keeps every one live), up to the cap.
+            gauge = m["buckets_after"]
+            m["buckets_source"] = "gauge" if gauge else "computed"
+            m["live_buckets"] = gauge if gauge else min(m["tenants_reached"], 100_000)
             m["rss_delta"] = m["rss_after"] - m["rss_base"]
-            m["bytes_per_bucket"] = (m["rss_delta"] / m["live_buckets"]
-                                     if m["live_buckets"] >= 1000 else None)
+            m["vm_delta"] = m["outside_heap_after"] - m["outside_heap_base"]
+            m["bytes_per_bucket"] = (m["vm_delta"] / m["live_buckets"]
+                                     if m["live_buckets"] >= 10_000 else None)
             rows.append(m)
             log(f"tenants {n:>7}: {m['rps']:8.0f} req/s  p99 {m['p99_us']:8.0f} us  reached "
                 f"{m['tenants_reached']}  RSS +{m['rss_delta'] / 1e6:.1f} MB  429 "
@@ -398,6 +440,15 @@ def part_tenants(full: dict) -> None:
         upstream.stop()
     full["tenants"] = {"rows": rows, "churn": churn, "grants": " ".join(grants) or "absent",
                        "rps_assumed": {"hi": rps_hi, "lo": rps_lo, "laneguard": lg_rps}}
+
+
+def outside_heap(rss: int, memory: dict) -> int:
+    """Envoy's resident memory that is not its own (tcmalloc) heap: mostly V8, whose Wasm
+    linear memory holds the filter's bucket table. tcmalloc keeps freed pages resident, so a
+    burst of Envoy allocations (many gRPC calls in flight) raises RSS without any change in
+    the VM; subtracting the heap's resident size leaves the VM's share."""
+    heap = int(memory.get("heap_size", 0)) - int(memory.get("pageheap_unmapped", 0))
+    return rss - heap
 
 
 def measure_with_service(name: str, svc: Binary, config: str, logdir: Path, *, duration: float,
@@ -449,6 +500,8 @@ def measure_with_service(name: str, svc: Binary, config: str, logdir: Path, *, d
         "buckets_after": buckets, "buckets_idle": buckets_idle,
         "alloc_base": int(mem_base.get("allocated", 0)),
         "alloc_after": int(mem1.get("allocated", 0)),
+        "outside_heap_base": outside_heap(rss_base, mem_base),
+        "outside_heap_after": outside_heap(rss1, mem1),
         "wasm_counters": {k.removeprefix("wasmcustom.laneguard."): delta(k) for k in s1
                           if k.startswith("wasmcustom.laneguard.") and delta(k)},
     }
@@ -569,12 +622,14 @@ def part_micro(full: dict) -> None:
         raise BenchError(f"criterion failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     crit = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "criterion" / "decision"
     rows = []
-    for bench in ("plan_and_decide", "decide", "plan_and_decide_99k_buckets"):
+    for bench in ("plan_and_decide", "decide", "plan_and_decide_99k_buckets",
+                  "../table/new_tenant_at_cap_all_live"):
         for n in (1, 3, 6):
             f = crit / bench / str(n) / "new" / "estimates.json"
             if not f.exists():
                 continue
             est = json.loads(f.read_text())
+            bench = bench.removeprefix("../table/")
             rows.append({"bench": bench, "buckets": n,
                          "median_ns": est["median"]["point_estimate"],
                          "low_ns": est["median"]["confidence_interval"]["lower_bound"],
@@ -599,7 +654,8 @@ def write_outputs(full: dict) -> None:
     main = full.get("main")
     if main:
         latest = [{k: r.get(k) for k in ("name", "rps", "p50_us", "p99_us", "p999_us",
-                                          "rpcs_per_1000")} for r in main["summary"]]
+                                          "rpcs_per_1000")}
+                  for r in main["summary"] if r["name"] in CONFIGS]
         LATEST.write_text(json.dumps(latest, indent=2) + "\n")
     plots(full)
     doc = DOC.read_text()
@@ -633,7 +689,8 @@ def run_section(full: dict) -> str:
             f"Main comparison: {s['rounds']} interleaved rounds × {s['duration_s']:g} s per "
             f"configuration (after {s['warmup_s']:g} s of warm-up), wrk with 1 thread and "
             f"{s['connections']} connections, Envoy `--concurrency 1`. laneguard-service "
-            f"flags for laneguard runs: `{main['grants']}`.")
+            f"flags for laneguard runs: `{main['grants']}`."
+            + (f" Policy additions: `{s['policy_extra']}`." if s.get("policy_extra") else ""))
     return "\n".join(lines)
 
 
@@ -654,7 +711,7 @@ def main_table(full: dict) -> str:
 
 
 def readme_table(full: dict) -> str:
-    rows = full["main"]["summary"]
+    rows = [r for r in full["main"]["summary"] if r["name"] in CONFIGS]
     out = ["| configuration | req/s (× router) | p99 µs | Envoy CPU over router | RPCs / 1,000 |",
            "|---|---:|---:|---:|---:|"]
     for r in rows:
@@ -674,6 +731,9 @@ def readme_table(full: dict) -> str:
 
 def goals_section(full: dict) -> str:
     s = {r["name"]: r for r in full["main"]["summary"]}
+    needed = ("laneguard", "wasm_noop", "native_global", "laneguard_binding")
+    if any(s.get(n, {}).get("rps") is None for n in needed):
+        return "Not all configurations ran (BENCH_CONFIGS): no verdicts."
     lg, noop, nat = s["laneguard"], s["wasm_noop"], s["native_global"]
     out = ["| goal | measured | verdict |", "|---|---|---|"]
 
@@ -702,24 +762,43 @@ def goals_section(full: dict) -> str:
                f"{cpu_lg - cpu_noop:+.1f} µs per request beyond entering V8; native_global "
                f"{nat['cpu_over_router_us']:+.1f} µs in Envoy plus "
                f"{nat['service_cpu_us']:.1f} µs in the service.")
+    hc = s.get("wasm_hostcalls")
+    if hc and hc.get("rps") is not None:
+        calls = hc["cpu_over_router_us"] - cpu_noop
+        out.append("")
+        out.append(f"`wasm_hostcalls` (the no-op filter making laneguard's per-request host calls: "
+                   f"`{HOSTCALLS}`) costs {hc['cpu_over_router_us']:+.1f} µs over the router, "
+                   f"so of laneguard's {cpu_lg - cpu_noop:+.1f} µs beyond the V8 entry, about "
+                   f"{calls:.1f} µs is crossing into Envoy and {cpu_lg - cpu_noop - calls:.1f} µs "
+                   f"is laneguard's own work inside the VM (parsing headers, planning, deciding, "
+                   f"formatting headers; lease renewals included).")
     return "\n".join(out)
 
 
 def tenants_section(full: dict) -> str:
     t = full["tenants"]
     out = ["| distinct tenants | req/s | p50 µs | p99 µs | tenants reached | live buckets | "
-           "Envoy RSS growth | bytes / live bucket | 429 % | RPCs / 1,000 |",
-           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "Envoy RSS growth | of which V8 (outside Envoy's heap) | bytes / live bucket | "
+           "429 % | RPCs / 1,000 |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in t["rows"]:
-        bpb = fnum(r["bytes_per_bucket"]) if r["bytes_per_bucket"] is not None else "—"
+        bpb = fnum(r["bytes_per_bucket"]) if r.get("bytes_per_bucket") is not None else "—"
+        vm = r.get("vm_delta")
         out.append(
             f"| {r['tenants']:,} | {fnum(r['rps'])} | {fnum(r['p50_us'])} | {fnum(r['p99_us'])} | "
             f"{r['tenants_reached']:,} | {r['live_buckets']:,} | "
-            f"{r['rss_delta'] / 1e6:+.1f} MB | {bpb} | {r['pct_429']:.2f} | "
+            f"{r['rss_delta'] / 1e6:+.1f} MB | "
+            f"{(vm / 1e6 if vm is not None else 0):+.1f} MB | {bpb} | {r['pct_429']:.2f} | "
             f"{r['rpcs_per_1000']:.1f} |")
     c = t["churn"]
     out.append("")
     peak = max((s["rss"] for s in c["samples"]), default=c["rss_after"])
+    buckets = [x["buckets"] for x in c["samples"] if x.get("buckets") is not None]
+    if buckets:
+        out.append(f"The filter's `laneguard.buckets` gauge during the churn run peaked at "
+                   f"{max(buckets):,} buckets (cap 100,000) and read "
+                   f"{c.get('buckets_idle') if c.get('buckets_idle') is not None else '—'} "
+                   f"after the load stopped and a prune tick passed.")
     out.append(
         f"Churn: {c['requests']:,} requests, each from a tenant never seen before "
         f"({fnum(c['rps'])} req/s, p99 {fnum(c['p99_us'])} µs). Envoy RSS "
@@ -760,6 +839,12 @@ def micro_section(full: dict) -> str:
             r = by.get((b, n))
             cells.append(f"{r['median_ns']:,.0f} ns" if r else "—")
         out.append(f"| {n} | " + " | ".join(cells) + " |")
+    cap = by.get(("new_tenant_at_cap_all_live", 1))
+    if cap:
+        out.append("")
+        out.append(f"A new tenant's first request when the table is at its cap (100,000 "
+                   f"buckets) and every bucket in it is live: {cap['median_ns'] / 1e3:,.0f} µs "
+                   f"(`table/new_tenant_at_cap_all_live`).")
     out.append("")
     out.append(f"Command: `{full['micro']['command']}` (medians, criterion's 95% interval in "
                "`bench/results/full.json`).")
@@ -791,14 +876,20 @@ def plots(full: dict) -> None:
             "laneguard as active tenants grow: p99 and Envoy memory", xs,
             [("p99 µs", [r["p99_us"] for r in rows]), ("p50 µs", [r["p50_us"] for r in rows])],
             "distinct active tenants (log)", "latency, µs (log)", logy=True,
-            y2=("RSS growth, MB", [r["rss_delta"] / 1e6 for r in rows]), y2label="MB"))
+            y2=("V8 growth, MB", [r.get("vm_delta", r["rss_delta"]) / 1e6 for r in rows]),
+            y2label="MB"))
         c = t["churn"]["samples"]
         if len(c) >= 2:
+            # A zero reading is another VM's write of the shared gauge (see buckets_gauge):
+            # not a measurement of the worker's table, so it is left out.
+            gauge = [s.get("buckets") or None for s in c]
             (PLOTS / "churn.svg").write_text(svgplot.lines(
-                "Fresh tenant on every request: Envoy RSS stays bounded",
+                "Fresh tenant on every request: memory and bucket table stay bounded",
                 [float(max(s["requests"], 1)) for s in c],
                 [("Envoy RSS, MB", [s["rss"] / 1e6 for s in c])],
-                "tenants seen so far", "MB", logx=False))
+                "tenants seen so far", "MB", logx=False,
+                y2=("buckets (gauge)", gauge) if any(g is not None for g in gauge) else None,
+                y2label="buckets", y2_line=False))
 
 
 def main() -> int:

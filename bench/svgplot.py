@@ -130,9 +130,9 @@ def bars(title: str, categories: list[str], series: list[tuple[str, list[float |
 def lines(title: str, xs: list[float], series: list[tuple[str, list[float | None]]],
           xlabel: str, ylabel: str, logx: bool = True, logy: bool = False,
           width: int = 820, height: int = 400, y2: tuple[str, list[float | None]] | None = None,
-          y2label: str = "") -> str:
+          y2label: str = "", y2_line: bool = True) -> str:
     """Lines with markers over shared x values; optional second series on a right axis."""
-    left, right, top, bottom = 70, width - 190, 40, height - 60
+    left, right, top, bottom = 70, width - 200, 40, height - 60
     values = [v for _, vs in series for v in vs if v is not None] or [1.0]
     ax_y = _Axis(min(values), max(values) * (1.0 if logy else 1.08), top, bottom, logy)
     xs_pos = [x for x in xs if x > 0] or [1.0]
@@ -150,10 +150,10 @@ def lines(title: str, xs: list[float], series: list[tuple[str, list[float | None
     out.append(f'<text x="{(left + right) / 2}" y="{bottom + 36}" text-anchor="middle" '
                f'font-size="12" {FONT}>{escape(xlabel)}</text>')
 
-    def draw(vs, color, axis, dash=""):
+    def draw(vs, color, axis, dash="", line=True):
         pts = [(px(x), axis(v)) for x, v in zip(xs, vs) if v is not None and x > 0]
         res = []
-        if len(pts) > 1:
+        if line and len(pts) > 1:
             d = " ".join(f"{x:.1f},{y:.1f}" for x, y in pts)
             res.append(f'<polyline points="{d}" fill="none" stroke="{color}" stroke-width="2" '
                        f'{dash}/>')
@@ -176,7 +176,7 @@ def lines(title: str, xs: list[float], series: list[tuple[str, list[float | None
         out.append(f'<text x="{right + 52}" y="{mid}" text-anchor="middle" font-size="12" '
                    f'fill="{color}" {FONT} transform="rotate(90 {right + 52} {mid})">'
                    f'{escape(y2label)}</text>')
-        out += draw(y2[1], color, ax2, 'stroke-dasharray="5,3"')
+        out += draw(y2[1], color, ax2, 'stroke-dasharray="5,3"', line=y2_line)
         labels.append(y2[0])
     out.append(f'<line x1="{left}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="#333"/>')
     out += _legend(labels, right + 70, top + 12)

@@ -155,5 +155,53 @@ fn decision(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decision);
+/// Buckets that stay live (not full again) for over a minute after one hit, and never trip
+/// in a bench: one request per 86.4 s refills, burst 1000.
+const LIVE_POLICY: &str = r#"
+version: 1
+classification: { default_class: plain }
+classes:
+  - { name: plain, consequence: time_sensitive }
+tenants:
+  default: { ceiling: { per_day: 1000, burst: 1000 } }
+"#;
+
+/// A new tenant's first request when the table is at its cap (100,000) and every bucket in
+/// it is live: nothing is idle to prune, so the table must evict to make room. This is the
+/// tenants part of `make bench` beyond the cap, in isolation.
+fn table_at_cap(c: &mut Criterion) {
+    let policy = match parse(LIVE_POLICY) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("benches/decision.rs: the live policy does not parse: {e}");
+            std::process::exit(1);
+        }
+    };
+    let mut group = c.benchmark_group("table");
+    group.sample_size(10);
+    group.bench_function(BenchmarkId::new("new_tenant_at_cap_all_live", 1), |b| {
+        let mut table = LocalTable::default();
+        let mut now = START_NS;
+        let mut next = 0u64;
+        let mut admit_new = |table: &mut LocalTable, now: u64| {
+            next += 1;
+            let tenant = format!("f{next}");
+            match plan(&policy, &request(1, &tenant)) {
+                Ok(p) => table.decide(&p, now, 1.0).0.allowed,
+                Err(_) => false,
+            }
+        };
+        while table.len() < 100_000 {
+            now += STEP_NS;
+            admit_new(&mut table, now);
+        }
+        b.iter(|| {
+            now += STEP_NS;
+            black_box(admit_new(&mut table, now))
+        });
+    });
+    group.finish();
+}
+
+criterion_group!(benches, decision, table_at_cap);
 criterion_main!(benches);

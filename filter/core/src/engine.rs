@@ -641,15 +641,23 @@ impl LocalTable {
         if self.buckets.len() + incoming <= self.max_buckets {
             return;
         }
-        // Still full of live buckets: evict the ones closest to full (least state lost).
+        // Still full of live buckets: evict the ones closest to full (least state lost), a
+        // sixteenth of the table at once, so that the O(n) pass that finds them runs once
+        // per n/16 new buckets rather than on every one.
         let excess = self.buckets.len() + incoming - self.max_buckets;
+        let batch = excess.max(self.max_buckets / 16).min(self.buckets.len());
+        if batch == 0 {
+            return;
+        }
         let mut by_tat: Vec<(u64, String)> = self
             .buckets
             .iter()
             .map(|(k, b)| (b.gcra.tat_ns(), k.clone()))
             .collect();
-        by_tat.sort_unstable();
-        for (_, k) in by_tat.into_iter().take(excess) {
+        if batch < by_tat.len() {
+            by_tat.select_nth_unstable(batch - 1);
+        }
+        for (_, k) in by_tat.into_iter().take(batch) {
             self.buckets.remove(&k);
         }
     }

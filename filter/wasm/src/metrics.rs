@@ -42,24 +42,41 @@ impl Counter {
     }
 }
 
-/// A gauge id (same caveats as [`Counter`]).
-#[derive(Clone, Copy, Default)]
-pub struct Gauge(Option<u32>);
+/// A gauge that sums over VMs. Every worker VM defines the same Envoy gauge, so a plain
+/// `record` would leave whatever the last VM wrote (often the main thread's, which serves no
+/// requests). Each VM instead adds the change in its own value, so the gauge holds the sum.
+#[derive(Default)]
+pub struct Gauge {
+    id: Option<u32>,
+    mine: std::cell::Cell<u64>,
+}
 
 impl Gauge {
     fn define(name: &str) -> Gauge {
         match hostcalls::define_metric(MetricType::Gauge, name) {
-            Ok(id) => Gauge(Some(id)),
+            Ok(id) => Gauge {
+                id: Some(id),
+                mine: std::cell::Cell::new(0),
+            },
             Err(e) => {
                 log::warn!("laneguard: cannot define metric {name}: {e:?}");
-                Gauge(None)
+                Gauge::default()
             }
         }
     }
 
-    pub fn set(self, value: u64) {
-        if let Some(id) = self.0 {
-            let _ = hostcalls::record_metric(id, value);
+    /// Set this VM's share of the gauge.
+    pub fn set(&self, value: u64) {
+        let Some(id) = self.id else {
+            return;
+        };
+        let old = self.mine.get();
+        if value == old {
+            return;
+        }
+        let to_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        if hostcalls::increment_metric(id, to_i64(value) - to_i64(old)).is_ok() {
+            self.mine.set(value);
         }
     }
 }

@@ -459,3 +459,20 @@ fn an_empty_bucket_is_held_locally_for_a_while() {
     u.sync(&fast, S / 20, now);
     assert!(u.evaluate(&[&fast], 1, at(1), 1.0).allowed);
 }
+
+#[test]
+fn eviction_at_the_cap_drops_a_batch_of_the_fullest_buckets() {
+    let p = policy();
+    let mut t = LocalTable::new(160);
+    // 200 live tenants, each with some debt: the table stays under its cap, and the newest
+    // tenant's buckets (most debt, most recent) survive.
+    for i in 0..200u64 {
+        let tenant = format!("t{i}");
+        let plan = plan(&p, &req(&tenant, "erp", None)).unwrap();
+        t.decide(&plan, 100 * S + i * 1_000_000, 1.0);
+        assert!(t.len() <= 160);
+    }
+    let newest = plan(&p, &req("t199", "erp", None)).unwrap();
+    let e = t.evaluate(&newest.attempt(false), 10, 100 * S + 200 * 1_000_000, 1.0);
+    assert!(!e.allowed, "t199's spend is still remembered: {e:?}");
+}
