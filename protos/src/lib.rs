@@ -72,6 +72,33 @@ pub mod laneguard {
     }
 }
 
+impl envoy::extensions::common::ratelimit::v3::RateLimitDescriptor {
+    /// A descriptor from `(key, value)` entries, with an optional per-descriptor limit
+    /// (`requests_per_unit`, unit) and no `hits_addend`.
+    pub fn with_entries<K: AsRef<str>, V: AsRef<str>>(
+        entries: &[(K, V)],
+        limit: Option<(u32, envoy::r#type::v3::RateLimitUnit)>,
+    ) -> Self {
+        use envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::{
+            Entry, RateLimitOverride,
+        };
+        Self {
+            entries: entries
+                .iter()
+                .map(|(k, v)| Entry {
+                    key: k.as_ref().to_string(),
+                    value: v.as_ref().to_string(),
+                })
+                .collect(),
+            limit: limit.map(|(n, unit)| RateLimitOverride {
+                requests_per_unit: n,
+                unit: unit as i32,
+            }),
+            hits_addend: None,
+        }
+    }
+}
+
 /// Google well-known types, as `prost_types`.
 pub mod google {
     pub mod protobuf {

@@ -125,29 +125,13 @@ fn plan_descriptor(
 mod tests {
     use super::*;
     use laneguard_core::Window;
-    use laneguard_protos::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::{
-        Entry, RateLimitOverride,
-    };
     use laneguard_protos::envoy::r#type::v3::RateLimitUnit;
 
     fn descriptor(
         entries: &[(&str, &str)],
         limit: Option<(u32, RateLimitUnit)>,
     ) -> RateLimitDescriptor {
-        RateLimitDescriptor {
-            entries: entries
-                .iter()
-                .map(|(k, v)| Entry {
-                    key: k.to_string(),
-                    value: v.to_string(),
-                })
-                .collect(),
-            limit: limit.map(|(n, u)| RateLimitOverride {
-                requests_per_unit: n,
-                unit: u as i32,
-            }),
-            hits_addend: None,
-        }
+        RateLimitDescriptor::with_entries(entries, limit)
     }
 
     fn request(descriptors: Vec<RateLimitDescriptor>, hits: u32) -> RateLimitRequest {

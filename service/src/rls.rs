@@ -338,9 +338,6 @@ mod tests {
     use super::*;
     use crate::clock::ManualClock;
     use crate::store::{MemoryStore, Outcome, StoreFuture};
-    use laneguard_protos::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::{
-        Entry, RateLimitOverride,
-    };
     use laneguard_protos::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
     use laneguard_protos::envoy::r#type::v3::RateLimitUnit;
     use laneguard_protos::envoy::service::ratelimit::v3::rate_limit_response::rate_limit;
@@ -352,20 +349,7 @@ mod tests {
         entries: &[(&str, &str)],
         limit: Option<(u32, RateLimitUnit)>,
     ) -> RateLimitDescriptor {
-        RateLimitDescriptor {
-            entries: entries
-                .iter()
-                .map(|(k, v)| Entry {
-                    key: k.to_string(),
-                    value: v.to_string(),
-                })
-                .collect(),
-            limit: limit.map(|(n, u)| RateLimitOverride {
-                requests_per_unit: n,
-                unit: u as i32,
-            }),
-            hits_addend: None,
-        }
+        RateLimitDescriptor::with_entries(entries, limit)
     }
 
     fn limiter(clock: Arc<ManualClock>) -> RateLimiter {

@@ -7,9 +7,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use laneguard_protos::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::{
-    Entry, RateLimitOverride,
-};
 use laneguard_protos::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use laneguard_protos::envoy::r#type::v3::RateLimitUnit;
 use laneguard_protos::envoy::service::ratelimit::v3::rate_limit_response::{quota, Code};
@@ -83,20 +80,7 @@ fn descriptor(
     entries: &[(&str, &str)],
     limit: Option<(u32, RateLimitUnit)>,
 ) -> RateLimitDescriptor {
-    RateLimitDescriptor {
-        entries: entries
-            .iter()
-            .map(|(k, v)| Entry {
-                key: k.to_string(),
-                value: v.to_string(),
-            })
-            .collect(),
-        limit: limit.map(|(n, u)| RateLimitOverride {
-            requests_per_unit: n,
-            unit: u as i32,
-        }),
-        hits_addend: None,
-    }
+    RateLimitDescriptor::with_entries(entries, limit)
 }
 
 #[tokio::test]

@@ -958,7 +958,8 @@ impl fmt::Display for Consequence {
 mod tests {
     use super::*;
 
-    const BASE: &str = r#"
+    /// A small valid policy; other policy tests build on it.
+    pub(crate) const BASE: &str = r#"
 version: 1
 classes:
   - { name: web, consequence: time_sensitive, budget: { per_minute: 60, burst: 10 } }

@@ -429,14 +429,7 @@ mod tests {
     use super::*;
     use crate::policy::parse;
 
-    const BASE: &str = r#"
-version: 1
-classes:
-  - { name: web, consequence: time_sensitive, budget: { per_minute: 60, burst: 10 } }
-  - { name: repair, consequence: repair, reserve: { per_minute: 20, burst: 5 } }
-tenants:
-  default: { ceiling: { per_minute: 100, burst: 20 } }
-"#;
+    use crate::policy::tests::BASE;
 
     #[test]
     fn a_policy_without_the_new_fields_keeps_todays_behaviour() {
