@@ -48,6 +48,16 @@ impl Reject {
             Reject::InvalidIdentity => "invalid_identity",
         }
     }
+
+    /// What the reply's body says about it.
+    pub fn detail(self) -> &'static str {
+        match self {
+            Reject::MissingIdentity => {
+                "no trusted tenant/principal: the request did not pass authentication"
+            }
+            Reject::InvalidIdentity => "the trusted identity is not a valid name",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -503,25 +513,46 @@ impl LocalTable {
         }
     }
 
-    /// Decide on local state alone: the primary attempt, then (for a protected class that
-    /// may borrow and whose reserve is empty) the borrowing attempt. Charges when allowed.
-    /// Returns the evaluation and whether it borrowed.
-    pub fn decide(&mut self, plan: &Plan, now_ns: u64, share: f64) -> (Evaluation, bool) {
-        let primary = plan.attempt(false);
-        let eval = self.evaluate(&primary, plan.cost, now_ns, share);
-        if eval.allowed {
-            self.charge_scaled(&primary, plan.cost, now_ns, share);
-            return (eval, false);
-        }
-        if eval.tripped == Some(0) && plan.borrow.is_some() {
-            let alt = plan.attempt(true);
-            let alt_eval = self.evaluate(&alt, plan.cost, now_ns, share);
-            if alt_eval.allowed {
-                self.charge_scaled(&alt, plan.cost, now_ns, share);
-                return (alt_eval, true);
+    /// Check a plan on local state alone, charging nothing: the primary attempt, then (for
+    /// a protected class that may borrow and whose reserve is empty) the borrowing attempt.
+    /// Returns the evaluation that decides (the primary's when neither has room) and
+    /// whether it is the borrowing attempt.
+    pub fn precheck(&self, plan: &Plan, now_ns: u64, share: f64) -> (Evaluation, bool) {
+        let eval = self.evaluate(&plan.attempt(false), plan.cost, now_ns, share);
+        if !eval.allowed && eval.tripped == Some(0) && plan.borrow.is_some() {
+            let alt = self.evaluate(&plan.attempt(true), plan.cost, now_ns, share);
+            if alt.allowed {
+                return (alt, true);
             }
         }
         (eval, false)
+    }
+
+    /// Decide on local state alone ([`LocalTable::precheck`]), and charge when allowed.
+    /// Returns the evaluation and whether it borrowed.
+    pub fn decide(&mut self, plan: &Plan, now_ns: u64, share: f64) -> (Evaluation, bool) {
+        let (eval, borrowing) = self.precheck(plan, now_ns, share);
+        if eval.allowed {
+            self.charge_scaled(&plan.attempt(borrowing), plan.cost, now_ns, share);
+        }
+        (eval, borrowing)
+    }
+
+    /// The buckets' levels now, for headers and records (a check of cost 0).
+    pub fn levels(&self, buckets: &[&Bucket], now_ns: u64) -> Vec<Level> {
+        self.evaluate(buckets, 0, now_ns, 1.0).levels
+    }
+
+    /// Levels as a caller sees them: the mirror counts a lease as spent when it is
+    /// granted, but what this worker still holds on lease is capacity the caller can use,
+    /// so it is added back (never above the bucket's burst).
+    pub fn add_leases(&self, levels: &mut [Level], buckets: &[&Bucket], now_ns: u64) {
+        for (l, b) in levels.iter_mut().zip(buckets) {
+            l.remaining = l
+                .remaining
+                .saturating_add(self.lease_left(b, now_ns))
+                .min(l.burst);
+        }
     }
 
     /// Spend leased capacity for every bucket, if each holds enough. All or nothing.

@@ -160,15 +160,8 @@ impl Request {
                         shared.metrics.invalid_identity.inc()
                     }
                 }
-                let detail = match reject {
-                    laneguard_core::Reject::MissingIdentity => {
-                        "no trusted tenant/principal: the request did not pass authentication"
-                    }
-                    laneguard_core::Reject::InvalidIdentity => {
-                        "the trusted identity is not a valid name"
-                    }
-                };
-                self.reply(reject.status(), &error_body(reject.code(), detail), &[]);
+                let body = error_body(reject.code(), reject.detail());
+                self.reply(reject.status(), &body, &[]);
                 return Action::Pause;
             }
         };
@@ -215,28 +208,16 @@ impl Request {
                 let set = primary.iter().map(|b| (*b).clone()).collect();
                 shared.renewals.borrow_mut().push(set);
             }
-            let levels = table.evaluate(&primary, 0, now, 1.0).levels;
+            let levels = table.levels(&primary, now);
             drop(table);
-            return self.allow(&plan, &levels, DecidedBy::Local, false);
+            return self.allow(&plan, &levels, DecidedBy::Local, false, now);
         }
-        drop(table);
         // Fast path 2: the local mirror already shows no room, so the fleet has none either.
-        let table = shared.table.borrow();
-        let eval = table.evaluate(&primary, plan.cost, now, 1.0);
-        let mut borrowing = false;
-        if !eval.allowed {
-            let alt_ok = eval.tripped == Some(0)
-                && plan.borrow.is_some()
-                && table
-                    .evaluate(&plan.attempt(true), plan.cost, now, 1.0)
-                    .allowed;
-            if !alt_ok {
-                drop(table);
-                return self.over(&plan, &eval, DecidedBy::Local, false);
-            }
-            borrowing = true;
-        }
+        let (eval, borrowing) = table.precheck(&plan, now, 1.0);
         drop(table);
+        if !eval.allowed {
+            return self.over(&plan, &eval, DecidedBy::Local, false);
+        }
         self.ask(plan, borrowing)
     }
 
@@ -283,21 +264,21 @@ impl Request {
         }
     }
 
-    fn allow(&mut self, plan: &Plan, levels: &[Level], by: DecidedBy, borrowed: bool) -> Action {
+    fn allow(
+        &mut self,
+        plan: &Plan,
+        levels: &[Level],
+        by: DecidedBy,
+        borrowed: bool,
+        now: u64,
+    ) -> Action {
         let shared = Rc::clone(&self.shared);
         let m = &shared.metrics;
-        // What this worker still holds on lease is capacity the caller can still use.
         let mut levels = levels.to_vec();
-        {
-            let table = shared.table.borrow();
-            let now = self.now();
-            for (l, b) in levels.iter_mut().zip(plan.attempt(borrowed)) {
-                l.remaining = l
-                    .remaining
-                    .saturating_add(table.lease_left(b, now))
-                    .min(l.burst);
-            }
-        }
+        shared
+            .table
+            .borrow()
+            .add_leases(&mut levels, &plan.attempt(borrowed), now);
         let levels = levels.as_slice();
         m.allowed.inc();
         if let Some(c) = m.class(plan.class) {
@@ -533,6 +514,10 @@ impl Request {
             events.push(Event::Degraded);
         }
         let draft03 = shared.policy.draft03_headers;
+        let mut rec = self.record(events, plan, &eval.levels, &attempt, by);
+        rec.bucket = bucket;
+        rec.fallback = Some(fallback.as_str());
+        rec.active_classes = active;
         let degraded = |h: &mut Vec<(&'static str, String)>| {
             if let DecidedBy::Degraded(reason) = by {
                 h.push(("x-laneguard-degraded", reason.to_string()));
@@ -544,7 +529,7 @@ impl Request {
                 let levels = {
                     let mut table = shared.table.borrow_mut();
                     table.charge(&attempt, plan.cost, now);
-                    table.evaluate(&attempt, 0, now, 1.0).levels
+                    table.levels(&attempt, now)
                 };
                 shared.unreported.borrow_mut().add(&attempt, plan.cost);
                 shared.queue.borrow_mut().push(
@@ -559,11 +544,7 @@ impl Request {
                 h.push(("x-laneguard-queued-ms", wait_ms.to_string()));
                 degraded(&mut h);
                 self.response_headers = h;
-                let mut rec = self.record(events, plan, &eval.levels, &attempt, by);
-                rec.bucket = bucket;
-                rec.fallback = Some(fallback.as_str());
                 rec.wait_ms = Some(wait_ms);
-                rec.active_classes = active;
                 self.emit(rec);
                 Action::Pause
             }
@@ -576,10 +557,6 @@ impl Request {
                 h.push(("x-laneguard-fallback", fallback.as_str().to_string()));
                 degraded(&mut h);
                 self.response_headers = h;
-                let mut rec = self.record(events, plan, &eval.levels, &attempt, by);
-                rec.bucket = bucket;
-                rec.fallback = Some(fallback.as_str());
-                rec.active_classes = active;
                 self.emit(rec);
                 Action::Continue
             }
@@ -589,22 +566,16 @@ impl Request {
                 h.push(("retry-after", retry.to_string()));
                 h.push(("x-laneguard-fallback", fallback.as_str().to_string()));
                 degraded(&mut h);
-                let name = bucket.clone().unwrap_or_default();
-
-                let mut rec = self.record(events, plan, &eval.levels, &attempt, by);
-                rec.bucket = bucket;
-                rec.fallback = Some(fallback.as_str());
                 let body = limited_body(
                     &plan.tenant,
                     &plan.class_name,
-                    &name,
+                    rec.bucket.as_deref().unwrap_or_default(),
                     retry,
                     by.as_str(),
                     rec.request_id.as_deref(),
                 );
                 rec.status = 429;
                 rec.retry_after_s = Some(retry);
-                rec.active_classes = active;
                 self.emit(rec);
                 self.reply(429, &body, &h);
                 Action::Pause
@@ -630,12 +601,8 @@ impl Request {
                     .unreported
                     .borrow_mut()
                     .add(&plan.attempt(false), plan.cost);
-                let levels = shared
-                    .table
-                    .borrow()
-                    .evaluate(&plan.attempt(false), 0, now, 1.0)
-                    .levels;
-                self.allow(plan, &levels, DecidedBy::Degraded(reason), false)
+                let levels = shared.table.borrow().levels(&plan.attempt(false), now);
+                self.allow(plan, &levels, DecidedBy::Degraded(reason), false, now)
             }
             FailureMode::Closed => {
                 let retry = 1.to_string();
@@ -661,7 +628,13 @@ impl Request {
                 if eval.allowed {
                     let spent = plan.attempt(borrowed);
                     shared.unreported.borrow_mut().add(&spent, plan.cost);
-                    self.allow(plan, &eval.levels, DecidedBy::Degraded(reason), borrowed)
+                    self.allow(
+                        plan,
+                        &eval.levels,
+                        DecidedBy::Degraded(reason),
+                        borrowed,
+                        now,
+                    )
                 } else {
                     self.over(plan, &eval, DecidedBy::Degraded(reason), false)
                 }
@@ -728,9 +701,9 @@ impl Request {
             apply_statuses(&mut table, &attempt, &verdict.statuses, now);
         }
         if verdict.allowed {
-            let mut levels = shared.table.borrow().evaluate(&attempt, 0, now, 1.0).levels;
+            let mut levels = shared.table.borrow().levels(&attempt, now);
             overlay(&mut levels, &verdict.statuses);
-            return self.allow(&plan, &levels, DecidedBy::Central, borrowing);
+            return self.allow(&plan, &levels, DecidedBy::Central, borrowing, now);
         }
         if verdict.tripped == Some(0) && !borrowing && plan.borrow.is_some() {
             // The reserve is empty fleet-wide: try idle shared capacity.

@@ -476,3 +476,34 @@ fn eviction_at_the_cap_drops_a_batch_of_the_fullest_buckets() {
     let e = t.evaluate(&newest.attempt(false), 10, 100 * S + 200 * 1_000_000, 1.0);
     assert!(!e.allowed, "t199's spend is still remembered: {e:?}");
 }
+
+#[test]
+fn precheck_picks_the_borrowing_attempt_and_charges_nothing() {
+    let p = policy();
+    let plan = plan(&p, &req("nw", "recon", None)).unwrap();
+    let mut t = LocalTable::default();
+    let now = 100 * S;
+    for _ in 0..5 {
+        assert!(t.decide(&plan, now, 1.0).0.allowed);
+    }
+    let before = format!("{:?}", t.levels(&plan.attempt(true), now));
+    let (eval, borrowing) = t.precheck(&plan, now, 1.0);
+    assert!(eval.allowed && borrowing, "reserve empty, shared pool idle");
+    assert_eq!(format!("{:?}", t.levels(&plan.attempt(true), now)), before);
+}
+
+#[test]
+fn levels_count_unspent_leases_as_remaining() {
+    let p = policy();
+    let plan = plan(&p, &req("nw", "erp", None)).unwrap();
+    let b = plan.attempt(false);
+    let mut t = LocalTable::default();
+    let now = 100 * S;
+    // The service charged a grant of 4 on both buckets and said so.
+    t.sync(b[1], 4 * S / 10, now);
+    t.grant(b[1], 4, now + S, now);
+    let mut levels = t.levels(&b, now);
+    assert_eq!(levels[1].remaining, 6);
+    t.add_leases(&mut levels, &b, now);
+    assert_eq!(levels[1].remaining, 10, "capped at the burst");
+}
