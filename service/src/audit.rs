@@ -284,64 +284,69 @@ pub fn query<'a, R: BufRead + 'a>(
         .filter(move |r| filter.matches(r))
 }
 
-/// A time for `--since`/`--until`: RFC 3339 in UTC (`2026-11-24T05:25:22Z`, fractions
-/// allowed), a date (`2026-11-24`, midnight UTC), or Unix seconds.
-pub fn parse_time(s: &str) -> Option<u64> {
-    let s = s.trim();
-    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
-        return s.parse::<u64>().ok()?.checked_mul(1_000_000_000);
-    }
-    let (date, time) = match s.split_once(['T', 't', ' ']) {
-        Some((d, t)) => (d, Some(t)),
-        None => (s, None),
-    };
-    let mut d = date.splitn(3, '-');
-    let y: i64 = d.next()?.parse().ok()?;
-    let m: u32 = d.next()?.parse().ok()?;
-    let day: u32 = d.next()?.parse().ok()?;
-    if !(1..=12).contains(&m) || !(1..=31).contains(&day) {
-        return None;
-    }
-    let mut nanos: u64 = 0;
-    if let Some(t) = time {
-        let t = t
-            .strip_suffix('Z')
-            .or_else(|| t.strip_suffix('z'))
-            .or_else(|| t.strip_suffix("+00:00"))?;
-        let (hms, frac) = match t.split_once('.') {
-            Some((a, f)) => (a, Some(f)),
-            None => (t, None),
-        };
-        let mut p = hms.splitn(3, ':');
-        let h: u64 = p.next()?.parse().ok()?;
-        let mi: u64 = p.next()?.parse().ok()?;
-        let sec: u64 = p.next().unwrap_or("0").parse().ok()?;
-        if h > 23 || mi > 59 || sec > 60 {
-            return None;
-        }
-        nanos = (h * 3_600 + mi * 60 + sec) * 1_000_000_000;
-        if let Some(f) = frac {
-            if f.is_empty() || f.len() > 9 || !f.bytes().all(|b| b.is_ascii_digit()) {
-                return None;
-            }
-            let padded = format!("{f:0<9}");
-            nanos += padded.parse::<u64>().ok()?;
-        }
-    }
-    let days = days_from_civil(y, m, day);
-    let days = u64::try_from(days).ok()?;
-    Some(days * 86_400 * 1_000_000_000 + nanos)
+pub use laneguard_core::audit::parse_time;
+
+/// The audit records of a file, for `laneguard-audit card`, and what was wrong with it.
+#[derive(Debug, Clone, Default)]
+pub struct Evidence {
+    pub records: Vec<laneguard_core::card::EvidenceRecord>,
+    /// Lines that are not audit records (`line N: why`), and a broken hash chain.
+    pub problems: Vec<String>,
+    /// The verified chain, when the file is the service's hash-chained log.
+    pub chain: Option<Summary>,
 }
 
-/// Howard Hinnant's `days_from_civil`.
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let m = i64::from(m);
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
+/// Read audit records from the service's hash-chained log (ids `#seq`, and the chain is
+/// verified), from bare records one per line, or from Envoy access log lines whose
+/// `audit=` field holds one (ids `line N`). Lines without a record (`audit=-`) are skipped;
+/// anything else unreadable is named in `problems`.
+pub fn read_evidence(text: &str) -> Evidence {
+    use laneguard_core::card::EvidenceRecord;
+    let mut ev = Evidence::default();
+    let mut chained = false;
+    for (i, line) in text.lines().enumerate() {
+        let n = i + 1;
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        if let Ok(e) = parse_line(line) {
+            chained = true;
+            match EvidenceRecord::from_json(format!("#{}", e.seq), &e.record) {
+                Some(r) => ev.records.push(r),
+                None => ev.problems.push(format!("line {n}: not an audit record")),
+            }
+            continue;
+        }
+        let json = if line.starts_with('{') {
+            Some(line)
+        } else if let Some((_, a)) = line.split_once(" audit=") {
+            let a = a.trim();
+            if !a.starts_with('{') {
+                continue; // an access log line of a request without a record
+            }
+            Some(a)
+        } else {
+            None
+        };
+        let parsed = json
+            .and_then(|j| serde_json::from_str::<Value>(j).ok())
+            .and_then(|v| EvidenceRecord::from_json(format!("line {n}"), &v));
+        match parsed {
+            Some(r) => ev.records.push(r),
+            None => ev.problems.push(format!("line {n}: not an audit record")),
+        }
+    }
+    if chained {
+        match verify(std::io::Cursor::new(text.as_bytes())) {
+            Ok(s) => ev.chain = Some(s),
+            Err(b) => ev.problems.push(format!(
+                "the hash chain breaks at line {}: {}",
+                b.line, b.reason
+            )),
+        }
+    }
+    ev
 }
 
 struct Tail {

@@ -20,6 +20,8 @@ pub mod clock;
 pub mod config;
 pub mod limits;
 pub mod logger;
+pub mod policy_file;
+pub mod report;
 pub mod rls;
 pub mod server;
 pub mod store;

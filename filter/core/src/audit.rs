@@ -246,6 +246,66 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     )
 }
 
+/// A time for `--since`/`--until`: RFC 3339 in UTC (`2026-11-24T05:25:22Z`, fractions
+/// allowed), a date (`2026-11-24`, midnight UTC), or Unix seconds.
+pub fn parse_time(s: &str) -> Option<u64> {
+    let s = s.trim();
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return s.parse::<u64>().ok()?.checked_mul(1_000_000_000);
+    }
+    let (date, time) = match s.split_once(['T', 't', ' ']) {
+        Some((d, t)) => (d, Some(t)),
+        None => (s, None),
+    };
+    let mut d = date.splitn(3, '-');
+    let y: i64 = d.next()?.parse().ok()?;
+    let m: u32 = d.next()?.parse().ok()?;
+    let day: u32 = d.next()?.parse().ok()?;
+    if !(1..=12).contains(&m) || !(1..=31).contains(&day) {
+        return None;
+    }
+    let mut nanos: u64 = 0;
+    if let Some(t) = time {
+        let t = t
+            .strip_suffix('Z')
+            .or_else(|| t.strip_suffix('z'))
+            .or_else(|| t.strip_suffix("+00:00"))?;
+        let (hms, frac) = match t.split_once('.') {
+            Some((a, f)) => (a, Some(f)),
+            None => (t, None),
+        };
+        let mut p = hms.splitn(3, ':');
+        let h: u64 = p.next()?.parse().ok()?;
+        let mi: u64 = p.next()?.parse().ok()?;
+        let sec: u64 = p.next().unwrap_or("0").parse().ok()?;
+        if h > 23 || mi > 59 || sec > 60 {
+            return None;
+        }
+        nanos = (h * 3_600 + mi * 60 + sec) * 1_000_000_000;
+        if let Some(f) = frac {
+            if f.is_empty() || f.len() > 9 || !f.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            let padded = format!("{f:0<9}");
+            nanos += padded.parse::<u64>().ok()?;
+        }
+    }
+    let days = days_from_civil(y, m, day);
+    let days = u64::try_from(days).ok()?;
+    Some(days * 86_400 * 1_000_000_000 + nanos)
+}
+
+/// Howard Hinnant's `days_from_civil`.
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let m = i64::from(m);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

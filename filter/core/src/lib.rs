@@ -13,12 +13,15 @@
 //! tests and identical on the host and in `wasm32-wasip1`.
 
 pub mod audit;
+pub mod card;
 pub mod classify;
 pub mod degrade;
 pub mod engine;
 pub mod gcra;
 pub mod headers;
 pub mod key;
+pub mod lint;
+pub mod map;
 pub mod policy;
 pub mod rate;
 pub mod rollout;
@@ -26,5 +29,5 @@ pub mod rollout;
 pub use engine::{
     plan, Bucket, BucketKind, Evaluation, Level, LocalTable, Plan, Reject, RequestInfo, Unreported,
 };
-pub use policy::{parse, FailureMode, Fallback, Mode, Policy, PolicyError};
+pub use policy::{parse, parse_raw, FailureMode, Fallback, Mode, Policy, PolicyError};
 pub use rate::{Rate, Window};

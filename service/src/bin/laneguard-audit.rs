@@ -1,36 +1,121 @@
 //! `laneguard-audit`: verify and query the service's hash-chained audit log
-//! (`laneguard-service --audit-log FILE`).
+//! (`laneguard-service --audit-log FILE`), and write the rollout review card from it.
 //!
 //! ```text
 //! laneguard-audit verify FILE
 //! laneguard-audit query FILE [--tenant T] [--bucket B] [--caller C] [--event E]
 //!                            [--since TIME] [--until TIME]
+//! laneguard-audit card --policy FILE --audit LOG [--stats SCRAPE] [--owner TEAM]
+//!                      [--change NAME] [--goal GOAL] [--html | --json] [--strict]
 //! ```
 //!
 //! `verify` checks every line's hash and link and prints the record count and the head hash
 //! (exit 0), or the first line that breaks the chain (exit 1). `query` prints the matching
 //! records, one JSON object per line, for `jq`. TIME is RFC 3339 UTC
-//! (`2026-11-24T05:25:00Z`), a date (`2026-11-24`) or Unix seconds. Exit 2: usage or I/O.
+//! (`2026-11-24T05:25:00Z`), a date (`2026-11-24`) or Unix seconds. `card` prints the
+//! Rate-Limit Rollout Review Card computed by `laneguard_core::card` (exit 0; with `--strict`
+//! exit 1 when it is not ready to enforce). Exit 2: usage or I/O.
 
-use laneguard_service::audit::{parse_time, query, verify, Filter};
+use clap::{Args, Parser, Subcommand};
+use laneguard_core::card::{self, Fields, Inputs, Thresholds};
+use laneguard_service::audit::{parse_time, query, read_evidence, verify, Filter};
+use laneguard_service::policy_file::one_policy;
+use laneguard_service::report;
 use std::fs::File;
 use std::io::{BufReader, Write};
 use std::process::ExitCode;
 
-const USAGE: &str = "\
-usage: laneguard-audit verify FILE
-       laneguard-audit query FILE [--tenant T] [--bucket B] [--caller C] [--event E]
-                                  [--since TIME] [--until TIME]
+#[derive(Parser)]
+#[command(
+    name = "laneguard-audit",
+    about = "Verify and query laneguard's audit log; write the rollout review card"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-  --bucket   the bucket that tripped: a name (class:integration) or a kind (class)
-  --caller   a principal, a user or a request id
-  --event    limited, shadow_limited, degraded, near_miss or forged_class
-  TIME       RFC 3339 UTC (2026-11-24T05:25:00Z), a date (2026-11-24) or Unix seconds;
-             --since is inclusive, --until exclusive";
+fn time(v: &str) -> Result<u64, String> {
+    parse_time(v).ok_or_else(|| {
+        format!("`{v}` is not a time (RFC 3339 UTC, a date like 2026-11-24, or Unix seconds)")
+    })
+}
 
-fn usage(msg: &str) -> ExitCode {
-    eprintln!("laneguard-audit: {msg}\n\n{USAGE}");
-    ExitCode::from(2)
+#[derive(Subcommand)]
+enum Command {
+    /// Check every line's hash and link.
+    Verify { file: String },
+    /// Print matching records, one JSON object per line.
+    Query {
+        file: String,
+        #[arg(long)]
+        tenant: Option<String>,
+        /// The bucket that tripped: a name (class:integration) or a kind (class).
+        #[arg(long)]
+        bucket: Option<String>,
+        /// A principal, a user or a request id.
+        #[arg(long)]
+        caller: Option<String>,
+        /// limited, shadow_limited, degraded, near_miss or forged_class.
+        #[arg(long)]
+        event: Option<String>,
+        /// Inclusive.
+        #[arg(long, value_parser = time)]
+        since: Option<u64>,
+        /// Exclusive.
+        #[arg(long, value_parser = time)]
+        until: Option<u64>,
+    },
+    /// Write the Rate-Limit Rollout Review Card from the policy and the shadow evidence.
+    Card(CardArgs),
+}
+
+#[derive(Args)]
+struct CardArgs {
+    /// The policy about to be enforced (a policy file, or an Envoy YAML that embeds one).
+    #[arg(long)]
+    policy: String,
+    /// In an Envoy config with several laneguard filters: the listener's.
+    #[arg(long)]
+    listener: Option<String>,
+    /// The audit records: the service's hash-chained log, bare records (JSONL), or an Envoy
+    /// access log with an `audit=` field.
+    #[arg(long)]
+    audit: String,
+    /// A Prometheus scrape of Envoy (`/stats/prometheus`): exact per-class counters.
+    #[arg(long)]
+    stats: Option<String>,
+    #[arg(long)]
+    owner: Option<String>,
+    #[arg(long)]
+    change: Option<String>,
+    /// fairness, abuse control, platform protection or plan differentiation.
+    #[arg(long)]
+    goal: Option<String>,
+    /// The shadow phase ran from this time (widens the covered period beyond the records).
+    #[arg(long, value_parser = time)]
+    observed_since: Option<u64>,
+    /// ...until this time.
+    #[arg(long, value_parser = time)]
+    observed_until: Option<u64>,
+    /// A protected class refused over a stretch this long misses its convergence threshold.
+    #[arg(long, default_value_t = Thresholds::default().convergence_s)]
+    convergence_s: u64,
+    /// Near misses on protected lanes that are still acceptable.
+    #[arg(long, default_value_t = Thresholds::default().max_near_misses)]
+    max_near_misses: u64,
+    /// How long the shadow evidence must cover to be a full business cycle.
+    #[arg(long, default_value_t = Thresholds::default().business_cycle_s / 3_600)]
+    business_cycle_h: u64,
+    /// HTML instead of Markdown.
+    #[arg(long, conflicts_with = "json")]
+    html: bool,
+    /// The card as one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// Exit 1 when the card is not ready to enforce.
+    #[arg(long)]
+    strict: bool,
 }
 
 fn open(path: &str) -> Result<BufReader<File>, ExitCode> {
@@ -40,14 +125,80 @@ fn open(path: &str) -> Result<BufReader<File>, ExitCode> {
     })
 }
 
+fn read(path: &str) -> Result<String, ExitCode> {
+    std::fs::read_to_string(path).map_err(|e| {
+        eprintln!("laneguard-audit: {path}: {e}");
+        ExitCode::from(2)
+    })
+}
+
+fn run_card(a: CardArgs) -> Result<ExitCode, ExitCode> {
+    let policy_text = read(&a.policy)?;
+    let found = one_policy(&policy_text, a.listener.as_deref()).map_err(|e| {
+        eprintln!("laneguard-audit: {}: {e}", a.policy);
+        ExitCode::from(2)
+    })?;
+    let policy = laneguard_core::parse(&found.text).map_err(|e| {
+        eprintln!("laneguard-audit: {}: invalid policy: {e}", a.policy);
+        ExitCode::from(2)
+    })?;
+    let evidence = read_evidence(&read(&a.audit)?);
+    let stats = match &a.stats {
+        Some(path) => Some(card::parse_stats(&read(path)?, &policy)),
+        None => None,
+    };
+    let observed = match (a.observed_since, a.observed_until) {
+        (Some(s), Some(u)) => Some((s, u)),
+        (Some(s), None) => Some((s, s)),
+        (None, Some(u)) => Some((u, u)),
+        (None, None) => None,
+    };
+    let inputs = Inputs {
+        policy: &policy,
+        records: &evidence.records,
+        stats: stats.as_ref(),
+        integrity: evidence.problems,
+        notes: evidence
+            .chain
+            .iter()
+            .map(|c| format!("hash chain verified: {} lines, head {}", c.records, c.head))
+            .collect(),
+        observed,
+        fields: Fields {
+            change: a.change,
+            owner: a.owner,
+            goal: a.goal,
+        },
+        thresholds: Thresholds {
+            convergence_s: a.convergence_s,
+            max_near_misses: a.max_near_misses,
+            business_cycle_s: a.business_cycle_h.saturating_mul(3_600),
+        },
+    };
+    let c = card::card(&inputs);
+    let out = if a.json {
+        serde_json::to_string_pretty(&c).map_err(|e| {
+            eprintln!("laneguard-audit: {e}");
+            ExitCode::from(2)
+        })?
+    } else if a.html {
+        report::card_html(&c)
+    } else {
+        report::card_markdown(&c)
+    };
+    print!("{out}");
+    Ok(if a.strict && !c.ready_to_enforce {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("verify") => {
-            let [_, file] = args.as_slice() else {
-                return usage("verify takes exactly one FILE");
-            };
-            let reader = match open(file) {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Verify { file } => {
+            let reader = match open(&file) {
                 Ok(r) => r,
                 Err(code) => return code,
             };
@@ -62,40 +213,24 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Some("query") => {
-            let Some(file) = args.get(1) else {
-                return usage("query needs a FILE");
+        Command::Query {
+            file,
+            tenant,
+            bucket,
+            caller,
+            event,
+            since,
+            until,
+        } => {
+            let filter = Filter {
+                tenant,
+                bucket,
+                caller,
+                event,
+                since_ns: since,
+                until_ns: until,
             };
-            let mut filter = Filter::default();
-            let mut rest = args[2..].iter();
-            while let Some(flag) = rest.next() {
-                let (flag, value) = match flag.split_once('=') {
-                    Some((f, v)) => (f.to_string(), Some(v.to_string())),
-                    None => (flag.clone(), rest.next().cloned()),
-                };
-                let Some(value) = value else {
-                    return usage(&format!("{flag} needs a value"));
-                };
-                let time = |v: &str| parse_time(v);
-                match flag.as_str() {
-                    "--tenant" => filter.tenant = Some(value),
-                    "--bucket" => filter.bucket = Some(value),
-                    "--caller" => filter.caller = Some(value),
-                    "--event" => filter.event = Some(value),
-                    "--since" | "--until" => {
-                        let Some(t) = time(&value) else {
-                            return usage(&format!("{flag}: `{value}` is not a time"));
-                        };
-                        if flag == "--since" {
-                            filter.since_ns = Some(t);
-                        } else {
-                            filter.until_ns = Some(t);
-                        }
-                    }
-                    _ => return usage(&format!("unknown option {flag}")),
-                }
-            }
-            let reader = match open(file) {
+            let reader = match open(&file) {
                 Ok(r) => r,
                 Err(code) => return code,
             };
@@ -108,10 +243,6 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Some("-h" | "--help") => {
-            println!("{USAGE}");
-            ExitCode::SUCCESS
-        }
-        _ => usage("expected `verify` or `query`"),
+        Command::Card(a) => run_card(a).unwrap_or_else(|code| code),
     }
 }

@@ -88,6 +88,9 @@ pub struct Class {
     pub borrow: bool,
     pub failure_mode: FailureMode,
     pub must_not_compete_with: Vec<ClassId>,
+    /// Indexes into [`Policy::families`]: the endpoint families this class calls (for the
+    /// competition map; optional, empty when not declared).
+    pub families: Vec<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -201,8 +204,14 @@ pub const MAX_TIMEOUT_MS: u32 = 10_000;
 
 /// Parse and validate a policy (YAML, or JSON, which is a subset).
 pub fn parse(text: &str) -> Result<Policy, PolicyError> {
+    validate(parse_raw(text)?)
+}
+
+/// Phase one alone: the policy as written, with every list in its written order, for tools
+/// that name fields by index (`laneguard-policy lint`). Validate with [`parse`] as well.
+pub fn parse_raw(text: &str) -> Result<RawPolicy, PolicyError> {
     let de = serde_yaml::Deserializer::from_str(text);
-    let raw: RawPolicy = serde_path_to_error::deserialize(de).map_err(|e| {
+    serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let path = if path == "." {
             "(document)".to_string()
@@ -217,8 +226,7 @@ pub fn parse(text: &str) -> Result<Policy, PolicyError> {
             }
         }
         PolicyError::new(path, message)
-    })?;
-    validate(raw)
+    })
 }
 
 fn rate(raw: &RawRate, path: &str) -> Result<Rate, PolicyError> {
@@ -397,6 +405,7 @@ fn validate(raw: RawPolicy) -> Result<Policy, PolicyError> {
             borrow: c.borrow,
             failure_mode,
             must_not_compete_with: rivals,
+            families: Vec::new(),
         });
     }
 
@@ -605,6 +614,23 @@ fn validate(raw: RawPolicy) -> Result<Policy, PolicyError> {
                 .map(|r| rate(r, &format!("{path}.limit")))
                 .transpose()?,
         });
+    }
+
+    for (i, c) in raw.classes.iter().enumerate() {
+        for (j, name) in c.families.iter().enumerate() {
+            let id = families
+                .iter()
+                .position(|f| &f.name == name)
+                .ok_or_else(|| {
+                    PolicyError::new(
+                        format!("classes[{i}].families[{j}]"),
+                        format!("unknown endpoint family {name:?}"),
+                    )
+                })?;
+            if !classes[i].families.contains(&id) {
+                classes[i].families.push(id);
+            }
+        }
     }
 
     let users = raw

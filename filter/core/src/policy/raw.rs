@@ -171,6 +171,10 @@ pub struct RawClass {
     pub fallbacks: Option<Vec<RawFallback>>,
     pub queue: Option<RawQueue>,
     pub fallback_route: Option<RawFallbackRoute>,
+    /// The endpoint families this class calls. Descriptive: the competition map and its lint
+    /// read it (which classes share a family's `limit`); classification does not.
+    #[serde(default)]
+    pub families: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
