@@ -178,6 +178,17 @@ fn a_squeezed_protected_lane_fails_the_card_and_names_its_records() {
             "{what}: {card:#}"
         );
         assert!(card["shadow_phase"]["shadow_records"].as_u64().unwrap() >= 3);
+        // From Envoy's counters: the lane was squeezed while integration, which must not
+        // compete with repair, was active (laneguard_collision_repair_integration).
+        let shared = check(
+            &card,
+            "critical internal tool shares a budget it was not supposed to share",
+        );
+        let want = if what == "log" { 0 } else { 1 };
+        assert_eq!(
+            shared["counts"]["squeezes_with_rival_active"], want,
+            "{what}: {shared:#}"
+        );
     }
 
     // The Markdown and HTML say the same, with the record ids.
