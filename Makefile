@@ -6,6 +6,7 @@
 #   make build   the Wasm filter (release) and the service and upstream binaries
 #   make bench   laneguard vs Envoy's native filters: docs/benchmarks.md, bench/results/
 #   make bench-accuracy   2 Envoys x 2 workers past a binding limit: docs/accuracy.md
+#   make bench-rtt   open-loop load with a delayed link to the service: bench/results/rtt.json
 #   make clean   remove build output and demo logs; `make distclean` also removes .venv
 #
 # ENVOY is the Envoy command. It defaults to the pinned Envoy that scripts/bootstrap.sh
@@ -31,10 +32,10 @@ BOOTSTRAP_FLAGS ?= --without-envoy
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: help bootstrap build build-wasm run test lint bench bench-build bench-accuracy clean distclean
+.PHONY: help bootstrap build build-wasm run test lint bench bench-build bench-accuracy bench-rtt clean distclean
 
 help:
-	@sed -n '3,9p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
+	@sed -n '3,10p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
 
 bootstrap:
 	@scripts/bootstrap.sh $(BOOTSTRAP_FLAGS)
@@ -73,10 +74,15 @@ lint: build-wasm
 bench-build: bootstrap
 	@scripts/bootstrap.sh $(BOOTSTRAP_FLAGS) --with-load --with-redis
 	$(CARGO) build --release --target $(WASM_TARGET) -p laneguard-wasm -p laneguard-bench-noop
-	$(CARGO) build --release -p laneguard-service -p laneguard-upstream -p laneguard-rls-load
+	$(CARGO) build --release -p laneguard-service -p laneguard-upstream -p laneguard-rls-load -p laneguard-netbench
 
 bench: bench-build
 	python3 bench/run.py
+	python3 bench/rtt.py
+
+# Only the network part of make bench (bench/rtt.py; settings in docs/benchmarks.md).
+bench-rtt: bench-build
+	python3 bench/rtt.py
 
 bench-accuracy: bench-build
 	python3 bench/accuracy.py
