@@ -36,7 +36,8 @@ use crate::unit::Unit;
 pub const LEASE_METADATA: &str = "x-laneguard-lease";
 
 /// The gRPC request metadata that marks a report of hits already admitted (`1`): they are
-/// charged unconditionally, even into debt, and never refused.
+/// charged unconditionally, even into debt, and never refused. `refund` marks the opposite:
+/// capacity to give back (AI requests that used fewer tokens than they reserved).
 pub const REPORT_METADATA: &str = "x-laneguard-report";
 
 /// What a caller asks for beyond the descriptors, from the gRPC request metadata.
@@ -46,6 +47,8 @@ pub enum Ask {
     Decide { lease: u32 },
     /// A report of hits already admitted: charge them unconditionally.
     Report,
+    /// A refund of capacity charged earlier and not used: give it back, never past full.
+    Refund,
 }
 
 impl Default for Ask {
@@ -72,6 +75,7 @@ impl Ask {
         match text(REPORT_METADATA).transpose()?.as_deref() {
             None | Some("0") => {}
             Some("1") => return Ok(Ask::Report),
+            Some("refund") => return Ok(Ask::Refund),
             Some(other) => return Err(bad(REPORT_METADATA, other.to_string())),
         }
         match text(LEASE_METADATA).transpose()? {
@@ -126,7 +130,7 @@ pub enum ServiceError {
     Request(#[from] RequestError),
     #[error(
         "invalid request: metadata `{name}`: `{value}` is not valid (`{LEASE_METADATA}` takes \
-         a non-negative 32-bit integer, `{REPORT_METADATA}` takes 0 or 1)"
+         a non-negative 32-bit integer, `{REPORT_METADATA}` takes 0, 1 or refund)"
     )]
     BadMetadata { name: &'static str, value: String },
     #[error(transparent)]
@@ -213,6 +217,7 @@ impl RateLimiter {
         let outcome = match ask {
             Ask::Decide { .. } => self.store.check_and_charge(&charges, lease, now_ns).await?,
             Ask::Report => self.store.report(&charges, now_ns).await?,
+            Ask::Refund => self.store.refund(&charges, now_ns).await?,
         };
         let quota = (outcome.admitted && outcome.grant > 0).then(|| Quota {
             requests: outcome.grant,
@@ -241,7 +246,7 @@ impl RateLimiter {
             statuses.push(status);
         }
         // A report is never refused (its statuses still say which buckets are now full).
-        let overall = if outcome.admitted || ask == Ask::Report {
+        let overall = if outcome.admitted || matches!(ask, Ask::Report | Ask::Refund) {
             Code::Ok
         } else {
             Code::OverLimit
@@ -578,5 +583,50 @@ mod tests {
         // A report asks for no lease, even with grants on.
         let r = svc.evaluate_ask(&report, Ask::Report).await.unwrap();
         assert!(r.statuses.iter().all(|s| s.quota.is_none()));
+    }
+
+    #[tokio::test]
+    async fn refunds_give_capacity_back_and_answer_ok() {
+        let clock = Arc::new(ManualClock::new(T0));
+        let svc = limiter(clock.clone());
+        let bucket = |hits| {
+            let mut d = descriptor(
+                &[("tenant", "t"), ("bucket", "model_tokens"), ("model", "m")],
+                Some((1000, RateLimitUnit::Minute)),
+            );
+            d.hits_addend = Some(hits);
+            d
+        };
+        let ask = |hits| RateLimitRequest {
+            domain: "laneguard".into(),
+            descriptors: vec![bucket(hits)],
+            hits_addend: 1,
+        };
+        // Reserve 800 of 1000, then 300 more does not fit.
+        assert_eq!(
+            svc.evaluate(&ask(800)).await.unwrap().overall_code,
+            Code::Ok as i32
+        );
+        assert_eq!(
+            svc.evaluate(&ask(300)).await.unwrap().overall_code,
+            Code::OverLimit as i32
+        );
+        // It used 100: 700 come back, and the 300 fit.
+        let r = svc.evaluate_ask(&ask(700), Ask::Refund).await.unwrap();
+        assert_eq!(r.overall_code, Code::Ok as i32);
+        assert_eq!(r.statuses[0].limit_remaining, 900);
+        assert_eq!(
+            svc.evaluate(&ask(300)).await.unwrap().overall_code,
+            Code::Ok as i32
+        );
+        // A refund never fills a bucket past full.
+        let r = svc.evaluate_ask(&ask(5000), Ask::Refund).await.unwrap();
+        assert_eq!(r.statuses[0].limit_remaining, 1000);
+        let m = {
+            let mut m = tonic::metadata::MetadataMap::new();
+            m.insert(REPORT_METADATA, "refund".parse().unwrap());
+            m
+        };
+        assert_eq!(Ask::from_metadata(&m).unwrap(), Ask::Refund);
     }
 }

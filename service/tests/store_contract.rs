@@ -642,6 +642,61 @@ mod cases {
         );
     }
 
+    /// A refund (token settlement: used less than reserved) gives capacity back, across
+    /// slots, never past full, and equals the reference decision.
+    pub async fn refunds_give_back_never_past_full(be: &Backend) {
+        let s = be.store();
+        let d = "refunds";
+        let alloc = B::new(
+            d,
+            &[
+                ("tenant", "acme"),
+                ("bucket", "model_tokens"),
+                ("model", "m"),
+            ],
+            1000,
+            Window::Minute,
+            1000,
+        );
+        let total = B::new(
+            d,
+            &[("bucket", "model_total_tokens"), ("model", "m")],
+            5000,
+            Window::Minute,
+            5000,
+        );
+        assert!(
+            run(&*s, &[alloc.cost(800), total.cost(800)], T0)
+                .await
+                .admitted
+        );
+        assert!(
+            !run(&*s, &[alloc.cost(300), total.cost(300)], T0)
+                .await
+                .admitted
+        );
+        let refund = [alloc.cost(700), total.cost(700)];
+        let out = s.refund(&refund, T0).await.unwrap();
+        assert!(out.admitted);
+        assert_eq!(out.buckets[0].remaining, 900);
+        assert_eq!(out.buckets[1].remaining, 4900);
+        assert_eq!(remaining(&*s, &total, T0).await, 4900);
+        assert!(
+            run(&*s, &[alloc.cost(300), total.cost(300)], T0)
+                .await
+                .admitted
+        );
+        // Past full: clamped, and a later request sees a full bucket, as in the reference.
+        let out = s.refund(&[alloc.cost(9000)], T0).await.unwrap();
+        assert_eq!(out.buckets[0].remaining, 1000);
+        let reference = MemoryStore::new();
+        reference.check_and_charge_now(&[alloc.cost(10)], 0, T0);
+        assert_eq!(
+            reference.refund_now(&[alloc.cost(9000)], T0),
+            s.refund(&[alloc.cost(1)], T0).await.unwrap()
+        );
+    }
+
     /// The same decision as `decide` for an admitted request with a repeated key and a
     /// lease: the grant is charged once per distinct bucket.
     pub async fn lease_with_a_repeated_key(be: &Backend) {
@@ -703,4 +758,5 @@ test_with_all_stores!(
     two_replicas_account_as_one,
     lease_with_a_repeated_key,
     reports_charge_unconditionally,
+    refunds_give_back_never_past_full,
 );

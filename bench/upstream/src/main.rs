@@ -8,9 +8,15 @@
 //! a client can see which lane (cluster) served it. HTTP/1.1 with keep-alive, on a
 //! multi-threaded tokio runtime.
 //!
+//! It is also the demo's model server (`ai`): `POST /v1/chat/completions` answers like an
+//! OpenAI-style provider with `usage` (SSE when `"stream": true`), `GET /v1/models` is
+//! cacheable, and `GET /_upstream/stats` counts the requests that reached it.
+//!
 //! The process contract (see `docs/architecture.md`): `--listen ADDR` (default
 //! `127.0.0.1:8080`, port 0 picks a free one), and once the socket accepts connections the
 //! process prints exactly one line, `LANEGUARD_READY addr=127.0.0.1:PORT`, to stdout.
+
+mod ai;
 
 use std::convert::Infallible;
 use std::io::Write as _;
@@ -19,7 +25,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full};
+use http_body_util::{BodyExt as _, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE};
 use hyper::server::conn::http1;
@@ -34,7 +40,9 @@ const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 const USAGE: &str = "\
 usage: laneguard-upstream [--listen ADDR]
 
-Answers every HTTP/1.1 request 200 with a JSON echo of what Envoy forwarded.
+Answers every HTTP/1.1 request 200 with a JSON echo of what Envoy forwarded, and is the
+demo's model server: POST /v1/chat/completions (models large and small), GET /v1/models
+(cacheable), GET /_upstream/stats (requests that reached it).
 
 options:
   --listen ADDR   address to listen on (default 127.0.0.1:8080; port 0 picks a free port)
@@ -102,7 +110,7 @@ fn header(req: &Request<Incoming>, name: &HeaderName) -> Option<String> {
 
 /// Builds the echo for a request. Infallible: a body that cannot be serialized (it always
 /// can) falls back to `{}` rather than failing the request.
-fn respond(req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn respond(req: &Request<Incoming>) -> Response<ai::Reply> {
     let echo = Echo {
         path: req.uri().path(),
         method: req.method().as_str(),
@@ -114,7 +122,7 @@ fn respond(req: &Request<Incoming>) -> Response<Full<Bytes>> {
     };
     let mut body = serde_json::to_vec(&echo).unwrap_or_else(|_| b"{}".to_vec());
     body.push(b'\n');
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    let mut resp = Response::new(ai::Reply::Full(Some(Bytes::from(body))));
     let headers = resp.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     if let Some(lane) = req.headers().get(&LANE) {
@@ -123,7 +131,28 @@ fn respond(req: &Request<Incoming>) -> Response<Full<Bytes>> {
     resp
 }
 
-async fn handle(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn handle(req: Request<Incoming>) -> Result<Response<ai::Reply>, Infallible> {
+    let path = req.uri().path().to_owned();
+    if path == ai::STATS {
+        return Ok(ai::json_reply(hyper::StatusCode::OK, &ai::stats()));
+    }
+    ai::count_request();
+    if path == ai::COMPLETIONS && req.method() == hyper::Method::POST {
+        let headers = req.headers().clone();
+        let body = match Limited::new(req.into_body(), ai::MAX_BODY).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => {
+                return Ok(ai::json_reply(
+                    hyper::StatusCode::PAYLOAD_TOO_LARGE,
+                    &serde_json::json!({ "error": { "message": "body too large or broken" } }),
+                ))
+            }
+        };
+        return Ok(ai::complete(&headers, &body));
+    }
+    if path == ai::MODELS && req.method() == hyper::Method::GET {
+        return Ok(ai::models());
+    }
     let resp = respond(&req);
     // Drain the request body without buffering it, so the connection can be reused.
     let mut body = req.into_body();

@@ -70,6 +70,12 @@ pub enum BucketKind {
     Purpose,
     Model,
     ModelTotal,
+    /// Token buckets (AI traffic, `crate::ai`): charged in tokens, not requests.
+    UserTokens,
+    ToolTokens,
+    PurposeTokens,
+    ModelTokens,
+    ModelTotalTokens,
 }
 
 impl BucketKind {
@@ -83,7 +89,40 @@ impl BucketKind {
             BucketKind::Purpose => "purpose",
             BucketKind::Model => "model",
             BucketKind::ModelTotal => "model_total",
+            BucketKind::UserTokens => "user_tokens",
+            BucketKind::ToolTokens => "tool_tokens",
+            BucketKind::PurposeTokens => "purpose_tokens",
+            BucketKind::ModelTokens => "model_tokens",
+            BucketKind::ModelTotalTokens => "model_total_tokens",
         }
+    }
+
+    /// Whether the bucket counts tokens (its cost is a reservation or a settlement).
+    pub fn is_tokens(self) -> bool {
+        matches!(
+            self,
+            BucketKind::UserTokens
+                | BucketKind::ToolTokens
+                | BucketKind::PurposeTokens
+                | BucketKind::ModelTokens
+                | BucketKind::ModelTotalTokens
+        )
+    }
+
+    /// Whether the bucket belongs to a model (the `cheaper_model` fallback applies to it).
+    pub fn is_model(self) -> bool {
+        matches!(
+            self,
+            BucketKind::Model
+                | BucketKind::ModelTotal
+                | BucketKind::ModelTokens
+                | BucketKind::ModelTotalTokens
+        )
+    }
+
+    /// A model's total capacity spans tenants: its bucket has no tenant entry.
+    fn spans_tenants(self) -> bool {
+        matches!(self, BucketKind::ModelTotal | BucketKind::ModelTotalTokens)
     }
 
     /// The descriptor entry key that carries this bucket's label, if it has one.
@@ -91,10 +130,13 @@ impl BucketKind {
         match self {
             BucketKind::Shared => None,
             BucketKind::Reserve | BucketKind::Class => Some("class"),
-            BucketKind::User => Some("user"),
-            BucketKind::Tool => Some("tool"),
-            BucketKind::Purpose => Some("purpose"),
-            BucketKind::Model | BucketKind::ModelTotal => Some("model"),
+            BucketKind::User | BucketKind::UserTokens => Some("user"),
+            BucketKind::Tool | BucketKind::ToolTokens => Some("tool"),
+            BucketKind::Purpose | BucketKind::PurposeTokens => Some("purpose"),
+            BucketKind::Model
+            | BucketKind::ModelTotal
+            | BucketKind::ModelTokens
+            | BucketKind::ModelTotalTokens => Some("model"),
         }
     }
 }
@@ -113,7 +155,13 @@ pub struct Bucket {
 }
 
 impl Bucket {
-    fn new(domain: &str, kind: BucketKind, tenant: &str, label: &str, rate: Rate) -> Bucket {
+    pub(crate) fn new(
+        domain: &str,
+        kind: BucketKind,
+        tenant: &str,
+        label: &str,
+        rate: Rate,
+    ) -> Bucket {
         let mut b = Bucket {
             kind,
             tenant: tenant.to_string(),
@@ -128,7 +176,7 @@ impl Bucket {
     /// The descriptor entries that identify this bucket (see docs/architecture.md).
     pub fn entries(&self) -> Vec<(&'static str, &str)> {
         let mut e = Vec::with_capacity(3);
-        if self.kind != BucketKind::ModelTotal {
+        if !self.kind.spans_tenants() {
             e.push(("tenant", self.tenant.as_str()));
         }
         e.push(("bucket", self.kind.as_str()));
@@ -141,7 +189,9 @@ impl Bucket {
     /// The name used in headers, 429 bodies and logs: `class:integration`, `shared`, …
     pub fn name(&self) -> String {
         match self.kind {
-            BucketKind::Shared | BucketKind::User => self.kind.as_str().to_string(),
+            BucketKind::Shared | BucketKind::User | BucketKind::UserTokens => {
+                self.kind.as_str().to_string()
+            }
             _ => format!("{}:{}", self.kind.as_str(), self.label),
         }
     }
@@ -262,19 +312,7 @@ pub fn plan(policy: &Policy, req: &RequestInfo<'_>) -> Result<Plan, Reject> {
     }
     if let (Some(m), Some(models)) = (req.model, &policy.models) {
         if let Some(model) = models.list.get(m) {
-            let alloc = model
-                .tenant_allocations
-                .get(tenant)
-                .copied()
-                .unwrap_or(model.default_allocation);
-            buckets.push(Bucket::new(domain, BucketKind::Model, tenant, m, alloc));
-            buckets.push(Bucket::new(
-                domain,
-                BucketKind::ModelTotal,
-                "",
-                m,
-                model.capacity,
-            ));
+            buckets.extend(model_buckets(domain, model, tenant));
         }
     }
 
@@ -292,6 +330,29 @@ pub fn plan(policy: &Policy, req: &RequestInfo<'_>) -> Result<Plan, Reject> {
         borrow,
         failure_mode: class_def.failure_mode,
     })
+}
+
+/// A model's two request buckets: the tenant's allocation and the model's total capacity.
+pub(crate) fn model_buckets(
+    domain: &str,
+    model: &crate::policy::Model,
+    tenant: &str,
+) -> [Bucket; 2] {
+    let alloc = model
+        .tenant_allocations
+        .get(tenant)
+        .copied()
+        .unwrap_or(model.default_allocation);
+    [
+        Bucket::new(domain, BucketKind::Model, tenant, &model.name, alloc),
+        Bucket::new(
+            domain,
+            BucketKind::ModelTotal,
+            "",
+            &model.name,
+            model.capacity,
+        ),
+    ]
 }
 
 /// One bucket's level, for headers and records.
@@ -452,9 +513,21 @@ impl LocalTable {
     /// Check every bucket for `cost` at `now` with each rate scaled by `share` (1.0 for the
     /// full rate). Charges nothing.
     pub fn evaluate(&self, buckets: &[&Bucket], cost: u32, now_ns: u64, share: f64) -> Evaluation {
+        let costed: Vec<(&Bucket, u32)> = buckets.iter().map(|b| (*b, cost)).collect();
+        self.evaluate_costs(&costed, now_ns, share)
+    }
+
+    /// [`LocalTable::evaluate`] with a cost per bucket (an AI request charges its request
+    /// buckets the plan's cost and its token buckets the reservation).
+    pub fn evaluate_costs(
+        &self,
+        buckets: &[(&Bucket, u32)],
+        now_ns: u64,
+        share: f64,
+    ) -> Evaluation {
         let mut levels = Vec::with_capacity(buckets.len());
         let mut tripped = None;
-        for (i, b) in buckets.iter().enumerate() {
+        for (i, &(b, cost)) in buckets.iter().enumerate() {
             let rate = scaled(&b.rate, share);
             let mut check = self.state(&b.key).check(&rate, cost, now_ns);
             let hold = self.buckets.get(&b.key).map_or(0, |s| s.hold_until_ns);
@@ -480,13 +553,33 @@ impl LocalTable {
     }
 
     fn charge_scaled(&mut self, buckets: &[&Bucket], cost: u32, now_ns: u64, share: f64) {
+        let costed: Vec<(&Bucket, u32)> = buckets.iter().map(|b| (*b, cost)).collect();
+        self.charge_costs_scaled(&costed, now_ns, share);
+    }
+
+    /// [`LocalTable::charge`] with a cost per bucket.
+    pub fn charge_costs(&mut self, buckets: &[(&Bucket, u32)], now_ns: u64) {
+        self.charge_costs_scaled(buckets, now_ns, 1.0);
+    }
+
+    fn charge_costs_scaled(&mut self, buckets: &[(&Bucket, u32)], now_ns: u64, share: f64) {
         self.make_room(now_ns, buckets.len());
-        for b in buckets {
+        for &(b, cost) in buckets {
             self.buckets.entry(b.key.clone()).or_default().gcra.force(
                 &scaled(&b.rate, share),
                 cost,
                 now_ns,
             );
+        }
+    }
+
+    /// Give back `amount` units charged earlier to each bucket (a token settlement that
+    /// used less than it reserved). A bucket never holds more than its burst.
+    pub fn refund(&mut self, buckets: &[&Bucket], amount: u32, now_ns: u64) {
+        for b in buckets {
+            if let Some(s) = self.buckets.get_mut(&b.key) {
+                s.gcra.refund(&b.rate, amount, now_ns);
+            }
         }
     }
 
@@ -518,9 +611,21 @@ impl LocalTable {
     /// Returns the evaluation that decides (the primary's when neither has room) and
     /// whether it is the borrowing attempt.
     pub fn precheck(&self, plan: &Plan, now_ns: u64, share: f64) -> (Evaluation, bool) {
-        let eval = self.evaluate(&plan.attempt(false), plan.cost, now_ns, share);
+        self.precheck_with(plan, &[], now_ns, share)
+    }
+
+    /// [`LocalTable::precheck`] with more buckets checked after the plan's, each at its
+    /// own cost (an AI request's token buckets at the reservation, `crate::ai`).
+    pub fn precheck_with(
+        &self,
+        plan: &Plan,
+        extra: &[(&Bucket, u32)],
+        now_ns: u64,
+        share: f64,
+    ) -> (Evaluation, bool) {
+        let eval = self.evaluate_costs(&with_costs(plan, false, extra), now_ns, share);
         if !eval.allowed && eval.tripped == Some(0) && plan.borrow.is_some() {
-            let alt = self.evaluate(&plan.attempt(true), plan.cost, now_ns, share);
+            let alt = self.evaluate_costs(&with_costs(plan, true, extra), now_ns, share);
             if alt.allowed {
                 return (alt, true);
             }
@@ -531,9 +636,20 @@ impl LocalTable {
     /// Decide on local state alone ([`LocalTable::precheck`]), and charge when allowed.
     /// Returns the evaluation and whether it borrowed.
     pub fn decide(&mut self, plan: &Plan, now_ns: u64, share: f64) -> (Evaluation, bool) {
-        let (eval, borrowing) = self.precheck(plan, now_ns, share);
+        self.decide_with(plan, &[], now_ns, share)
+    }
+
+    /// [`LocalTable::decide`] with extra buckets at their own costs.
+    pub fn decide_with(
+        &mut self,
+        plan: &Plan,
+        extra: &[(&Bucket, u32)],
+        now_ns: u64,
+        share: f64,
+    ) -> (Evaluation, bool) {
+        let (eval, borrowing) = self.precheck_with(plan, extra, now_ns, share);
         if eval.allowed {
-            self.charge_scaled(&plan.attempt(borrowing), plan.cost, now_ns, share);
+            self.charge_costs_scaled(&with_costs(plan, borrowing, extra), now_ns, share);
         }
         (eval, borrowing)
     }
@@ -725,6 +841,19 @@ impl Unreported {
     pub fn is_empty(&self) -> bool {
         self.hits.is_empty()
     }
+}
+
+/// An attempt's buckets at the plan's cost, then the extra buckets at theirs.
+pub fn with_costs<'a>(
+    plan: &'a Plan,
+    borrowing: bool,
+    extra: &[(&'a Bucket, u32)],
+) -> Vec<(&'a Bucket, u32)> {
+    plan.attempt(borrowing)
+        .into_iter()
+        .map(|b| (b, plan.cost))
+        .chain(extra.iter().copied())
+        .collect()
 }
 
 /// A rate scaled by a share in (0, 1], never below one request and a burst of one.

@@ -85,6 +85,16 @@ impl Gcra {
             .saturating_add(t.saturating_mul(u64::from(cost)));
     }
 
+    /// Give back `cost` charged earlier (a settlement that used less than it reserved).
+    /// Never fills the bucket past full: the TAT does not move before `now`.
+    pub fn refund(&mut self, rate: &Rate, cost: u32, now_ns: u64) {
+        if self.tat_ns <= now_ns {
+            return;
+        }
+        let back = rate.interval_ns().saturating_mul(u64::from(cost));
+        self.tat_ns = self.tat_ns.saturating_sub(back).max(now_ns);
+    }
+
     /// Whether the bucket is full (idle) at `now`: it can be dropped without losing state.
     pub fn is_idle(&self, now_ns: u64) -> bool {
         self.tat_ns <= now_ns

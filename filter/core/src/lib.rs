@@ -6,12 +6,14 @@
 //! touches, including reserved lanes and borrowing ([`engine`]), response headers
 //! ([`headers`]) and the one bucket-key codec ([`key`]) that every store uses. Operability
 //! lives here too: rollout modes and near misses ([`rollout`]), graceful degradation before
-//! the 429 ([`degrade`]) and audit records ([`audit`]).
+//! the 429 ([`degrade`]) and audit records ([`audit`]). AI traffic's token quotas, reserved at
+//! admission and settled from the response, are in [`ai`].
 //!
 //! It knows nothing of proxy-wasm, tokio or Redis, and time is always an argument
 //! (`now_ns`, nanoseconds since the Unix epoch), so every behaviour is deterministic in
 //! tests and identical on the host and in `wasm32-wasip1`.
 
+pub mod ai;
 pub mod audit;
 pub mod card;
 pub mod classify;

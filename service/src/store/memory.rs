@@ -11,7 +11,7 @@ use std::sync::{Mutex, PoisonError};
 
 use laneguard_core::gcra::Gcra;
 
-use super::{decide, decide_report, Charge, Decision, Outcome, Store, StoreFuture};
+use super::{decide, decide_refund, decide_report, Charge, Decision, Outcome, Store, StoreFuture};
 
 /// Never sweep maps smaller than this.
 const MIN_SWEEP_LEN: usize = 1024;
@@ -73,6 +73,13 @@ impl MemoryStore {
         })
     }
 
+    /// The synchronous core of [`Store::refund`].
+    pub fn refund_now(&self, charges: &[Charge], now_ns: u64) -> Outcome {
+        self.apply(charges, now_ns, |loaded| {
+            decide_refund(charges, loaded, now_ns)
+        })
+    }
+
     /// Load, decide and write back under the one lock.
     fn apply(
         &self,
@@ -125,6 +132,10 @@ impl Store for MemoryStore {
 
     fn report<'a>(&'a self, charges: &'a [Charge], now_ns: u64) -> StoreFuture<'a, Outcome> {
         Box::pin(std::future::ready(Ok(self.report_now(charges, now_ns))))
+    }
+
+    fn refund<'a>(&'a self, charges: &'a [Charge], now_ns: u64) -> StoreFuture<'a, Outcome> {
+        Box::pin(std::future::ready(Ok(self.refund_now(charges, now_ns))))
     }
 }
 

@@ -120,6 +120,17 @@ pub trait Store: Send + Sync + 'static {
     /// its sync tick), so the account must include them even if that puts a bucket in debt
     /// beyond its burst. Never refuses, never grants.
     fn report<'a>(&'a self, charges: &'a [Charge], now_ns: u64) -> StoreFuture<'a, Outcome>;
+
+    /// Give back every charge's cost (an AI request that used fewer tokens than it
+    /// reserved, settled on the filter's sync tick): each bucket's TAT moves back by the
+    /// cost, never before now, so a bucket never holds more than its burst. Never refuses.
+    fn refund<'a>(&'a self, charges: &'a [Charge], now_ns: u64) -> StoreFuture<'a, Outcome> {
+        let _ = (charges, now_ns);
+        Box::pin(std::future::ready(Err(StoreError::Backend(format!(
+            "the {} store does not take refunds",
+            self.name()
+        )))))
+    }
 }
 
 /// The result of [`decide`]: the outcome, and the states to write back if admitted.
@@ -170,12 +181,31 @@ pub(crate) fn first_mentions(charges: &[Charge]) -> Vec<usize> {
 /// true and `grant` 0; a bucket's status says whether it still has room for a cost-1 request
 /// after the report (`has_room`), with `remaining` and `reset_ns` after the report.
 pub fn decide_report(charges: &[Charge], loaded: &[Gcra], now_ns: u64) -> Decision {
+    apply_unconditionally(charges, loaded, now_ns, |state, charge| {
+        state.force(&charge.rate, charge.cost, now_ns)
+    })
+}
+
+/// A refund: every mention's cost is given back (`Gcra::refund`), never past full. Like a
+/// report it never refuses; statuses say each bucket's room after it.
+pub fn decide_refund(charges: &[Charge], loaded: &[Gcra], now_ns: u64) -> Decision {
+    apply_unconditionally(charges, loaded, now_ns, |state, charge| {
+        state.refund(&charge.rate, charge.cost, now_ns)
+    })
+}
+
+fn apply_unconditionally(
+    charges: &[Charge],
+    loaded: &[Gcra],
+    now_ns: u64,
+    op: impl Fn(&mut Gcra, &Charge),
+) -> Decision {
     let first = first_mentions(charges);
     let mut work: Vec<Gcra> = (0..charges.len())
         .map(|i| loaded.get(first[i]).copied().unwrap_or_default())
         .collect();
     for (i, charge) in charges.iter().enumerate() {
-        work[first[i]].force(&charge.rate, charge.cost, now_ns);
+        op(&mut work[first[i]], charge);
     }
     let buckets = charges
         .iter()
@@ -404,6 +434,16 @@ mod tests {
         assert!(d.outcome.admitted);
         assert_eq!(d.outcome.grant, 0);
         assert_eq!(d.outcome.buckets[1].remaining, 0);
+    }
+
+    #[test]
+    fn refunds_give_back_never_past_full() {
+        let charges = [charge("a", 10, 10, 4), charge("b", 10, 10, 50)];
+        let spent = Gcra::from_tat(6 * S / 10); // a holds 6 of its 10 spent
+        let d = decide_refund(&charges, &[spent, spent], 0);
+        assert!(d.outcome.admitted);
+        assert_eq!(d.outcome.buckets[0].remaining, 8);
+        assert_eq!(d.outcome.buckets[1].remaining, 10, "never past full");
     }
 
     #[test]

@@ -32,7 +32,8 @@ use redis::{
 use tokio::sync::Mutex;
 
 use super::{
-    decide, decide_report, first_mentions, Charge, Outcome, Store, StoreError, StoreFuture,
+    decide, decide_refund, decide_report, first_mentions, Charge, Outcome, Store, StoreError,
+    StoreFuture,
 };
 
 /// The scheme of a standalone Redis URL.
@@ -506,6 +507,31 @@ impl RedisStore {
         Ok(decide_report(charges, &states, now_ns).outcome)
     }
 
+    /// A refund: every group's TATs move back by what its mentions cost (the script's
+    /// `refund` mode, which never moves a TAT before now), then the states are read for the
+    /// statuses. A failed group is reported to the caller, which keeps the refund for the
+    /// next tick: at worst a bucket refuses a little early, never admits more.
+    async fn run_refund(&self, charges: &[Charge], now_ns: u64) -> Result<Outcome, StoreError> {
+        let first = first_mentions(charges);
+        let groups = self.groups(charges, &first);
+        let mut loaded = vec![Gcra::default(); charges.len()];
+        for group in &groups {
+            self.refund_group(group, charges, &first, Refund::Request { grant: 0 }, now_ns)
+                .await?;
+            self.read_group(group, charges, &mut loaded).await?;
+        }
+        let states: Vec<Gcra> = (0..charges.len()).map(|i| loaded[first[i]]).collect();
+        // The states already hold the refund: describe them as they stand.
+        let zero: Vec<Charge> = charges
+            .iter()
+            .map(|c| Charge {
+                cost: 0,
+                ..c.clone()
+            })
+            .collect();
+        Ok(decide_report(&zero, &states, now_ns).outcome)
+    }
+
     async fn run(
         &self,
         charges: &[Charge],
@@ -706,6 +732,15 @@ impl Store for RedisStore {
                 return Ok(decide_report(charges, &[], now_ns).outcome);
             }
             self.run_report(charges, now_ns).await
+        })
+    }
+
+    fn refund<'a>(&'a self, charges: &'a [Charge], now_ns: u64) -> StoreFuture<'a, Outcome> {
+        Box::pin(async move {
+            if charges.is_empty() {
+                return Ok(decide_refund(charges, &[], now_ns).outcome);
+            }
+            self.run_refund(charges, now_ns).await
         })
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod ops;
 pub mod raw;
+pub mod tokens;
 
 use crate::rate::{Rate, Window};
 pub use ops::{Fallback, Mode, Operations};
@@ -127,6 +128,10 @@ pub struct Model {
     pub capacity: Rate,
     pub default_allocation: Rate,
     pub tenant_allocations: HashMap<String, Rate>,
+    /// Token budgets (`policy::tokens`), if the model has any.
+    pub tokens: Option<tokens::ModelTokens>,
+    /// The model the `cheaper_model` fallback sends a request to when this one has no room.
+    pub cheaper_model: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -185,6 +190,8 @@ pub struct Policy {
     pub models: Option<Models>,
     /// Rollout modes, near misses, fallbacks and audit shipping (`policy::ops`).
     pub ops: Operations,
+    /// AI traffic: token budgets, body inspection, settlement (`policy::tokens`).
+    pub tokens: Option<tokens::Tokens>,
 }
 
 impl Policy {
@@ -677,6 +684,7 @@ fn validate(raw: RawPolicy) -> Result<Policy, PolicyError> {
                     }
                     tenant_allocations.insert(tenant.clone(), allocation(a, &capacity, &apath)?);
                 }
+                let model_tokens = tokens::model_tokens(model, &path)?;
                 if list
                     .insert(
                         model.name.clone(),
@@ -685,6 +693,8 @@ fn validate(raw: RawPolicy) -> Result<Policy, PolicyError> {
                             capacity,
                             default_allocation,
                             tenant_allocations,
+                            tokens: model_tokens,
+                            cheaper_model: model.cheaper_model.clone(),
                         },
                     )
                     .is_some()
@@ -695,6 +705,7 @@ fn validate(raw: RawPolicy) -> Result<Policy, PolicyError> {
                     ));
                 }
             }
+            tokens::check_cheaper(&m.list)?;
             Some(Models {
                 header: header_name(m.header, "x-model", "models.header")?,
                 list,
@@ -716,6 +727,17 @@ fn validate(raw: RawPolicy) -> Result<Policy, PolicyError> {
             .flat_map(|m| m.tenant_allocations.keys().cloned()),
     )?;
 
+    let family_names: Vec<String> = families.iter().map(|f| f.name.clone()).collect();
+    let tokens = tokens::validate(
+        raw.tokens.as_ref(),
+        models
+            .iter()
+            .flat_map(|m| m.list.values())
+            .any(|m| m.tokens.is_some()),
+        &family_names,
+        purposes.as_ref().map(|p| &p.limits),
+    )?;
+
     let policy = Policy {
         identity,
         classification,
@@ -730,6 +752,7 @@ fn validate(raw: RawPolicy) -> Result<Policy, PolicyError> {
         purposes,
         models,
         ops,
+        tokens,
     };
     check_costs(&policy)?;
     Ok(policy)

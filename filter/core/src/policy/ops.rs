@@ -168,13 +168,14 @@ impl Operations {
         let by_kind = match bucket.kind {
             BucketKind::Shared | BucketKind::Reserve => None,
             BucketKind::Class => self.buckets.class,
-            BucketKind::User => self.buckets.user,
-            BucketKind::Tool => family
+            // A token budget follows the mode of its dimension's rule.
+            BucketKind::User | BucketKind::UserTokens => self.buckets.user,
+            BucketKind::Tool | BucketKind::ToolTokens => family
                 .and_then(|f| self.families.get(f).copied())
                 .or(self.buckets.tool),
-            BucketKind::Purpose => self.buckets.purpose,
-            BucketKind::Model => self.buckets.model,
-            BucketKind::ModelTotal => self.buckets.model_total,
+            BucketKind::Purpose | BucketKind::PurposeTokens => self.buckets.purpose,
+            BucketKind::Model | BucketKind::ModelTokens => self.buckets.model,
+            BucketKind::ModelTotal | BucketKind::ModelTotalTokens => self.buckets.model_total,
         };
         by_kind.unwrap_or(Mode::Enforce)
     }

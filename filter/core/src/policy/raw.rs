@@ -29,6 +29,8 @@ pub struct RawPolicy {
     pub rollout: RawRollout,
     #[serde(default)]
     pub audit: RawAudit,
+    /// AI traffic: token budgets, body inspection, usage settlement (`policy::tokens`).
+    pub tokens: Option<RawTokens>,
 }
 
 /// `enforce | shadow | off` (see `policy::ops::Mode`).
@@ -260,6 +262,43 @@ pub struct RawModel {
     pub allocation: RawAllocation,
     #[serde(default)]
     pub tenants: BTreeMap<String, RawAllocation>,
+    /// The model's token budgets, next to its request budgets.
+    pub tokens: Option<RawModelTokens>,
+    /// Where the `cheaper_model` fallback sends a request when this model has no room.
+    pub cheaper_model: Option<String>,
+}
+
+/// A model's token capacity and the tenants' allocations of it (tokens per window).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModelTokens {
+    pub capacity: RawRate,
+    pub allocation: Option<RawAllocation>,
+    #[serde(default)]
+    pub tenants: BTreeMap<String, RawAllocation>,
+    pub default_estimate: Option<u32>,
+}
+
+/// Policy-wide AI settings and the token budgets that are not per model.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTokens {
+    pub path_prefixes: Option<Vec<String>>,
+    pub inspect_bytes: Option<u32>,
+    pub default_estimate: Option<u32>,
+    pub usage_header: Option<String>,
+    pub users: Option<RawRate>,
+    #[serde(default)]
+    pub purposes: BTreeMap<String, RawRate>,
+    #[serde(default)]
+    pub tools: BTreeMap<String, RawToolTokens>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawToolTokens {
+    pub limit: Option<RawRate>,
+    pub default_estimate: Option<u32>,
 }
 
 /// A tenant's allocation of a model: a share of its capacity, or an absolute rate.

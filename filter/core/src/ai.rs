@@ -1,0 +1,505 @@
+//! AI traffic: token quotas reserved at admission and settled from the response.
+//!
+//! A token bill is known only after the response, so charging after the fact lets N
+//! concurrent requests overshoot by everything they spend at once. laneguard reserves
+//! instead: at admission each token bucket the request touches is charged an estimate
+//! ([`TokenPlan::reserve`]: the body's `max_completion_tokens` / `max_tokens`, else the
+//! model's, the endpoint family's or the policy's default), all or nothing together with the
+//! request buckets. When the response arrives, the real usage ([`Usage`], from the JSON body's
+//! `usage`, the final SSE chunk's `usage`, or a header the policy names) settles the
+//! difference ([`settle`]): a refund when it used less, an extra charge when it used more.
+//!
+//! **The bound.** Reservations are admitted all or nothing against each bucket's room, so
+//! what is reserved never exceeds a bucket's limit. Only an extra charge (usage above the
+//! reservation) can push a bucket past it, and only by that excess: over any window a token
+//! bucket admits at most its limit plus the sum, over the requests it admitted, of
+//! `max(0, usage - reservation)`. The filter exports that sum (`laneguard.tokens.over_reservation`)
+//! and the reservations in flight (`laneguard.tokens.in_flight_reserved`). A request that
+//! honours `max_tokens` exceeds its reservation by at most its prompt tokens.
+//!
+//! Every bad input has one outcome, chosen here: see [`BodyError`] (400), [`TokenReject`]
+//! (400), [`NoUsage`] (settle at the reservation). Nothing here panics or allocates without
+//! bound: bodies are read only up to `tokens.inspect_bytes`.
+
+use crate::engine::{model_buckets, Bucket, BucketKind, Plan};
+use crate::policy::Policy;
+use serde::Deserialize;
+use serde_json::Value;
+
+/// What the filter reads from an AI request's JSON body.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RequestBody {
+    pub model: Option<String>,
+    /// `max_completion_tokens` if present, else `max_tokens`.
+    pub max_tokens: Option<u32>,
+    pub stream: bool,
+}
+
+/// A request body that cannot be inspected: answered 400.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyError {
+    /// Not a JSON object.
+    NotJson,
+    /// `max_tokens` or `max_completion_tokens` is not a positive integer.
+    BadMaxTokens,
+}
+
+impl BodyError {
+    pub fn code(self) -> &'static str {
+        match self {
+            BodyError::NotJson => "invalid_body",
+            BodyError::BadMaxTokens => "invalid_max_tokens",
+        }
+    }
+
+    pub fn detail(self) -> &'static str {
+        match self {
+            BodyError::NotJson => "the request body of an AI endpoint must be a JSON object",
+            BodyError::BadMaxTokens => {
+                "max_tokens / max_completion_tokens must be a positive integer"
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Head {
+    #[serde(default)]
+    model: Option<Value>,
+    #[serde(default)]
+    max_tokens: Option<Value>,
+    #[serde(default)]
+    max_completion_tokens: Option<Value>,
+    #[serde(default)]
+    stream: Option<Value>,
+}
+
+fn positive(v: &Value) -> Result<u32, BodyError> {
+    match v.as_u64() {
+        // Larger than any bucket: the reservation check refuses it by name.
+        Some(n) if n > 0 => Ok(u32::try_from(n).unwrap_or(u32::MAX)),
+        _ => Err(BodyError::BadMaxTokens),
+    }
+}
+
+/// Read `model`, `max_tokens` / `max_completion_tokens` and `stream` from a request body.
+/// Other fields are skipped without being built. `null` counts as absent; `stream` is a
+/// stream only when it is `true`.
+pub fn parse_request(body: &[u8]) -> Result<RequestBody, BodyError> {
+    // serde would also read a struct from a JSON array, positionally: only objects count.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(BodyError::NotJson);
+    }
+    let head: Head = serde_json::from_slice(body).map_err(|_| BodyError::NotJson)?;
+    let limit = |v: &Option<Value>| match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => positive(v).map(Some),
+    };
+    let max_completion = limit(&head.max_completion_tokens)?;
+    let max_tokens = limit(&head.max_tokens)?;
+    Ok(RequestBody {
+        model: head.model.and_then(|m| m.as_str().map(str::to_string)),
+        max_tokens: max_completion.or(max_tokens),
+        stream: head.stream == Some(Value::Bool(true)),
+    })
+}
+
+/// The body with its `model` field set to `model` (the `cheaper_model` fallback). `None`
+/// when the body is not a JSON object (then only the model header is rewritten).
+pub fn rewrite_model(body: &[u8], model: &str) -> Option<Vec<u8>> {
+    let mut v: Value = serde_json::from_slice(body).ok()?;
+    v.as_object_mut()?
+        .insert("model".to_string(), Value::String(model.to_string()));
+    serde_json::to_vec(&v).ok()
+}
+
+/// Where a reservation came from (for records and counters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Estimate {
+    /// The body's `max_completion_tokens` / `max_tokens`.
+    Body,
+    /// `models.list[].tokens.default_estimate`.
+    Model,
+    /// `tokens.tools.<family>.default_estimate`.
+    Tool,
+    /// `tokens.default_estimate`.
+    Default,
+}
+
+impl Estimate {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Estimate::Body => "body",
+            Estimate::Model => "model",
+            Estimate::Tool => "tool",
+            Estimate::Default => "default",
+        }
+    }
+}
+
+/// An AI request's token buckets and what it reserves in each.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenPlan {
+    pub model: Option<String>,
+    /// Tokens reserved in every bucket at admission.
+    pub reserve: u32,
+    pub estimate: Estimate,
+    /// User, tool, purpose, model allocation, model total: the order of the request buckets.
+    pub buckets: Vec<Bucket>,
+}
+
+impl TokenPlan {
+    /// The buckets with the reservation as their cost, to check and charge with the
+    /// request buckets (`LocalTable::precheck_with`).
+    pub fn costed(&self) -> Vec<(&Bucket, u32)> {
+        self.buckets.iter().map(|b| (b, self.reserve)).collect()
+    }
+
+    pub fn refs(&self) -> Vec<&Bucket> {
+        self.buckets.iter().collect()
+    }
+}
+
+/// A reservation no bucket could ever hold: answered 400, naming the bucket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenReject {
+    pub bucket: String,
+    pub reserve: u32,
+    pub burst: u32,
+}
+
+impl TokenReject {
+    pub const CODE: &'static str = "max_tokens_too_large";
+
+    pub fn detail(&self) -> String {
+        format!(
+            "the request reserves {} tokens but {} holds at most {}",
+            self.reserve, self.bucket, self.burst
+        )
+    }
+}
+
+/// The token buckets of an AI request (`None` when the policy has no token settings or
+/// none of its token budgets applies). `model` is the model the request names (header,
+/// else body), `max_tokens` the body's limit.
+pub fn token_plan(
+    policy: &Policy,
+    plan: &Plan,
+    model: Option<&str>,
+    purpose: Option<&str>,
+    max_tokens: Option<u32>,
+) -> Result<Option<TokenPlan>, TokenReject> {
+    let Some(tokens) = &policy.tokens else {
+        return Ok(None);
+    };
+    let domain = policy.service.domain.as_str();
+    let tenant = plan.tenant.as_str();
+    let mut buckets = Vec::new();
+    if let (Some(u), Some(rate)) = (&plan.user, tokens.users) {
+        buckets.push(Bucket::new(domain, BucketKind::UserTokens, tenant, u, rate));
+    }
+    let tool = plan.family.as_deref().and_then(|f| tokens.tools.get(f));
+    if let (Some(f), Some(rate)) = (&plan.family, tool.and_then(|t| t.limit)) {
+        buckets.push(Bucket::new(domain, BucketKind::ToolTokens, tenant, f, rate));
+    }
+    if let Some(rate) = purpose.and_then(|p| tokens.purposes.get(p)) {
+        if let Some(p) = purpose {
+            buckets.push(Bucket::new(
+                domain,
+                BucketKind::PurposeTokens,
+                tenant,
+                p,
+                *rate,
+            ));
+        }
+    }
+    let model_def = model.and_then(|m| policy.models.as_ref()?.list.get(m));
+    let model_tokens = model_def.and_then(|m| m.tokens.as_ref());
+    if let (Some(m), Some(t)) = (model_def, model_tokens) {
+        buckets.extend(token_model_buckets(domain, &m.name, t, tenant));
+    }
+    if buckets.is_empty() {
+        return Ok(None);
+    }
+    let (reserve, estimate) = match (
+        max_tokens,
+        model_tokens.and_then(|t| t.default_estimate),
+        tool.and_then(|t| t.default_estimate),
+    ) {
+        (Some(n), _, _) => (n, Estimate::Body),
+        (None, Some(n), _) => (n, Estimate::Model),
+        (None, None, Some(n)) => (n, Estimate::Tool),
+        (None, None, None) => (tokens.default_estimate, Estimate::Default),
+    };
+    if let Some(b) = buckets.iter().find(|b| reserve > b.rate.burst.get()) {
+        return Err(TokenReject {
+            bucket: b.name(),
+            reserve,
+            burst: b.rate.burst.get(),
+        });
+    }
+    Ok(Some(TokenPlan {
+        model: model_def.map(|m| m.name.clone()),
+        reserve,
+        estimate,
+        buckets,
+    }))
+}
+
+fn token_model_buckets(
+    domain: &str,
+    model: &str,
+    t: &crate::policy::tokens::ModelTokens,
+    tenant: &str,
+) -> [Bucket; 2] {
+    let alloc = t
+        .tenant_allocations
+        .get(tenant)
+        .copied()
+        .unwrap_or(t.default_allocation);
+    [
+        Bucket::new(domain, BucketKind::ModelTokens, tenant, model, alloc),
+        Bucket::new(domain, BucketKind::ModelTotalTokens, "", model, t.capacity),
+    ]
+}
+
+/// The model the `cheaper_model` fallback would send a request for `model` to.
+pub fn cheaper<'a>(policy: &'a Policy, model: &str) -> Option<&'a str> {
+    policy
+        .models
+        .as_ref()?
+        .list
+        .get(model)?
+        .cheaper_model
+        .as_deref()
+}
+
+/// The same request sent to `model` instead: its model buckets (request and token) are
+/// replaced by that model's, and a reservation that came from the old model's default is
+/// re-estimated. `None` if the policy does not know `model` or it cannot hold the request.
+pub fn with_model(
+    policy: &Policy,
+    plan: &Plan,
+    tokens: Option<&TokenPlan>,
+    model: &str,
+    purpose: Option<&str>,
+    max_tokens: Option<u32>,
+) -> Option<(Plan, Option<TokenPlan>)> {
+    let def = policy.models.as_ref()?.list.get(model)?;
+    let mut next = plan.clone();
+    next.buckets.retain(|b| !b.kind.is_model());
+    next.buckets.extend(model_buckets(
+        policy.service.domain.as_str(),
+        def,
+        &plan.tenant,
+    ));
+    let next_tokens = match tokens {
+        None if def.tokens.is_none() => None,
+        _ => token_plan(policy, &next, Some(model), purpose, max_tokens).ok()?,
+    };
+    Some((next, next_tokens))
+}
+
+/// What the response said about the tokens it used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Usage {
+    /// Total tokens used (`total_tokens`, or `prompt_tokens + completion_tokens`).
+    Tokens(u64),
+    /// No usage reported.
+    Missing,
+    /// A usage that is negative, not a number, or in a body that is not JSON.
+    Invalid,
+}
+
+/// Why a request settles at its reservation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoUsage {
+    /// The response reported no usage (including a stream that ended without it).
+    Missing,
+    /// The usage was negative, not a number, or the body was not JSON.
+    Invalid,
+    /// The response body was larger than `tokens.inspect_bytes`.
+    TooLarge,
+    /// The client went away before the response ended.
+    Disconnected,
+}
+
+impl NoUsage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NoUsage::Missing => "missing",
+            NoUsage::Invalid => "invalid",
+            NoUsage::TooLarge => "too_large",
+            NoUsage::Disconnected => "disconnected",
+        }
+    }
+}
+
+/// The outcome of settling one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settle {
+    /// Used exactly what it reserved.
+    Exact,
+    /// Used less: give this much back to every token bucket.
+    Refund(u32),
+    /// Used more: charge this much more to every token bucket (it already happened, so
+    /// unconditionally, like a report).
+    Extra(u32),
+    /// No usable usage: the reservation stands.
+    AtReservation(NoUsage),
+}
+
+/// Settle a reservation against what the response reported.
+pub fn settle(reserve: u32, usage: Usage) -> Settle {
+    match usage {
+        Usage::Missing => Settle::AtReservation(NoUsage::Missing),
+        Usage::Invalid => Settle::AtReservation(NoUsage::Invalid),
+        Usage::Tokens(used) => {
+            let reserved = u64::from(reserve);
+            if used < reserved {
+                Settle::Refund(u32::try_from(reserved - used).unwrap_or(u32::MAX))
+            } else if used > reserved {
+                Settle::Extra(u32::try_from(used - reserved).unwrap_or(u32::MAX))
+            } else {
+                Settle::Exact
+            }
+        }
+    }
+}
+
+fn count(v: &Value) -> Option<u64> {
+    v.as_u64()
+}
+
+/// The usage in a parsed JSON value (a whole body, or one SSE chunk): `Missing` when there
+/// is no `usage` or it is `null`.
+pub fn usage_of(v: &Value) -> Usage {
+    let u = match v.get("usage") {
+        None | Some(Value::Null) => return Usage::Missing,
+        Some(u) => u,
+    };
+    if let Some(total) = u.get("total_tokens") {
+        return count(total).map_or(Usage::Invalid, Usage::Tokens);
+    }
+    match (
+        u.get("prompt_tokens").map(count),
+        u.get("completion_tokens").map(count),
+    ) {
+        (Some(Some(p)), Some(Some(c))) => Usage::Tokens(p.saturating_add(c)),
+        (None, Some(Some(c))) => Usage::Tokens(c),
+        _ => Usage::Invalid,
+    }
+}
+
+/// The usage of a whole (non-streamed) JSON response body.
+pub fn usage_from_json(body: &[u8]) -> Usage {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(v) => usage_of(&v),
+        Err(_) => Usage::Invalid,
+    }
+}
+
+/// The usage in the policy's usage header (`tokens.usage_header`): total tokens.
+pub fn usage_from_header(value: &str) -> Usage {
+    value
+        .trim()
+        .parse::<u64>()
+        .map_or(Usage::Invalid, Usage::Tokens)
+}
+
+/// Reads a `text/event-stream` response as it passes, without holding it up: it keeps only
+/// the event being received (at most `limit` bytes) and the last usage seen. OpenAI-style
+/// streams carry `usage` in their final chunk, before `data: [DONE]`.
+#[derive(Debug, Clone)]
+pub struct SseScanner {
+    pending: Vec<u8>,
+    limit: usize,
+    usage: Usage,
+    skipping: bool,
+    last: u8,
+    /// An event longer than `limit` was skipped.
+    pub overflowed: bool,
+    /// `data: [DONE]` was seen.
+    pub done: bool,
+}
+
+impl SseScanner {
+    pub fn new(limit: usize) -> SseScanner {
+        SseScanner {
+            pending: Vec::new(),
+            limit: limit.max(1),
+            usage: Usage::Missing,
+            skipping: false,
+            last: 0,
+            overflowed: false,
+            done: false,
+        }
+    }
+
+    /// Feed the next bytes of the stream.
+    pub fn feed(&mut self, chunk: &[u8]) {
+        for &byte in chunk {
+            if self.skipping {
+                // The rest of an oversized event: wait for its blank line.
+                if byte == b'\r' {
+                    continue;
+                }
+                if byte == b'\n' && self.last == b'\n' {
+                    self.skipping = false;
+                }
+                self.last = byte;
+                continue;
+            }
+            if self.pending.len() >= self.limit {
+                self.overflowed = true;
+                self.skipping = true;
+                self.last = self.pending.last().copied().unwrap_or(0);
+                self.pending.clear();
+                if byte == b'\n' && self.last == b'\n' {
+                    self.skipping = false;
+                }
+                self.last = byte;
+                continue;
+            }
+            self.pending.push(byte);
+            if byte == b'\n'
+                && (self.pending.ends_with(b"\n\n") || self.pending.ends_with(b"\r\n\r\n"))
+            {
+                let event = std::mem::take(&mut self.pending);
+                self.event(&event);
+            }
+        }
+    }
+
+    fn event(&mut self, event: &[u8]) {
+        let text = String::from_utf8_lossy(event);
+        for line in text.lines() {
+            let Some(data) = line.strip_prefix("data:") else {
+                continue;
+            };
+            let data = data.trim();
+            if data == "[DONE]" {
+                self.done = true;
+                continue;
+            }
+            if let Ok(v) = serde_json::from_str::<Value>(data) {
+                match usage_of(&v) {
+                    Usage::Missing => {}
+                    u => self.usage = u,
+                }
+            }
+        }
+    }
+
+    /// The stream ended: its usage (an event without a trailing blank line counts too).
+    pub fn finish(&mut self) -> Usage {
+        if !self.pending.is_empty() {
+            let event = std::mem::take(&mut self.pending);
+            self.event(&event);
+        }
+        self.usage
+    }
+}
+
+#[cfg(test)]
+mod tests;
