@@ -2,7 +2,8 @@
 //!
 //! protoc comes from `protoc-bin-vendored`, so no system package is needed. Without the
 //! `server` feature only prost messages are generated (this is what the wasm filter builds);
-//! with it, `tonic-prost-build` adds the `RateLimitService` server and client stubs.
+//! with it, `tonic-prost-build` adds the `RateLimitService` and `RateLimitQuotaService` server
+//! and client stubs.
 
 use std::path::PathBuf;
 
@@ -10,6 +11,9 @@ const PROTOS: &[&str] = &[
     "proto/envoy/service/ratelimit/v3/rls.proto",
     "proto/envoy/extensions/common/ratelimit/v3/ratelimit.proto",
     "proto/envoy/type/v3/ratelimit_unit.proto",
+    "proto/envoy/service/rate_limit_quota/v3/rlqs.proto",
+    "proto/envoy/type/v3/ratelimit_strategy.proto",
+    "proto/envoy/type/v3/token_bucket.proto",
     "proto/envoy/config/core/v3/base.proto",
     "proto/laneguard/audit/v1/audit.proto",
 ];

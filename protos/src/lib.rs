@@ -12,6 +12,10 @@
 //! `rate_limit_service_server` and `rate_limit_service_client` modules inside
 //! `envoy::service::ratelimit::v3`, for the service and the tests.
 //!
+//! `envoy::service::rate_limit_quota::v3` is the RLQS protocol of Envoy's native
+//! `envoy.filters.http.rate_limit_quota` filter (vendored and trimmed the same way, with
+//! `envoy.type.v3`'s `RateLimitStrategy` and `TokenBucket`).
+//!
 //! [`laneguard::audit::v1`] is laneguard's own small protocol (not Envoy's): the filter ships
 //! audit records to the service's hash-chained log with `AuditLog/Append`.
 
@@ -44,6 +48,17 @@ pub mod envoy {
     }
 
     pub mod service {
+        pub mod rate_limit_quota {
+            /// `envoy.service.rate_limit_quota.v3` (RLQS): usage reports, assignments and
+            /// (with the `server` feature) the tonic stubs of `RateLimitQuotaService`.
+            pub mod v3 {
+                include!(concat!(
+                    env!("OUT_DIR"),
+                    "/envoy.service.rate_limit_quota.v3.rs"
+                ));
+            }
+        }
+
         pub mod ratelimit {
             /// `envoy.service.ratelimit.v3`: the request, the response and (with the `server`
             /// feature) the tonic stubs.
@@ -54,7 +69,7 @@ pub mod envoy {
     }
 
     pub mod r#type {
-        /// `envoy.type.v3`: `RateLimitUnit`.
+        /// `envoy.type.v3`: `RateLimitUnit`, and RLQS's `RateLimitStrategy` and `TokenBucket`.
         pub mod v3 {
             include!(concat!(env!("OUT_DIR"), "/envoy.r#type.v3.rs"));
         }
@@ -108,6 +123,11 @@ pub mod google {
 
 /// The fully qualified gRPC service name, as used in paths and in `grpc.health.v1` checks.
 pub const RATE_LIMIT_SERVICE_NAME: &str = "envoy.service.ratelimit.v3.RateLimitService";
+
+/// The RLQS service's fully qualified name (`grpc.health.v1` answers SERVING for it when the
+/// service has a policy).
+pub const RATE_LIMIT_QUOTA_SERVICE_NAME: &str =
+    "envoy.service.rate_limit_quota.v3.RateLimitQuotaService";
 
 /// The audit service's name and method, as `dispatch_grpc_call` takes them.
 pub const AUDIT_SERVICE_NAME: &str = "laneguard.audit.v1.AuditLog";
