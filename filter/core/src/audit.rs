@@ -246,57 +246,30 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     )
 }
 
-/// A time for `--since`/`--until`: RFC 3339 in UTC (`2026-11-24T05:25:22Z`, fractions
-/// allowed), a date (`2026-11-24`, midnight UTC), or Unix seconds.
+/// A time for `--since`/`--until`: Unix seconds, a date (`2026-11-24`, midnight UTC), or
+/// RFC 3339 ([`parse_rfc3339`], the parser the trace reader uses).
 pub fn parse_time(s: &str) -> Option<u64> {
     let s = s.trim();
     if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
         return s.parse::<u64>().ok()?.checked_mul(1_000_000_000);
     }
-    let (date, time) = match s.split_once(['T', 't', ' ']) {
-        Some((d, t)) => (d, Some(t)),
-        None => (s, None),
-    };
-    let mut d = date.splitn(3, '-');
-    let y: i64 = d.next()?.parse().ok()?;
-    let m: u32 = d.next()?.parse().ok()?;
-    let day: u32 = d.next()?.parse().ok()?;
-    if !(1..=12).contains(&m) || !(1..=31).contains(&day) {
-        return None;
-    }
-    let mut nanos: u64 = 0;
-    if let Some(t) = time {
-        let t = t
-            .strip_suffix('Z')
-            .or_else(|| t.strip_suffix('z'))
-            .or_else(|| t.strip_suffix("+00:00"))?;
-        let (hms, frac) = match t.split_once('.') {
-            Some((a, f)) => (a, Some(f)),
-            None => (t, None),
-        };
-        let mut p = hms.splitn(3, ':');
-        let h: u64 = p.next()?.parse().ok()?;
-        let mi: u64 = p.next()?.parse().ok()?;
-        let sec: u64 = p.next().unwrap_or("0").parse().ok()?;
-        if h > 23 || mi > 59 || sec > 60 {
+    if s.len() == 10 {
+        let mut d = s.splitn(3, '-');
+        let y: i64 = d.next()?.parse().ok()?;
+        let m: u32 = d.next()?.parse().ok()?;
+        let day: u32 = d.next()?.parse().ok()?;
+        if !(1..=12).contains(&m) || !(1..=31).contains(&day) {
             return None;
         }
-        nanos = (h * 3_600 + mi * 60 + sec) * 1_000_000_000;
-        if let Some(f) = frac {
-            if f.is_empty() || f.len() > 9 || !f.bytes().all(|b| b.is_ascii_digit()) {
-                return None;
-            }
-            let padded = format!("{f:0<9}");
-            nanos += padded.parse::<u64>().ok()?;
-        }
+        let days = u64::try_from(days_from_civil(y, m, day)).ok()?;
+        return days.checked_mul(86_400 * 1_000_000_000);
     }
-    let days = days_from_civil(y, m, day);
-    let days = u64::try_from(days).ok()?;
-    Some(days * 86_400 * 1_000_000_000 + nanos)
+    parse_rfc3339(s)
 }
 
-/// Howard Hinnant's `days_from_civil`.
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's
+/// `days_from_civil`, the inverse of [`civil_from_days`]).
+pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
     let y = if m <= 2 { y - 1 } else { y };
     let era = y.div_euclid(400);
     let yoe = y.rem_euclid(400);
@@ -304,6 +277,91 @@ fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
     let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     era * 146_097 + doe - 719_468
+}
+
+/// RFC 3339 (`2026-11-24T06:58:00.250Z`, `2026-11-24 07:58:00+01:00`, any number of fraction
+/// digits) to nanoseconds since the Unix epoch. Hand-written on purpose: it is the inverse of
+/// [`rfc3339_ms`], and it keeps the core free of a
+/// date crate in the Wasm build. `None` for anything else, or a time before 1970.
+pub fn parse_rfc3339(s: &str) -> Option<u64> {
+    let b = s.as_bytes();
+    if b.len() < 20 {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<u32> {
+        let part = s.get(r)?;
+        if part.bytes().all(|c| c.is_ascii_digit()) {
+            part.parse().ok()
+        } else {
+            None
+        }
+    };
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
+        return None;
+    }
+    if b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let days_in = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    if !(1..=12).contains(&mo) || d == 0 || d > days_in[(mo - 1) as usize] {
+        return None;
+    }
+    if h > 23 || mi > 59 || sec > 60 {
+        return None;
+    }
+    let mut i = 19;
+    let mut frac_ns: u64 = 0;
+    if b.get(i) == Some(&b'.') {
+        i += 1;
+        let start = i;
+        let mut scale = 100_000_000u64;
+        while let Some(c) = b.get(i).filter(|c| c.is_ascii_digit()) {
+            frac_ns += u64::from(c - b'0') * scale;
+            scale /= 10;
+            i += 1;
+        }
+        if i == start {
+            return None;
+        }
+    }
+    let offset_s: i64 = match b.get(i)? {
+        b'Z' | b'z' if i + 1 == b.len() => 0,
+        sign @ (b'+' | b'-') if i + 6 == b.len() && b[i + 3] == b':' => {
+            let oh = i64::from(num(i + 1..i + 3)?);
+            let om = i64::from(num(i + 4..i + 6)?);
+            if oh > 23 || om > 59 {
+                return None;
+            }
+            let o = oh * 3_600 + om * 60;
+            if *sign == b'-' {
+                -o
+            } else {
+                o
+            }
+        }
+        _ => return None,
+    };
+    let days = days_from_civil(i64::from(y), mo, d);
+    let secs = days * 86_400 + i64::from(h) * 3_600 + i64::from(mi) * 60 + i64::from(sec.min(59))
+        - offset_s;
+    let secs = u64::try_from(secs).ok()?;
+    secs.checked_mul(1_000_000_000)?.checked_add(frac_ns)
 }
 
 #[cfg(test)]
