@@ -696,7 +696,16 @@ impl LocalTable {
     /// spend on these buckets, at least `min(cost, max)`, at most `max`. Small leases keep
     /// the pre-paid, unspent capacity (the accuracy cost of leasing) small; one second of
     /// traffic is enough for a renewal on the next tick to arrive before the lease runs out.
+    ///
+    /// A protected class's reserve is never leased (0: ask for none). A lease is pre-paid,
+    /// and what expires unspent is lost to the window; a reserve is sized to the class's own
+    /// rate, so a class sending at its reserved rate would slowly drain its reserve that way
+    /// (issue 14, item 1). Requests on a reserve are decided centrally, each paying its cost
+    /// and nothing more.
     pub fn want(&self, buckets: &[&Bucket], cost: u32, now_ns: u64, max: u32) -> u32 {
+        if buckets.iter().any(|b| b.kind == BucketKind::Reserve) {
+            return 0;
+        }
         let rate = buckets
             .iter()
             .filter_map(|b| self.buckets.get(&b.key))

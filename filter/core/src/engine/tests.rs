@@ -507,3 +507,19 @@ fn levels_count_unspent_leases_as_remaining() {
     t.add_leases(&mut levels, &b, now);
     assert_eq!(levels[1].remaining, 10, "capped at the burst");
 }
+
+/// Issue 14, item 1: a lease on a reserve is pre-paid and, for a class sending slowly,
+/// expires unspent, so a class at its reserved rate drained its own reserve. A plan on a
+/// reserve asks for no lease; its borrowing attempt (the shared pool) still may.
+#[test]
+fn reserves_are_never_leased() {
+    let p = policy();
+    let plan = plan(&p, &req("nw", "recon", None)).unwrap();
+    let primary = plan.attempt(false);
+    assert_eq!(primary[0].kind, BucketKind::Reserve);
+    let mut t = LocalTable::default();
+    for i in 0..30 {
+        t.charge(&primary, 1, 100 * S + i * (S / 100));
+    }
+    assert_eq!(t.want(&primary, 1, 100 * S + S / 2, 50), 0);
+}
