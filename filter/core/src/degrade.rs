@@ -7,9 +7,9 @@
 //! that arrive later see that debt, so a queue never admits more than the rate, and the
 //! order of service is the order of arrival.
 
-use crate::engine::Level;
+use crate::engine::{Bucket, BucketKind, Level, Plan};
 use crate::policy::ops::ClassOps;
-use crate::policy::{ClassId, Fallback};
+use crate::policy::{ClassId, Fallback, Policy};
 
 /// What a limited request gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,8 +51,51 @@ pub fn retry_after_s(levels: &[Level]) -> u64 {
 /// Walk the class's fallbacks. `depth` is how many requests of this class already wait on
 /// this worker.
 pub fn choose(ops: &ClassOps, wait_ns: u64, depth: usize) -> Step {
+    walk(ops, &ops.fallbacks, wait_ns, depth)
+}
+
+/// The fallback route's own budget had no room: walk the fallbacks listed after
+/// `fallback_route` (a 429 when nothing else applies).
+pub fn choose_after_route(ops: &ClassOps, wait_ns: u64, depth: usize) -> Step {
+    let rest = ops
+        .fallbacks
+        .iter()
+        .position(|f| *f == Fallback::FallbackRoute)
+        .map_or(&ops.fallbacks[..0], |i| &ops.fallbacks[i + 1..]);
+    walk(ops, rest, wait_ns, depth)
+}
+
+/// What a request sent to its class's fallback route is charged to: the route's own bucket
+/// (`[tenant, fallback, class]`), at `fallback_route.budget`, or by default the class's budget
+/// for this tenant, or the tenant's shared pool for a class without one. The returned plan is
+/// decided like any other (lease, local mirror, central call, failure mode), so a fallback
+/// route admits at most its budget, fleet-wide; when it has no room the fallbacks after
+/// `fallback_route` apply ([`choose_after_route`]).
+pub fn route_plan(policy: &Policy, plan: &Plan) -> Plan {
+    let tenant_plan = policy.plan_for(&plan.tenant);
+    let rate = policy
+        .ops
+        .class(plan.class)
+        .and_then(|o| o.fallback_route.budget)
+        .or(tenant_plan.budgets.get(plan.class).copied().flatten())
+        .unwrap_or(tenant_plan.shared);
+    let bucket = Bucket::new(
+        &policy.service.domain,
+        BucketKind::Fallback,
+        &plan.tenant,
+        &plan.class_name,
+        rate,
+    );
+    Plan {
+        buckets: vec![bucket],
+        borrow: None,
+        ..plan.clone()
+    }
+}
+
+fn walk(ops: &ClassOps, fallbacks: &[Fallback], wait_ns: u64, depth: usize) -> Step {
     let mut queue_refused = false;
-    for f in &ops.fallbacks {
+    for f in fallbacks {
         match f {
             Fallback::Queue => {
                 let fits = wait_ns <= u64::from(ops.queue.max_wait_ms) * 1_000_000;
@@ -145,6 +188,7 @@ mod tests {
             fallback_route: FallbackRoute {
                 header: "x-laneguard-route".into(),
                 value: "fallback".into(),
+                budget: None,
             },
         }
     }
@@ -170,6 +214,71 @@ mod tests {
             }
         );
         assert_eq!(choose(&ops(&[FallbackRoute, Reject]), 0, 0), Step::Route);
+        // The route's budget is full: what follows it.
+        let q = ops(&[FallbackRoute, Queue, Reject]);
+        assert_eq!(
+            choose_after_route(&q, 500 * MS, 0),
+            Step::Queue { wait_ns: 500 * MS }
+        );
+        assert_eq!(
+            choose_after_route(&ops(&[FallbackRoute, Reject]), 0, 0),
+            Step::Reject {
+                queue_refused: false
+            }
+        );
+    }
+
+    const ROUTE_POLICY: &str = r#"
+version: 1
+classes:
+  - { name: web, consequence: time_sensitive, budget: { per_minute: 60, burst: 10 }, fallbacks: [fallback_route] }
+  - { name: export, consequence: low, fallbacks: [fallback_route], fallback_route: { budget: { per_minute: 6, burst: 2 } } }
+  - { name: batch, consequence: low, fallbacks: [fallback_route] }
+  - { name: repair, consequence: repair, reserve: { per_minute: 20, burst: 5 } }
+principals:
+  - { name: e, default_class: export, may_declare: [export] }
+  - { name: b, default_class: batch, may_declare: [batch] }
+tenants:
+  default: { ceiling: { per_minute: 100, burst: 20 } }
+"#;
+
+    #[test]
+    fn the_fallback_route_is_charged_to_its_own_bounded_bucket() {
+        use crate::engine::{plan, LocalTable, RequestInfo};
+        use crate::policy::parse;
+        let p = parse(ROUTE_POLICY).unwrap();
+        let req = |principal| RequestInfo {
+            tenant: Some("t"),
+            principal: Some(principal),
+            method: "GET",
+            path: "/",
+            ..RequestInfo::default()
+        };
+        let route = |principal| route_plan(&p, &plan(&p, &req(principal)).unwrap());
+        let export = route("e");
+        assert_eq!(export.buckets.len(), 1);
+        let b = &export.buckets[0];
+        assert_eq!(
+            (b.kind, b.name()),
+            (BucketKind::Fallback, "fallback:export".into())
+        );
+        assert_eq!(
+            b.entries(),
+            [("tenant", "t"), ("bucket", "fallback"), ("class", "export")]
+        );
+        assert_eq!((b.rate.requests.get(), b.rate.burst.get()), (6, 2));
+        assert!(export.borrow.is_none());
+        // Defaults: the class's budget, else the shared pool.
+        let web = route("unknown-principal-gets-web");
+        assert_eq!(web.buckets[0].rate, p.default_plan.budgets[0].unwrap());
+        assert_eq!(route("b").buckets[0].rate, p.default_plan.shared);
+        // Charged like any other bucket: its burst, then no room.
+        let mut t = LocalTable::default();
+        let now = 1_000 * 1_000_000_000;
+        let admitted = (0..10)
+            .filter(|_| t.decide(&export, now, 1.0).0.allowed)
+            .count();
+        assert_eq!(admitted, 2);
     }
 
     #[test]

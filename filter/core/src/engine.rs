@@ -76,6 +76,9 @@ pub enum BucketKind {
     PurposeTokens,
     ModelTokens,
     ModelTotalTokens,
+    /// A class's fallback route (`classes[].fallback_route.budget`): what a request degraded
+    /// to the fallback route is charged to, so that degrading is never unbounded.
+    Fallback,
 }
 
 impl BucketKind {
@@ -94,6 +97,7 @@ impl BucketKind {
             BucketKind::PurposeTokens => "purpose_tokens",
             BucketKind::ModelTokens => "model_tokens",
             BucketKind::ModelTotalTokens => "model_total_tokens",
+            BucketKind::Fallback => "fallback",
         }
     }
 
@@ -129,7 +133,7 @@ impl BucketKind {
     fn label_key(self) -> Option<&'static str> {
         match self {
             BucketKind::Shared => None,
-            BucketKind::Reserve | BucketKind::Class => Some("class"),
+            BucketKind::Reserve | BucketKind::Class | BucketKind::Fallback => Some("class"),
             BucketKind::User | BucketKind::UserTokens => Some("user"),
             BucketKind::Tool | BucketKind::ToolTokens => Some("tool"),
             BucketKind::Purpose | BucketKind::PurposeTokens => Some("purpose"),

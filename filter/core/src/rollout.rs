@@ -6,6 +6,12 @@
 //! charged exactly as an enforced one (nothing is charged when a bucket lacks room, all of
 //! them are when every bucket has room), so the shadow counters are the 429s enforcement
 //! would have produced. Only the response differs: the request goes through.
+//!
+//! A shadowed *rule* never weakens an enforced one. When an enforced request's only full
+//! buckets are shadow rules, it is not simply let through: it still has to pay every
+//! enforced bucket it touches ([`enforced_part`]), through the same lease / central path as
+//! any admission, and it is limited when one of those has no room. The shadow rules only
+//! observe.
 
 use crate::engine::{Bucket, BucketKind, Level, Plan};
 use crate::policy::{ClassId, Mode, Policy};
@@ -87,6 +93,28 @@ pub fn judge(
             bucket: Some(first),
         },
     }
+}
+
+/// What a shadow limit of a request in `mode` must still pay for: the same plan with only
+/// the buckets whose rule is enforced (the lane is always one of them). `None` when the
+/// request itself is not enforced: then every bucket only observes, and nothing is charged
+/// for a would-be limit.
+///
+/// The caller decides the returned plan like any other (lease, local mirror, central call)
+/// and admits the request only if it has room; it can only be judged `Allow` or `Limit`.
+pub fn enforced_part(policy: &Policy, mode: Mode, plan: &Plan) -> Option<Plan> {
+    if mode != Mode::Enforce {
+        return None;
+    }
+    let family = plan.family.as_deref();
+    let mut part = plan.clone();
+    let mut index = 0usize;
+    part.buckets.retain(|b| {
+        let keep = index == 0 || policy.ops.bucket_mode(b, family) == Mode::Enforce;
+        index += 1;
+        keep
+    });
+    Some(part)
 }
 
 /// The mode a bucket's rule is recorded under, for a request in `mode`.
@@ -372,6 +400,65 @@ users: { limit: { per_minute: 60, burst: 1 } }
             judge(&p, Mode::Enforce, &b, None, &[true; 3]).verdict,
             Verdict::Allow
         );
+    }
+
+    /// Issue 13 item 1: a class budget in shadow, the tenant ceiling enforced. Once the
+    /// shadowed budget is full, every request is a shadow limit; each must still be paid
+    /// for by the enforced buckets, so the tenant's admitted total stays within its ceiling.
+    #[test]
+    fn a_full_shadow_rule_does_not_switch_off_the_enforced_ceiling() {
+        let text = r#"
+version: 1
+rollout:
+  buckets: { class: shadow }
+classes:
+  - { name: integration, consequence: time_sensitive, budget: { per_minute: 6, burst: 2 } }
+  - { name: repair, consequence: repair, reserve: { per_minute: 6, burst: 2 } }
+tenants:
+  default: { ceiling: { per_minute: 60, burst: 12 } }
+"#;
+        let p = parse(text).unwrap();
+        let mut table = LocalTable::default();
+        let now = 1_000 * S;
+        let (mut admitted, mut shadow, mut limited) = (0, 0, 0);
+        for _ in 0..100 {
+            let mut pl = plan(&p, &req("acme", "anyone", "/")).unwrap();
+            pl.user = None;
+            pl.buckets.retain(|b| b.kind != BucketKind::User);
+            let mode = scope(&p, &mut pl);
+            let (eval, _) = table.decide(&pl, now, 1.0);
+            if eval.allowed {
+                admitted += 1;
+                continue;
+            }
+            let room: Vec<bool> = eval.levels.iter().map(|l| l.has_room).collect();
+            let j = judge(&p, mode, &pl.attempt(false), None, &room);
+            match j.verdict {
+                Verdict::ShadowLimit => {
+                    shadow += 1;
+                    let part = enforced_part(&p, mode, &pl).expect("an enforced request");
+                    assert!(part.buckets.iter().all(|b| b.kind != BucketKind::Class));
+                    let (eval, _) = table.decide(&part, now, 1.0);
+                    let room: Vec<bool> = eval.levels.iter().map(|l| l.has_room).collect();
+                    let j = judge(&p, mode, &part.attempt(false), None, &room);
+                    match j.verdict {
+                        Verdict::Allow => admitted += 1,
+                        Verdict::Limit => limited += 1,
+                        Verdict::ShadowLimit => panic!("the enforced part has no shadow rule"),
+                    }
+                }
+                Verdict::Limit => limited += 1,
+                Verdict::Allow => panic!("no room but allowed"),
+            }
+        }
+        // The shared pool (ceiling 12 minus the reserve's 2) admits 10 at once, no more.
+        assert_eq!(admitted, 10, "shadow {shadow}, limited {limited}");
+        assert!(shadow >= 8, "the class budget (burst 2) was shadow-full");
+        assert_eq!(limited, 90);
+        // A request in shadow mode pays nothing for a would-be limit.
+        let mut pl = plan(&p, &req("acme", "anyone", "/")).unwrap();
+        assert!(enforced_part(&p, Mode::Shadow, &pl).is_none());
+        assert_eq!(scope(&p, &mut pl), Mode::Enforce);
     }
 
     #[test]

@@ -980,6 +980,11 @@ fn check_costs(p: &Policy) -> Result<(), PolicyError> {
     if let Some(u) = p.users {
         limits.push(("users.limit".into(), u));
     }
+    for (i, c) in p.ops.classes.iter().enumerate() {
+        if let Some(b) = c.fallback_route.budget {
+            limits.push((format!("classes[{i}].fallback_route.budget"), b));
+        }
+    }
     for (i, f) in p.families.iter().enumerate() {
         let own = f.limit.iter().map(|r| ("its own limit".to_string(), *r));
         for (what, r) in limits.iter().cloned().chain(own) {

@@ -8,8 +8,9 @@ use super::raw::{
     RawAudit, RawClass, RawFallback, RawFallbackRoute, RawFamily, RawMode, RawQueue, RawRollout,
     RawTenants,
 };
-use super::{header_name, ClassId, PolicyError};
+use super::{header_name, rate, ClassId, PolicyError};
 use crate::engine::{Bucket, BucketKind};
+use crate::rate::Rate;
 use std::collections::{BTreeSet, HashMap};
 
 /// How a rule is rolled out.
@@ -85,6 +86,11 @@ pub struct FallbackRoute {
     /// A request header the route table matches on (lower case).
     pub header: String,
     pub value: String,
+    /// The route's own budget (`classes[].fallback_route.budget`): a request sent to the
+    /// fallback route is charged to the bucket `[tenant, fallback, class]` at this rate, like
+    /// any other admission. `None`: the class's budget for the request's tenant, or the
+    /// tenant's shared pool for a class without one ([`crate::degrade::route_plan`]).
+    pub budget: Option<Rate>,
 }
 
 /// The operability settings of one class.
@@ -166,7 +172,7 @@ impl Operations {
     /// (shared pool, reserve) has no mode of its own.
     pub fn bucket_mode(&self, bucket: &Bucket, family: Option<&str>) -> Mode {
         let by_kind = match bucket.kind {
-            BucketKind::Shared | BucketKind::Reserve => None,
+            BucketKind::Shared | BucketKind::Reserve | BucketKind::Fallback => None,
             BucketKind::Class => self.buckets.class,
             // A token budget follows the mode of its dimension's rule.
             BucketKind::User | BucketKind::UserTokens => self.buckets.user,
@@ -242,6 +248,7 @@ fn class_ops(c: &RawClass, i: usize) -> Result<ClassOps, PolicyError> {
         None => FallbackRoute {
             header: "x-laneguard-route".into(),
             value: "fallback".into(),
+            budget: None,
         },
         Some(r) => route(r, &format!("{path}.fallback_route"))?,
     };
@@ -302,7 +309,16 @@ fn route(r: &RawFallbackRoute, path: &str) -> Result<FallbackRoute, PolicyError>
             "must be 1 to 256 printable ASCII characters",
         ));
     }
-    Ok(FallbackRoute { header, value })
+    let budget = r
+        .budget
+        .as_ref()
+        .map(|b| rate(b, &format!("{path}.budget")))
+        .transpose()?;
+    Ok(FallbackRoute {
+        header,
+        value,
+        budget,
+    })
 }
 
 /// Validate the operability fields. `class_ids` maps class names to ids.

@@ -92,6 +92,8 @@ pub struct RawQueue {
 pub struct RawFallbackRoute {
     pub header: Option<String>,
     pub value: Option<String>,
+    /// The fallback route's own bucket (default: the class's budget, else the shared pool).
+    pub budget: Option<RawRate>,
 }
 
 #[derive(Debug, Default, Deserialize)]
