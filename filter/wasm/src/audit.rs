@@ -7,7 +7,8 @@
 //! access log still has them. One batch is in flight at a time, and after a failure the
 //! outbox waits (1 s, doubling up to 30 s) before it tries again.
 
-use crate::Shared;
+use crate::host::Host;
+use crate::root::Shared;
 use laneguard_protos::laneguard::audit::v1::{AppendRequest, AppendResponse};
 use laneguard_protos::prost::Message;
 use std::collections::VecDeque;
@@ -94,7 +95,13 @@ pub fn encode(batch: &[String]) -> Vec<u8> {
 }
 
 /// Take in the outcome of a shipped batch.
-pub fn shipped(shared: &Shared, batch: Vec<String>, status: u32, body: Option<&[u8]>) {
+pub fn shipped(
+    h: &dyn Host,
+    shared: &Shared,
+    batch: Vec<String>,
+    status: u32,
+    body: Option<&[u8]>,
+) {
     let m = &shared.metrics;
     let mut out = shared.audit.borrow_mut();
     out.in_flight = false;
@@ -102,9 +109,9 @@ pub fn shipped(shared: &Shared, batch: Vec<String>, status: u32, body: Option<&[
         let resp = body
             .and_then(|b| AppendResponse::decode(b).ok())
             .unwrap_or_default();
-        m.audit_shipped.add(u64::from(resp.appended));
+        m.audit_shipped.add(h, u64::from(resp.appended));
         if resp.rejected > 0 {
-            m.audit_dropped.add(u64::from(resp.rejected));
+            m.audit_dropped.add(h, u64::from(resp.rejected));
         }
         if out.failing {
             log::info!("laneguard: audit records reach the service again");
@@ -113,7 +120,7 @@ pub fn shipped(shared: &Shared, batch: Vec<String>, status: u32, body: Option<&[
         out.backoff = FIRST_BACKOFF_TICKS;
         return;
     }
-    m.audit_ship_errors.inc();
+    m.audit_ship_errors.inc(h);
     let n = batch.len();
     let lost = if status == GRPC_UNIMPLEMENTED {
         // This service keeps no audit log (no --audit-log): resending will not help.
@@ -123,7 +130,7 @@ pub fn shipped(shared: &Shared, batch: Vec<String>, status: u32, body: Option<&[
         out.give_back(batch)
     };
     if lost > 0 {
-        m.audit_dropped.add(lost as u64);
+        m.audit_dropped.add(h, lost as u64);
     }
     if !out.failing {
         let cluster = &shared.policy.ops.audit.cluster;

@@ -8,10 +8,9 @@
 //! moves the aggregate series, so a flood of random tenant ids cannot add a single series.
 //! `docs/operations.md` says how to read each one.
 
+use crate::host::{Host, MetricKind};
 use laneguard_core::policy::Fallback;
 use laneguard_core::{BucketKind, Policy};
-use proxy_wasm::hostcalls;
-use proxy_wasm::types::MetricType;
 use std::collections::HashMap;
 
 /// A counter id, or none if Envoy refused to define it (then it is silently skipped:
@@ -20,8 +19,8 @@ use std::collections::HashMap;
 pub struct Counter(Option<u32>);
 
 impl Counter {
-    fn define(name: &str) -> Counter {
-        match hostcalls::define_metric(MetricType::Counter, name) {
+    fn define(h: &dyn Host, name: &str) -> Counter {
+        match h.define_metric(MetricKind::Counter, name) {
             Ok(id) => Counter(Some(id)),
             Err(e) => {
                 log::warn!("laneguard: cannot define metric {name}: {e:?}");
@@ -30,14 +29,14 @@ impl Counter {
         }
     }
 
-    pub fn inc(self) {
-        self.add(1);
+    pub fn inc(self, h: &dyn Host) {
+        self.add(h, 1);
     }
 
-    pub fn add(self, n: u64) {
+    pub fn add(self, h: &dyn Host, n: u64) {
         if let Some(id) = self.0 {
             // A failed increment loses counts; it must not fail the request.
-            let _ = hostcalls::increment_metric(id, i64::try_from(n).unwrap_or(i64::MAX));
+            let _ = h.increment_metric(id, i64::try_from(n).unwrap_or(i64::MAX));
         }
     }
 }
@@ -52,8 +51,8 @@ pub struct Gauge {
 }
 
 impl Gauge {
-    fn define(name: &str) -> Gauge {
-        match hostcalls::define_metric(MetricType::Gauge, name) {
+    fn define(h: &dyn Host, name: &str) -> Gauge {
+        match h.define_metric(MetricKind::Gauge, name) {
             Ok(id) => Gauge {
                 id: Some(id),
                 mine: std::cell::Cell::new(0),
@@ -66,7 +65,7 @@ impl Gauge {
     }
 
     /// Set this VM's share of the gauge.
-    pub fn set(&self, value: u64) {
+    pub fn set(&self, h: &dyn Host, value: u64) {
         let Some(id) = self.id else {
             return;
         };
@@ -75,7 +74,7 @@ impl Gauge {
             return;
         }
         let to_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-        if hostcalls::increment_metric(id, to_i64(value) - to_i64(old)).is_ok() {
+        if h.increment_metric(id, to_i64(value) - to_i64(old)).is_ok() {
             self.mine.set(value);
         }
     }
@@ -89,8 +88,8 @@ pub struct FallbackCounters {
 }
 
 impl FallbackCounters {
-    fn define(prefix: &str) -> FallbackCounters {
-        let c = |f: Fallback| Counter::define(&format!("{prefix}.fallback.{}", f.as_str()));
+    fn define(h: &dyn Host, prefix: &str) -> FallbackCounters {
+        let c = |f: Fallback| Counter::define(h, &format!("{prefix}.fallback.{}", f.as_str()));
         FallbackCounters {
             queue: c(Fallback::Queue),
             fallback_route: c(Fallback::FallbackRoute),
@@ -228,9 +227,9 @@ fn kinds_for(policy: &Policy, class: usize) -> Vec<BucketKind> {
 }
 
 impl Metrics {
-    pub fn define(policy: &Policy) -> Metrics {
-        let c = |n: &str| Counter::define(&format!("laneguard.{n}"));
-        let g = |n: &str| Gauge::define(&format!("laneguard.{n}"));
+    pub fn define(h: &dyn Host, policy: &Policy) -> Metrics {
+        let c = |n: &str| Counter::define(h, &format!("laneguard.{n}"));
+        let g = |n: &str| Gauge::define(h, &format!("laneguard.{n}"));
         let classes = policy
             .classes
             .iter()
@@ -270,7 +269,7 @@ impl Metrics {
                     degraded: c(&format!("{p}.degraded")),
                     forged: c(&format!("{p}.forged")),
                     off: c(&format!("{p}.off")),
-                    fallback: FallbackCounters::define(&format!("laneguard.{p}")),
+                    fallback: FallbackCounters::define(h, &format!("laneguard.{p}")),
                     near_miss: if protected {
                         c(&format!("{p}.near_miss"))
                     } else {
@@ -312,7 +311,7 @@ impl Metrics {
             service_error_timeout: c("service_error.timeout"),
             service_error_dispatch: c("service_error.dispatch"),
             service_error_decode: c("service_error.decode"),
-            fallback: FallbackCounters::define("laneguard"),
+            fallback: FallbackCounters::define(h, "laneguard"),
             near_miss: c("near_miss"),
             queue_resumed: c("queue.resumed"),
             queue_abandoned: c("queue.abandoned"),

@@ -12,21 +12,20 @@
 //! so the two shared keys are seeded at VM start when absent, and a worker only creates
 //! keys that carry its own VM id.
 
+use crate::host::{Host, SharedDataError};
 use laneguard_core::Bucket;
 use laneguard_protos::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use laneguard_protos::prost::Message;
-use proxy_wasm::hostcalls;
-use proxy_wasm::types::Status;
 
 const INDEX: &str = "laneguard/unreported/index";
 const LEADER: &str = "laneguard/reconciler";
 const CAS_TRIES: usize = 8;
 
 /// Seed the shared keys if no VM has yet (see the module doc).
-pub fn seed() {
+pub fn seed(h: &dyn Host) {
     for key in [INDEX, LEADER] {
-        if let Ok((None, _)) = hostcalls::get_shared_data(key) {
-            let _ = hostcalls::set_shared_data(key, Some(b""), None);
+        if let Ok((None, _)) = h.get_shared_data(key) {
+            let _ = h.set_shared_data(key, b"", None);
         }
     }
 }
@@ -46,9 +45,9 @@ fn decode_entry(bytes: &[u8]) -> Option<(u64, &[u8])> {
 
 /// Add `hits` to a shared key with CAS. Returns false if it could not (the caller keeps
 /// the hits for the next round).
-fn add(key: &str, hits: u64, descriptor: &[u8]) -> bool {
+fn add(h: &dyn Host, key: &str, hits: u64, descriptor: &[u8]) -> bool {
     for _ in 0..CAS_TRIES {
-        let (current, cas) = match hostcalls::get_shared_data(key) {
+        let (current, cas) = match h.get_shared_data(key) {
             Ok(x) => x,
             Err(_) => return false,
         };
@@ -57,17 +56,17 @@ fn add(key: &str, hits: u64, descriptor: &[u8]) -> bool {
             None => (0, descriptor.to_vec()),
         };
         let value = encode_entry(have.saturating_add(hits), &desc);
-        match hostcalls::set_shared_data(key, Some(&value), cas) {
+        match h.set_shared_data(key, &value, cas) {
             Ok(()) => return true,
-            Err(Status::CasMismatch) => continue,
+            Err(SharedDataError::CasMismatch) => continue,
             Err(_) => return false,
         }
     }
     false
 }
 
-fn index_keys() -> Option<(Vec<String>, Option<u32>)> {
-    let (value, cas) = hostcalls::get_shared_data(INDEX).ok()?;
+fn index_keys(h: &dyn Host) -> Option<(Vec<String>, Option<u32>)> {
+    let (value, cas) = h.get_shared_data(INDEX).ok()?;
     let text = value
         .map(|v| String::from_utf8_lossy(&v).into_owned())
         .unwrap_or_default();
@@ -80,18 +79,18 @@ fn index_keys() -> Option<(Vec<String>, Option<u32>)> {
     ))
 }
 
-fn index_add(key: &str) -> bool {
+fn index_add(h: &dyn Host, key: &str) -> bool {
     for _ in 0..CAS_TRIES {
-        let Some((mut keys, cas)) = index_keys() else {
+        let Some((mut keys, cas)) = index_keys(h) else {
             return false;
         };
         if keys.iter().any(|k| k == key) {
             return true;
         }
         keys.push(key.to_string());
-        match hostcalls::set_shared_data(INDEX, Some(keys.join("\n").as_bytes()), cas) {
+        match h.set_shared_data(INDEX, keys.join("\n").as_bytes(), cas) {
             Ok(()) => return true,
-            Err(Status::CasMismatch) => continue,
+            Err(SharedDataError::CasMismatch) => continue,
             Err(_) => return false,
         }
     }
@@ -99,12 +98,12 @@ fn index_add(key: &str) -> bool {
 }
 
 /// Publish this worker's unreported hits. Returns what could not be published.
-pub fn publish(vm: u64, hits: Vec<(Bucket, u64)>) -> Vec<(Bucket, u64)> {
+pub fn publish(h: &dyn Host, vm: u64, hits: Vec<(Bucket, u64)>) -> Vec<(Bucket, u64)> {
     let mut failed = Vec::new();
     for (bucket, n) in hits {
         let key = format!("laneguard/unreported/{vm:016x}/{}", bucket.key);
         let descriptor = crate::rls::descriptor(&bucket, None).encode_to_vec();
-        if !(index_add(&key) && add(&key, n, &descriptor)) {
+        if !(index_add(h, &key) && add(h, &key, n, &descriptor)) {
             failed.push((bucket, n));
         }
     }
@@ -113,8 +112,8 @@ pub fn publish(vm: u64, hits: Vec<(Bucket, u64)>) -> Vec<(Bucket, u64)> {
 
 /// Take or renew the reporter lease. Exactly one VM holds it at a time (CAS); it expires
 /// after `ttl_ns` so a VM that goes away hands over.
-pub fn lead(vm: u64, now_ns: u64, ttl_ns: u64) -> bool {
-    let Ok((value, cas)) = hostcalls::get_shared_data(LEADER) else {
+pub fn lead(h: &dyn Host, vm: u64, now_ns: u64, ttl_ns: u64) -> bool {
+    let Ok((value, cas)) = h.get_shared_data(LEADER) else {
         return false;
     };
     let text = value
@@ -130,19 +129,19 @@ pub fn lead(vm: u64, now_ns: u64, ttl_ns: u64) -> bool {
         return false;
     }
     let claim = format!("{vm:016x} {}", now_ns.saturating_add(ttl_ns));
-    hostcalls::set_shared_data(LEADER, Some(claim.as_bytes()), cas).is_ok()
+    h.set_shared_data(LEADER, claim.as_bytes(), cas).is_ok()
 }
 
 /// Drain every published ledger entry (CAS to zero). Returns the descriptors with the
 /// hits to report, and the shared keys they came from (to give them back on failure).
-pub fn drain() -> Vec<(String, RateLimitDescriptor, u64)> {
+pub fn drain(h: &dyn Host) -> Vec<(String, RateLimitDescriptor, u64)> {
     let mut out = Vec::new();
-    let Some((keys, _)) = index_keys() else {
+    let Some((keys, _)) = index_keys(h) else {
         return out;
     };
     for key in keys {
         for _ in 0..CAS_TRIES {
-            let Ok((Some(value), cas)) = hostcalls::get_shared_data(&key) else {
+            let Ok((Some(value), cas)) = h.get_shared_data(&key) else {
                 break;
             };
             let Some((hits, desc)) = decode_entry(&value) else {
@@ -154,12 +153,12 @@ pub fn drain() -> Vec<(String, RateLimitDescriptor, u64)> {
             let Ok(descriptor) = RateLimitDescriptor::decode(desc) else {
                 break;
             };
-            match hostcalls::set_shared_data(&key, Some(&encode_entry(0, desc)), cas) {
+            match h.set_shared_data(&key, &encode_entry(0, desc), cas) {
                 Ok(()) => {
                     out.push((key.clone(), descriptor, hits));
                     break;
                 }
-                Err(Status::CasMismatch) => continue,
+                Err(SharedDataError::CasMismatch) => continue,
                 Err(_) => break,
             }
         }
@@ -168,9 +167,9 @@ pub fn drain() -> Vec<(String, RateLimitDescriptor, u64)> {
 }
 
 /// A report failed: put the hits back where they came from.
-pub fn give_back(entries: &[(String, RateLimitDescriptor, u64)]) {
+pub fn give_back(h: &dyn Host, entries: &[(String, RateLimitDescriptor, u64)]) {
     for (key, descriptor, hits) in entries {
-        if !add(key, *hits, &descriptor.encode_to_vec()) {
+        if !add(h, key, *hits, &descriptor.encode_to_vec()) {
             log::warn!("laneguard: lost {hits} unreported hits for {key}");
         }
     }

@@ -1,0 +1,240 @@
+//! Phase 3: the central call. Ask the service, take in its answer, and apply the class's
+//! failure mode when it cannot answer.
+
+use super::{DecidedBy, Pending, Request};
+use crate::host::{Action, DispatchError, GrpcCall, Host};
+use crate::rls;
+use laneguard_core::audit::Event;
+use laneguard_core::engine::{ceil_s, Level};
+use laneguard_core::headers::error_body;
+use laneguard_core::{Bucket, FailureMode, LocalTable, Plan};
+use laneguard_protos::envoy::service::ratelimit::v3::rate_limit_response::{
+    DescriptorStatus, Quota,
+};
+use std::rc::Rc;
+use std::time::Duration;
+
+/// gRPC status codes Envoy reports for a call that did not complete.
+const GRPC_DEADLINE_EXCEEDED: u32 = 4;
+
+impl Request {
+    /// Ask the service about one attempt. Pauses the request until the answer (or the
+    /// timeout) arrives.
+    pub(super) fn ask(&mut self, h: &dyn Host, plan: Plan, borrowing: bool) -> Action {
+        let shared = Rc::clone(&self.shared);
+        let svc = &shared.policy.service;
+        let attempt = plan.attempt(borrowing);
+        let msg = rls::encode(&svc.domain, &attempt, plan.cost);
+        let now = h.now_ns();
+        let want = shared
+            .table
+            .borrow()
+            .want(&attempt, plan.cost, now, svc.max_lease);
+        let want = want.to_string();
+        match h.dispatch_grpc(GrpcCall {
+            cluster: &svc.cluster,
+            service: rls::SERVICE,
+            method: rls::METHOD,
+            metadata: vec![(rls::LEASE_HEADER, want.as_bytes())],
+            message: &msg,
+            timeout: Duration::from_millis(u64::from(svc.timeout_ms)),
+        }) {
+            Ok(token) => {
+                self.pending = Some(Pending {
+                    token,
+                    plan,
+                    borrowing,
+                    started_ns: now,
+                });
+                Action::Pause
+            }
+            Err(status) => {
+                shared.metrics.service_error_dispatch.inc(h);
+                let reason = match status {
+                    DispatchError::UnknownCluster(_) => "unknown_cluster",
+                    DispatchError::Failed(_) => "dispatch_failed",
+                };
+                log::warn!("laneguard: cannot call {:?}: {status:?}", svc.cluster);
+                self.degrade(h, &plan, reason)
+            }
+        }
+    }
+
+    pub(super) fn on_answer(
+        &mut self,
+        h: &dyn Host,
+        pending: Pending,
+        status_code: u32,
+        size: usize,
+    ) -> Action {
+        let shared = Rc::clone(&self.shared);
+        let Pending {
+            plan,
+            borrowing,
+            started_ns,
+            ..
+        } = pending;
+        if status_code != 0 {
+            // Envoy reports its own timeout of the call as UNAVAILABLE (14), not
+            // DEADLINE_EXCEEDED, so the elapsed time tells a timeout apart.
+            let elapsed_ms = h.now_ns().saturating_sub(started_ns) / 1_000_000;
+            let timed_out = status_code == GRPC_DEADLINE_EXCEEDED
+                || elapsed_ms * 10 >= u64::from(shared.policy.service.timeout_ms) * 9;
+            let reason = if timed_out {
+                shared.metrics.service_error_timeout.inc(h);
+                "timeout"
+            } else {
+                shared.metrics.service_error_status.inc(h);
+                "service_error"
+            };
+            log::warn!("laneguard: rate-limit service answered gRPC status {status_code}");
+            return self.degrade(h, &plan, reason);
+        }
+        let body = h.grpc_response_body(size).unwrap_or_default();
+        let verdict = match rls::decode(&body) {
+            Ok(v) => v,
+            Err(e) => {
+                shared.metrics.service_error_decode.inc(h);
+                log::warn!("laneguard: undecodable rate-limit answer: {e}");
+                return self.degrade(h, &plan, "bad_response");
+            }
+        };
+        let now = h.now_ns();
+        let attempt = plan.attempt(borrowing);
+        {
+            let mut table = shared.table.borrow_mut();
+            if verdict.allowed {
+                table.charge(&attempt, plan.cost, now);
+            }
+            apply_statuses(&mut table, &attempt, &verdict.statuses, now);
+        }
+        if verdict.allowed {
+            let mut levels = shared.table.borrow().levels(&attempt, now);
+            overlay(&mut levels, &verdict.statuses);
+            return self.allow(h, &plan, &levels, DecidedBy::Central, borrowing, now);
+        }
+        if verdict.tripped == Some(0) && !borrowing && plan.borrow.is_some() {
+            // The reserve is empty fleet-wide: try idle shared capacity.
+            return self.ask(h, plan, true);
+        }
+        let mut eval = shared
+            .table
+            .borrow()
+            .evaluate(&attempt, plan.cost, now, 1.0);
+        overlay(&mut eval.levels, &verdict.statuses);
+        eval.allowed = false;
+        eval.tripped = verdict.tripped.or(eval.tripped).or(Some(0));
+        // The service's per-descriptor codes say which buckets lacked room.
+        for (l, st) in eval.levels.iter_mut().zip(&verdict.statuses) {
+            l.has_room = st.code != rls::OVER_LIMIT;
+        }
+        if eval.levels.iter().all(|l| l.has_room) {
+            if let Some(l) = eval.tripped.and_then(|i| eval.levels.get_mut(i)) {
+                l.has_room = false;
+            }
+        }
+        self.over(h, &plan, &eval, DecidedBy::Central, borrowing)
+    }
+
+    /// The service could not answer: apply the class's failure mode.
+    pub(super) fn degrade(&mut self, h: &dyn Host, plan: &Plan, reason: &'static str) -> Action {
+        let shared = Rc::clone(&self.shared);
+        shared.metrics.degraded.inc(h);
+        if let Some(c) = shared.metrics.class(plan.class) {
+            c.degraded.inc(h);
+        }
+        let now = h.now_ns();
+        match plan.failure_mode {
+            FailureMode::Open => {
+                shared
+                    .table
+                    .borrow_mut()
+                    .charge(&plan.attempt(false), plan.cost, now);
+                shared
+                    .unreported
+                    .borrow_mut()
+                    .add(&plan.attempt(false), plan.cost);
+                let levels = shared.table.borrow().levels(&plan.attempt(false), now);
+                self.allow(h, plan, &levels, DecidedBy::Degraded(reason), false, now)
+            }
+            FailureMode::Closed => {
+                let retry = 1.to_string();
+                let headers = [
+                    ("retry-after", retry),
+                    ("x-laneguard-degraded", reason.to_string()),
+                ];
+                let body = error_body(
+                    "rate_limit_service_unavailable",
+                    "the rate-limit service did not answer and this class fails closed",
+                );
+                let by = DecidedBy::Degraded(reason);
+                let mut rec = self.record(h, vec![Event::Degraded], plan, &[], &[], by);
+                rec.status = 503;
+                rec.retry_after_s = Some(1);
+                self.emit(h, rec);
+                self.reply(h, 503, &body, &headers);
+                Action::Pause
+            }
+            FailureMode::Local => {
+                let share = shared.policy.service.local_share;
+                let (eval, borrowed) = shared.table.borrow_mut().decide(plan, now, share);
+                if eval.allowed {
+                    let spent = plan.attempt(borrowed);
+                    shared.unreported.borrow_mut().add(&spent, plan.cost);
+                    self.allow(
+                        h,
+                        plan,
+                        &eval.levels,
+                        DecidedBy::Degraded(reason),
+                        borrowed,
+                        now,
+                    )
+                } else {
+                    self.over(h, plan, &eval, DecidedBy::Degraded(reason), false)
+                }
+            }
+        }
+    }
+}
+
+/// The service's figures win over the local mirror's where it sent them.
+fn overlay(levels: &mut [Level], statuses: &[DescriptorStatus]) {
+    for (l, s) in levels.iter_mut().zip(statuses) {
+        if s.current_limit.is_some() {
+            l.remaining = s.limit_remaining;
+        }
+        if let Some(d) = &s.duration_until_reset {
+            l.reset_s = ceil_s(rls::duration_ns(d));
+        }
+    }
+}
+
+/// Take in what the service said about each bucket: align the local mirror with its level,
+/// and record any capacity it leased to this worker.
+pub(crate) fn apply_statuses(
+    table: &mut LocalTable,
+    attempt: &[&Bucket],
+    statuses: &[DescriptorStatus],
+    now: u64,
+) {
+    for (bucket, status) in attempt.iter().zip(statuses) {
+        if let Some(d) = &status.duration_until_reset {
+            table.sync(bucket, rls::duration_ns(d), now);
+        }
+        if let Some(q) = &status.quota {
+            table.grant(bucket, q.requests, quota_until(q, now), now);
+        }
+    }
+}
+
+fn quota_until(q: &Quota, now: u64) -> u64 {
+    use laneguard_protos::envoy::service::ratelimit::v3::rate_limit_response::quota::ExpirationSpecifier;
+    match &q.expiration_specifier {
+        Some(ExpirationSpecifier::ValidUntil(ts)) => {
+            let secs = u64::try_from(ts.seconds).unwrap_or(0);
+            let nanos = u64::try_from(ts.nanos).unwrap_or(0);
+            secs.saturating_mul(1_000_000_000).saturating_add(nanos)
+        }
+        None => now,
+    }
+}

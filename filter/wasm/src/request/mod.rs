@@ -1,0 +1,168 @@
+//! One request: classify, decide, respond. The state machine, against [`Host`] only.
+//!
+//! The phases, one file each, in the order a request meets them:
+//! 1. [`plan`]: read the headers, plan the request (identity, class, buckets), apply the
+//!    rollout scope; refuse bad identities, count forged classes, let `off` through.
+//! 2. [`local`]: the fast paths: spend capacity leased to this worker, or refuse when the
+//!    local mirror already shows no room.
+//! 3. [`central`]: otherwise one `ShouldRateLimit` call (two, when a protected class's
+//!    reserve is empty and it may borrow shared capacity); its answer, and every way the
+//!    call can fail (dispatch error, unknown cluster, non-OK gRPC status, timeout,
+//!    undecodable answer) through [`Request::degrade`], which applies the class's failure
+//!    mode. Envoy enforces the call's timeout.
+//! 4. [`outcome`]: allow, or judge a limit under the rollout: a shadow limit is let through
+//!    with the headers and a record; an enforced limit walks the class's fallbacks
+//!    (`laneguard_core::degrade`): queue (charge ahead, hold the request, the root tick
+//!    resumes it), fallback route (set the routing header, let it through), reject (429).
+//!    Each of those leaves an audit record (`crate::audit`).
+//!
+//! Every decision goes through the rollout (`laneguard_core::rollout`): a request whose
+//! class (or tenant) is `off` is not limited at all; one whose buckets lack room is judged
+//! under its mode.
+
+mod central;
+mod local;
+mod outcome;
+mod plan;
+
+pub(crate) use central::apply_statuses;
+
+use crate::host::{Action, Host};
+use crate::root::Shared;
+use laneguard_core::audit::DecisionPath;
+use laneguard_core::{Mode, Plan};
+use std::rc::Rc;
+
+/// Which path made the decision, reported in headers and bodies.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum DecidedBy {
+    Local,
+    Central,
+    Degraded(&'static str),
+}
+
+impl DecidedBy {
+    fn as_str(self) -> &'static str {
+        match self {
+            DecidedBy::Local => "local",
+            DecidedBy::Central => "central",
+            DecidedBy::Degraded(_) => "degraded",
+        }
+    }
+
+    fn path(self) -> DecisionPath {
+        match self {
+            DecidedBy::Local => DecisionPath::Local,
+            DecidedBy::Central => DecisionPath::Central,
+            DecidedBy::Degraded(_) => DecisionPath::Degraded,
+        }
+    }
+
+    fn reason(self) -> Option<&'static str> {
+        match self {
+            DecidedBy::Degraded(r) => Some(r),
+            _ => None,
+        }
+    }
+}
+
+/// What the audit record needs besides the plan.
+#[derive(Default)]
+struct Ctx {
+    method: String,
+    path: String,
+    mode: Option<Mode>,
+}
+
+/// A request waiting for the service.
+struct Pending {
+    token: u32,
+    plan: Plan,
+    borrowing: bool,
+    started_ns: u64,
+}
+
+pub struct Request {
+    shared: Rc<Shared>,
+    context_id: u32,
+    pending: Option<Pending>,
+    /// Headers to add to the upstream's response once the request was allowed.
+    response_headers: Vec<(&'static str, String)>,
+    ctx: Ctx,
+    /// Held by the queue fallback (until the root tick resumes it).
+    queued: bool,
+}
+
+impl Request {
+    pub(crate) fn new(shared: Rc<Shared>, context_id: u32) -> Request {
+        Request {
+            shared,
+            context_id,
+            pending: None,
+            response_headers: Vec::new(),
+            ctx: Ctx::default(),
+            queued: false,
+        }
+    }
+
+    fn mode(&self) -> Mode {
+        self.ctx.mode.unwrap_or(Mode::Enforce)
+    }
+
+    /// The request's headers arrived: decide it, or pause it on a call to the service.
+    pub fn on_request_headers(&mut self, h: &dyn Host) -> Action {
+        self.start(h)
+    }
+
+    /// An answer to a call this request dispatched (or its failure).
+    pub fn on_grpc_response(
+        &mut self,
+        h: &dyn Host,
+        token_id: u32,
+        status_code: u32,
+        response_size: usize,
+    ) {
+        let Some(pending) = self.pending.take() else {
+            return;
+        };
+        if pending.token != token_id {
+            self.pending = Some(pending);
+            return;
+        }
+        let action = self.on_answer(h, pending, status_code, response_size);
+        self.resume_after(h, action);
+    }
+
+    /// The upstream's response headers: add the rate-limit headers of an allowed request.
+    pub fn on_response_headers(&mut self, h: &dyn Host) -> Action {
+        for (k, v) in std::mem::take(&mut self.response_headers) {
+            h.set_response_header(k, &v);
+        }
+        Action::Continue
+    }
+
+    /// The request is over (answered, or its client went away).
+    pub fn on_done(&mut self, h: &dyn Host) -> bool {
+        if self.queued && self.shared.queue.borrow_mut().remove(self.context_id) {
+            self.shared.metrics.queue_abandoned.inc(h);
+        }
+        true
+    }
+
+    /// Finish a paused request, whatever the outcome.
+    fn resume_after(&mut self, h: &dyn Host, action: Action) {
+        if action == Action::Continue {
+            let _ = h.resume_request();
+        }
+    }
+
+    fn reply(&self, h: &dyn Host, status: u32, body: &str, headers: &[(&str, String)]) {
+        let mut hs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        hs.push(("content-type", "application/json"));
+        hs.push(("x-laneguard", "1"));
+        h.send_reply(status, hs, body.as_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests;

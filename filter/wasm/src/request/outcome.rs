@@ -1,0 +1,359 @@
+//! Phase 4: the outcome. Allow (with the rate-limit headers), or judge a limit under the
+//! rollout: shadow, or enforce through the class's fallbacks (queue, fallback route, 429).
+//! Near misses, forged classes and limits leave an audit record.
+
+use super::{DecidedBy, Request};
+use crate::audit;
+use crate::host::{Action, Host};
+use laneguard_core::audit::{Caller, Event, Record};
+use laneguard_core::degrade::{self, Step};
+use laneguard_core::engine::{Evaluation, Level};
+use laneguard_core::headers::{limited_body, rate_limit_headers};
+use laneguard_core::rollout::{self, Verdict};
+use laneguard_core::{Bucket, BucketKind, Plan};
+use std::rc::Rc;
+
+impl Request {
+    pub(super) fn allow(
+        &mut self,
+        h: &dyn Host,
+        plan: &Plan,
+        levels: &[Level],
+        by: DecidedBy,
+        borrowed: bool,
+        now: u64,
+    ) -> Action {
+        let shared = Rc::clone(&self.shared);
+        let m = &shared.metrics;
+        let mut levels = levels.to_vec();
+        shared
+            .table
+            .borrow()
+            .add_leases(&mut levels, &plan.attempt(borrowed), now);
+        let levels = levels.as_slice();
+        m.allowed.inc(h);
+        if let Some(c) = m.class(plan.class) {
+            c.allowed.inc(h);
+        }
+        if let Some(t) = m.tenant(&plan.tenant) {
+            t.allowed.inc(h);
+        }
+        match by {
+            DecidedBy::Local => m.decided_local.inc(h),
+            DecidedBy::Central => m.decided_central.inc(h),
+            DecidedBy::Degraded(_) => {}
+        }
+        self.response_headers = rate_limit_headers(levels, shared.policy.draft03_headers);
+        if let DecidedBy::Degraded(reason) = by {
+            self.response_headers
+                .push(("x-laneguard-degraded", reason.to_string()));
+        }
+        // A protected lane that had to borrow, or is nearly spent, is a near miss.
+        let mut events = Vec::new();
+        let mut active = Vec::new();
+        if let Some(lane) = plan
+            .buckets
+            .first()
+            .filter(|b| b.kind == BucketKind::Reserve)
+        {
+            let pct = shared.policy.ops.near_miss_pct;
+            let near = borrowed
+                || levels
+                    .first()
+                    .is_some_and(|l| rollout::is_near_miss(lane, l, pct));
+            if near {
+                let (first, names) = self.squeeze(h, plan);
+                if first {
+                    active = names;
+                    m.near_miss.inc(h);
+                    if let Some(c) = m.class(plan.class) {
+                        c.near_miss.inc(h);
+                    }
+                    events.push(Event::NearMiss);
+                }
+            }
+        }
+        if plan.forged {
+            events.push(Event::ForgedClass);
+        }
+        if !events.is_empty() {
+            let attempt = plan.attempt(borrowed);
+            let mut rec = self.record(h, events, plan, levels, &attempt, by);
+            rec.active_classes = active;
+            self.emit(h, rec);
+        }
+        Action::Continue
+    }
+
+    /// A protected lane was squeezed (near miss or limit): the other classes of the tenant
+    /// active within the lane's window are the collision evidence, counted once per window.
+    /// Returns whether this is the window's first squeeze, and the active classes' names.
+    fn squeeze(&self, h: &dyn Host, plan: &Plan) -> (bool, Vec<String>) {
+        let Some(lane) = plan
+            .buckets
+            .first()
+            .filter(|b| b.kind == BucketKind::Reserve)
+        else {
+            return (false, Vec::new());
+        };
+        let shared = &self.shared;
+        let now = h.now_ns();
+        let window = lane.rate.window.nanos();
+        let mut watch = shared.watch.borrow_mut();
+        let active = watch.active_with(&plan.tenant, plan.class, now, window);
+        let first = watch.first_squeeze(&plan.tenant, plan.class, now, window);
+        if first {
+            if let Some(c) = shared.metrics.class(plan.class) {
+                for &other in &active {
+                    if let Some(counter) = c.collisions.get(other) {
+                        counter.inc(h);
+                    }
+                }
+            }
+        }
+        let names = active
+            .iter()
+            .filter_map(|&id| shared.policy.classes.get(id).map(|c| c.name.clone()))
+            .collect();
+        (first, names)
+    }
+
+    /// An audit record for this request.
+    pub(super) fn record(
+        &self,
+        h: &dyn Host,
+        mut events: Vec<Event>,
+        plan: &Plan,
+        levels: &[Level],
+        attempt: &[&Bucket],
+        by: DecidedBy,
+    ) -> Record {
+        let p = &self.shared.policy;
+        let mode = self.mode();
+        if plan.forged && !events.contains(&Event::ForgedClass) {
+            events.push(Event::ForgedClass);
+        }
+        // Read only when a record is written: most requests never need it.
+        let request_id = h.request_header("x-request-id");
+        let caller = Caller {
+            request_id: request_id.as_deref(),
+            method: &self.ctx.method,
+            path: &self.ctx.path,
+        };
+        let levels = laneguard_core::audit::levels(levels, attempt, |b| {
+            rollout::effective_bucket_mode(p, mode, b, plan.family.as_deref())
+        });
+        let mut rec = Record::new(h.now_ns(), events, plan, &caller, mode, by.path(), levels);
+        rec.degraded_reason = by.reason().map(str::to_string);
+        rec
+    }
+
+    /// Put a record in the access log's filter state and in the outbox to the service.
+    pub(super) fn emit(&self, h: &dyn Host, rec: Record) {
+        let json = rec.to_json();
+        let m = &self.shared.metrics;
+        m.audit_records.inc(h);
+        // A missing access-log field must never fail the request.
+        let _ = h.set_filter_state(audit::FILTER_STATE, json.as_bytes());
+        let audit = &self.shared.policy.ops.audit;
+        if audit.ship && !self.shared.audit.borrow_mut().push(json) {
+            m.audit_dropped.inc(h);
+        }
+    }
+
+    /// The request's buckets lack room: judge it under its rollout mode.
+    pub(super) fn over(
+        &mut self,
+        h: &dyn Host,
+        plan: &Plan,
+        eval: &Evaluation,
+        by: DecidedBy,
+        borrowing: bool,
+    ) -> Action {
+        let attempt = plan.attempt(borrowing);
+        let room: Vec<bool> = eval.levels.iter().map(|l| l.has_room).collect();
+        let j = rollout::judge(
+            &self.shared.policy,
+            self.mode(),
+            &attempt,
+            plan.family.as_deref(),
+            &room,
+        );
+        let tripped = j.bucket.or(eval.tripped).unwrap_or(0);
+        match j.verdict {
+            Verdict::ShadowLimit => self.shadow(h, plan, eval, tripped, by, borrowing),
+            // `Allow` cannot happen for an evaluation without room; refuse rather than guess.
+            Verdict::Limit | Verdict::Allow => self.enforce(h, plan, eval, tripped, by, borrowing),
+        }
+    }
+
+    fn count_limit(
+        &self,
+        h: &dyn Host,
+        plan: &Plan,
+        kind: Option<BucketKind>,
+        shadow: bool,
+        by: DecidedBy,
+    ) {
+        let m = &self.shared.metrics;
+        let pick =
+            |l: crate::metrics::Counter, s: crate::metrics::Counter| if shadow { s } else { l };
+        pick(m.limited, m.shadow_limited).inc(h);
+        if let Some(c) = m.class(plan.class) {
+            pick(c.limited, c.shadow_limited).inc(h);
+            if let Some(k) = kind {
+                let b = c.budget(k);
+                pick(b.limited, b.shadow_limited).inc(h);
+            }
+        }
+        if let Some(t) = m.tenant(&plan.tenant) {
+            pick(t.limited, t.shadow_limited).inc(h);
+        }
+        if by == DecidedBy::Local {
+            m.decided_local.inc(h);
+        }
+    }
+
+    /// Would have been limited: let it through, with the headers and a record.
+    fn shadow(
+        &mut self,
+        h: &dyn Host,
+        plan: &Plan,
+        eval: &Evaluation,
+        tripped: usize,
+        by: DecidedBy,
+        borrowing: bool,
+    ) -> Action {
+        let attempt = plan.attempt(borrowing);
+        self.count_limit(h, plan, attempt.get(tripped).map(|b| b.kind), true, by);
+        let bucket = eval.levels.get(tripped).map(|l| l.name.clone());
+        let (_, active) = self.squeeze(h, plan);
+        let mut headers = rate_limit_headers(&eval.levels, self.shared.policy.draft03_headers);
+        headers.push((
+            "x-laneguard-shadow-limited",
+            bucket.clone().unwrap_or_default(),
+        ));
+        if let DecidedBy::Degraded(reason) = by {
+            headers.push(("x-laneguard-degraded", reason.to_string()));
+        }
+        self.response_headers = headers;
+        let mut rec = self.record(
+            h,
+            vec![Event::ShadowLimited],
+            plan,
+            &eval.levels,
+            &attempt,
+            by,
+        );
+        rec.bucket = bucket;
+        rec.active_classes = active;
+        rec.retry_after_s = Some(degrade::retry_after_s(&eval.levels));
+        self.emit(h, rec);
+        Action::Continue
+    }
+
+    /// Limited: the class's fallbacks, in order, before the 429.
+    fn enforce(
+        &mut self,
+        h: &dyn Host,
+        plan: &Plan,
+        eval: &Evaluation,
+        tripped: usize,
+        by: DecidedBy,
+        borrowing: bool,
+    ) -> Action {
+        let shared = Rc::clone(&self.shared);
+        let m = &shared.metrics;
+        let attempt = plan.attempt(borrowing);
+        self.count_limit(h, plan, attempt.get(tripped).map(|b| b.kind), false, by);
+        let (_, active) = self.squeeze(h, plan);
+        let now = h.now_ns();
+        let wait_ns = degrade::wait_ns(&eval.levels);
+        let ops = shared.policy.ops.class(plan.class);
+        let depth = shared.queue.borrow().depth(plan.class);
+        let step = ops.map_or(
+            Step::Reject {
+                queue_refused: false,
+            },
+            |o| degrade::choose(o, wait_ns, depth),
+        );
+        let fallback = step.fallback();
+        m.fallback.get(fallback).inc(h);
+        if let Some(c) = m.class(plan.class) {
+            c.fallback.get(fallback).inc(h);
+        }
+        let bucket = eval.levels.get(tripped).map(|l| l.name.clone());
+        let mut events = vec![Event::Limited];
+        if !matches!(step, Step::Reject { .. }) {
+            events.push(Event::Degraded);
+        }
+        let draft03 = shared.policy.draft03_headers;
+        let mut rec = self.record(h, events, plan, &eval.levels, &attempt, by);
+        rec.bucket = bucket;
+        rec.fallback = Some(fallback.as_str());
+        rec.active_classes = active;
+        let degraded = |hs: &mut Vec<(&'static str, String)>| {
+            if let DecidedBy::Degraded(reason) = by {
+                hs.push(("x-laneguard-degraded", reason.to_string()));
+            }
+        };
+        match step {
+            Step::Queue { wait_ns } => {
+                // Reserve the request's place: charge now, go when the charge conforms.
+                let levels = {
+                    let mut table = shared.table.borrow_mut();
+                    table.charge(&attempt, plan.cost, now);
+                    table.levels(&attempt, now)
+                };
+                shared.unreported.borrow_mut().add(&attempt, plan.cost);
+                shared.queue.borrow_mut().push(
+                    self.context_id,
+                    plan.class,
+                    now.saturating_add(wait_ns),
+                );
+                self.queued = true;
+                let wait_ms = wait_ns.div_ceil(1_000_000);
+                let mut hs = rate_limit_headers(&levels, draft03);
+                hs.push(("x-laneguard-fallback", fallback.as_str().to_string()));
+                hs.push(("x-laneguard-queued-ms", wait_ms.to_string()));
+                degraded(&mut hs);
+                self.response_headers = hs;
+                rec.wait_ms = Some(wait_ms);
+                self.emit(h, rec);
+                Action::Pause
+            }
+            Step::Route => {
+                if let Some(o) = ops {
+                    let r = &o.fallback_route;
+                    h.set_request_header(&r.header, &r.value);
+                }
+                let mut hs = rate_limit_headers(&eval.levels, draft03);
+                hs.push(("x-laneguard-fallback", fallback.as_str().to_string()));
+                degraded(&mut hs);
+                self.response_headers = hs;
+                self.emit(h, rec);
+                Action::Continue
+            }
+            Step::Reject { .. } => {
+                let retry = degrade::retry_after_s(&eval.levels);
+                let mut hs = rate_limit_headers(&eval.levels, draft03);
+                hs.push(("retry-after", retry.to_string()));
+                hs.push(("x-laneguard-fallback", fallback.as_str().to_string()));
+                degraded(&mut hs);
+                let body = limited_body(
+                    &plan.tenant,
+                    &plan.class_name,
+                    rec.bucket.as_deref().unwrap_or_default(),
+                    retry,
+                    by.as_str(),
+                    rec.request_id.as_deref(),
+                );
+                rec.status = 429;
+                rec.retry_after_s = Some(retry);
+                self.emit(h, rec);
+                self.reply(h, 429, &body, &hs);
+                Action::Pause
+            }
+        }
+    }
+}

@@ -1,0 +1,105 @@
+//! Phase 1: from the request's headers to a plan, under the rollout's scope.
+
+use super::{DecidedBy, Request};
+use crate::host::{Action, Host};
+use laneguard_core::audit::Event;
+use laneguard_core::headers::error_body;
+use laneguard_core::rollout;
+use laneguard_core::{plan, Mode, RequestInfo};
+use std::rc::Rc;
+
+impl Request {
+    pub(super) fn start(&mut self, h: &dyn Host) -> Action {
+        let shared = Rc::clone(&self.shared);
+        let p = &shared.policy;
+        // One host call for every header (each call crosses the V8 boundary, which costs
+        // more than scanning a dozen short pairs). Envoy's header names are lower case, and
+        // so are the policy's (the validator lowercases them).
+        let headers = h.request_headers();
+        let header = |name: &str| -> Option<String> {
+            headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
+        let tenant = header(&p.identity.tenant_header);
+        let principal = header(&p.identity.principal_header);
+        let user = header(&p.identity.user_header);
+        let declared = header(&p.classification.header);
+        let method = header(":method").unwrap_or_default();
+        let path = header(":path").unwrap_or_default();
+        let purpose = p.purposes.as_ref().and_then(|x| header(&x.header));
+        let model = p.models.as_ref().and_then(|x| header(&x.header));
+        let info = RequestInfo {
+            tenant: tenant.as_deref(),
+            principal: principal.as_deref(),
+            user: user.as_deref(),
+            declared_class: declared.as_deref(),
+            method: &method,
+            path: &path,
+            purpose: purpose.as_deref(),
+            model: model.as_deref(),
+        };
+        self.ctx.method.clone_from(&method);
+        self.ctx.path.clone_from(&path);
+        let mut plan = match plan(p, &info) {
+            Ok(plan) => plan,
+            Err(reject) => {
+                match reject {
+                    laneguard_core::Reject::MissingIdentity => {
+                        shared.metrics.missing_identity.inc(h)
+                    }
+                    laneguard_core::Reject::InvalidIdentity => {
+                        shared.metrics.invalid_identity.inc(h)
+                    }
+                }
+                let body = error_body(reject.code(), reject.detail());
+                self.reply(h, reject.status(), &body, &[]);
+                return Action::Pause;
+            }
+        };
+        let mode = rollout::scope(p, &mut plan);
+        self.ctx.mode = Some(mode);
+        if plan.forged {
+            shared.metrics.forged_class.inc(h);
+            if let Some(c) = shared.metrics.class(plan.class) {
+                c.forged.inc(h);
+            }
+            log::warn!(
+                "laneguard: forged class: tenant={} principal={} declared={:?} granted={}",
+                plan.tenant,
+                plan.principal,
+                plan.declared_class.as_deref().unwrap_or(""),
+                plan.class_name
+            );
+        }
+        // The granted class, for routing (protected lanes) and for the upstream.
+        h.set_request_header(&p.classification.granted_header, &plan.class_name);
+
+        let now = h.now_ns();
+        if mode == Mode::Off {
+            // Not limited, not charged, no headers.
+            shared.metrics.off.inc(h);
+            if let Some(c) = shared.metrics.class(plan.class) {
+                c.off.inc(h);
+            }
+            if plan.forged {
+                let rec = self.record(
+                    h,
+                    vec![Event::ForgedClass],
+                    &plan,
+                    &[],
+                    &[],
+                    DecidedBy::Local,
+                );
+                self.emit(h, rec);
+            }
+            return Action::Continue;
+        }
+        shared
+            .watch
+            .borrow_mut()
+            .note(&plan.tenant, plan.class, now);
+        self.fast_path(h, plan, now)
+    }
+}

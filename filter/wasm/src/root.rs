@@ -1,0 +1,356 @@
+//! The root context's logic, one per VM: load the policy, and on each tick renew leases,
+//! report hits admitted without the service (one reporter per Envoy, elected in shared
+//! data: [`crate::reconcile`]), resume queued requests and ship audit records
+//! ([`crate::audit`]). It reaches Envoy only through [`Host`]; the proxy-wasm glue is
+//! [`crate::wasm_host`].
+
+use crate::host::{GrpcCall, Host};
+use crate::metrics::Metrics;
+use crate::request::{self, Request};
+use crate::{audit, reconcile, rls};
+use laneguard_core::degrade::WaitQueue;
+use laneguard_core::rollout::{Watch, DEFAULT_WATCH_TENANTS};
+use laneguard_core::{Bucket, LocalTable, Policy, Unreported};
+use laneguard_protos::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::rc::Rc;
+use std::time::Duration;
+
+/// State one VM (one Envoy worker) shares between its root context and its requests.
+pub(crate) struct Shared {
+    pub policy: Policy,
+    pub table: RefCell<LocalTable>,
+    pub metrics: Metrics,
+    /// Bucket sets whose lease runs low: the root context renews them on its next tick,
+    /// so no request waits for a renewal.
+    pub renewals: RefCell<Vec<Vec<Bucket>>>,
+    /// Hits admitted without the service, to report on the sync tick.
+    pub unreported: RefCell<Unreported>,
+    /// Which classes of which tenants were active lately; squeezes already reported.
+    pub watch: RefCell<Watch>,
+    /// Requests held by the `queue` fallback, resumed from the root tick.
+    pub queue: RefCell<WaitQueue>,
+    /// Audit records waiting to be shipped to the service.
+    pub audit: RefCell<audit::Outbox>,
+}
+
+impl Shared {
+    /// A VM's state for a parsed policy; defines the policy's stats.
+    pub fn new(h: &dyn Host, policy: Policy) -> Shared {
+        let metrics = Metrics::define(h, &policy);
+        let classes = policy.classes.len();
+        let max_buffer = policy.ops.audit.max_buffer as usize;
+        Shared {
+            policy,
+            table: RefCell::new(LocalTable::default()),
+            metrics,
+            renewals: RefCell::new(Vec::new()),
+            unreported: RefCell::new(Unreported::default()),
+            watch: RefCell::new(Watch::new(classes, DEFAULT_WATCH_TENANTS)),
+            queue: RefCell::new(WaitQueue::default()),
+            audit: RefCell::new(audit::Outbox::new(max_buffer)),
+        }
+    }
+}
+
+/// A call the root context is waiting for.
+enum RootCall {
+    Renew(Vec<Bucket>),
+    Report(Vec<(String, RateLimitDescriptor, u64)>),
+    Audit(Vec<String>),
+}
+
+pub struct Root {
+    /// This root context's id, to make it the effective context again after resuming a
+    /// queued request's.
+    id: u32,
+    shared: Option<Rc<Shared>>,
+    /// This VM's id for the reporter lease: random (WASI `random_get`, through std).
+    vm: u64,
+    ticks: u64,
+    calls: HashMap<u32, RootCall>,
+}
+
+/// The root tick: renewals go out within one tick of a lease running low.
+pub(crate) const TICK: Duration = Duration::from_millis(100);
+const TICKS_PER_SECOND: u64 = 10;
+/// Prune idle buckets every this many ticks.
+const PRUNE_EVERY: u64 = 50;
+/// Ask for a renewal when the lease would run out within this horizon.
+pub(crate) const RENEW_HORIZON_NS: u64 = 300_000_000;
+
+impl Root {
+    pub fn new(id: u32) -> Root {
+        Root::with_vm(id, RandomState::new().hash_one(0u8))
+    }
+
+    /// A root context with a given VM id (tests pick it, to be deterministic).
+    pub fn with_vm(id: u32, vm: u64) -> Root {
+        Root {
+            id,
+            shared: None,
+            vm,
+            ticks: 0,
+            calls: HashMap::new(),
+        }
+    }
+
+    /// A new request's state machine; `None` when no policy loaded.
+    pub fn new_request(&self, context_id: u32) -> Option<Request> {
+        self.shared
+            .clone()
+            .map(|shared| Request::new(shared, context_id))
+    }
+
+    /// Resume the queued requests whose wait is over. Their buckets were charged when they
+    /// were queued, so there is nothing left to decide: make each one's context effective
+    /// and continue it. A request whose client went away was removed from the queue by its
+    /// own `on_done`; if Envoy still refuses the context, it is counted and forgotten.
+    fn resume_queued(&mut self, h: &dyn Host, shared: &Shared, now: u64) {
+        let ready = shared.queue.borrow_mut().take_ready(now);
+        if ready.is_empty() {
+            return;
+        }
+        for id in ready {
+            let resumed = h
+                .set_effective_context(id)
+                .and_then(|()| h.resume_request());
+            match resumed {
+                Ok(()) => shared.metrics.queue_resumed.inc(h),
+                Err(e) => {
+                    shared.metrics.queue_abandoned.inc(h);
+                    log::warn!("laneguard: cannot resume queued request {id}: {e:?}");
+                }
+            }
+        }
+        // Later calls in this tick (gRPC dispatches) belong to the root context.
+        let _ = h.set_effective_context(self.id);
+    }
+
+    /// Ship one batch of audit records, if any wait and no batch is in flight.
+    fn ship_audit(&mut self, h: &dyn Host, shared: &Shared) {
+        let audit = &shared.policy.ops.audit;
+        let next = shared
+            .audit
+            .borrow_mut()
+            .next_batch(audit.ship, audit.max_batch as usize);
+        let Some(batch) = next else {
+            return;
+        };
+        let msg = audit::encode(&batch);
+        match h.dispatch_grpc(GrpcCall {
+            cluster: &audit.cluster,
+            service: audit::SERVICE,
+            method: audit::METHOD,
+            metadata: Vec::new(),
+            message: &msg,
+            timeout: Duration::from_millis(audit::TIMEOUT_MS),
+        }) {
+            Ok(token) => {
+                self.calls.insert(token, RootCall::Audit(batch));
+            }
+            Err(status) => {
+                log::debug!("laneguard: cannot dispatch audit records: {status:?}");
+                audit::shipped(h, shared, batch, audit::DISPATCH_FAILED, None);
+            }
+        }
+    }
+
+    fn dispatch(
+        &mut self,
+        h: &dyn Host,
+        shared: &Shared,
+        message: &[u8],
+        metadata: Vec<(&str, &[u8])>,
+        call: RootCall,
+    ) -> bool {
+        let svc = &shared.policy.service;
+        match h.dispatch_grpc(GrpcCall {
+            cluster: &svc.cluster,
+            service: rls::SERVICE,
+            method: rls::METHOD,
+            metadata,
+            message,
+            timeout: Duration::from_millis(u64::from(svc.timeout_ms)),
+        }) {
+            Ok(token) => {
+                self.calls.insert(token, call);
+                true
+            }
+            Err(_) => {
+                shared.metrics.service_error_dispatch.inc(h);
+                false
+            }
+        }
+    }
+
+    fn renew(&mut self, h: &dyn Host, shared: &Rc<Shared>, now: u64) {
+        let pending: Vec<Vec<Bucket>> = std::mem::take(&mut *shared.renewals.borrow_mut());
+        for buckets in pending {
+            let refs: Vec<&Bucket> = buckets.iter().collect();
+            let want = shared
+                .table
+                .borrow()
+                .want(&refs, 1, now, shared.policy.service.max_lease);
+            let descriptors = refs.iter().map(|b| rls::descriptor(b, Some(0))).collect();
+            let msg = rls::encode_descriptors(&shared.policy.service.domain, descriptors, 0);
+            let want = want.to_string();
+            let metadata = vec![(rls::LEASE_HEADER, want.as_bytes())];
+            shared.metrics.lease_renewals.inc(h);
+            if !self.dispatch(h, shared, &msg, metadata, RootCall::Renew(buckets.clone())) {
+                shared.table.borrow_mut().renewal_done(&refs);
+            }
+        }
+    }
+
+    fn reconcile(&mut self, h: &dyn Host, shared: &Rc<Shared>, now: u64) {
+        let mine = shared.unreported.borrow_mut().take();
+        if !mine.is_empty() {
+            for (bucket, hits) in reconcile::publish(h, self.vm, mine) {
+                shared
+                    .unreported
+                    .borrow_mut()
+                    .add(&[&bucket], u32::try_from(hits).unwrap_or(u32::MAX));
+            }
+        }
+        let interval_ns = u64::from(shared.policy.service.sync_interval_s) * 1_000_000_000;
+        if !reconcile::lead(h, self.vm, now, interval_ns.saturating_mul(3)) {
+            return;
+        }
+        let entries = reconcile::drain(h);
+        if entries.is_empty() {
+            return;
+        }
+        let descriptors = entries
+            .iter()
+            .map(|(_, d, hits)| RateLimitDescriptor {
+                hits_addend: Some(*hits),
+                ..d.clone()
+            })
+            .collect();
+        let msg = rls::encode_descriptors(&shared.policy.service.domain, descriptors, 0);
+        let total: u64 = entries.iter().map(|(_, _, h)| h).sum();
+        log::info!("laneguard: reporting {total} hits admitted without the service");
+        shared.metrics.reported_hits.add(h, total);
+        if !self.dispatch(
+            h,
+            shared,
+            &msg,
+            vec![(rls::REPORT_HEADER, b"1")],
+            RootCall::Report(entries.clone()),
+        ) {
+            reconcile::give_back(h, &entries);
+        }
+    }
+
+    /// An answer to one of the root context's calls.
+    pub fn on_grpc_response(
+        &mut self,
+        h: &dyn Host,
+        token_id: u32,
+        status_code: u32,
+        response_size: usize,
+    ) {
+        let Some(call) = self.calls.remove(&token_id) else {
+            return;
+        };
+        let Some(shared) = self.shared.clone() else {
+            return;
+        };
+        let now = h.now_ns();
+        let body = if status_code == 0 {
+            h.grpc_response_body(response_size)
+        } else {
+            None
+        };
+        if let RootCall::Audit(records) = call {
+            audit::shipped(h, &shared, records, status_code, body.as_deref());
+            return;
+        }
+        let verdict = body.and_then(|b| rls::decode(&b).ok());
+        match call {
+            RootCall::Renew(buckets) => {
+                let refs: Vec<&Bucket> = buckets.iter().collect();
+                let mut table = shared.table.borrow_mut();
+                if let Some(v) = verdict {
+                    request::apply_statuses(&mut table, &refs, &v.statuses, now);
+                }
+                table.renewal_done(&refs);
+            }
+            RootCall::Report(entries) => {
+                if verdict.is_none() {
+                    reconcile::give_back(h, &entries);
+                }
+            }
+            RootCall::Audit(_) => {}
+        }
+    }
+
+    /// Parse the policy. False refuses the configuration (Envoy logs the error).
+    pub fn on_configure(&mut self, h: &dyn Host) -> bool {
+        let Some(bytes) = h.plugin_configuration() else {
+            log::error!("laneguard: no policy: the plugin configuration is empty");
+            return false;
+        };
+        let text = match std::str::from_utf8(&bytes) {
+            Ok(t) => t,
+            Err(e) => {
+                log::error!("laneguard: the policy is not UTF-8: {e}");
+                return false;
+            }
+        };
+        let policy = match laneguard_core::parse(text) {
+            Ok(p) => p,
+            Err(e) => {
+                log::error!("laneguard: invalid policy: {e}");
+                return false;
+            }
+        };
+        let shared = Shared::new(h, policy);
+        let policy = &shared.policy;
+        log::info!(
+            "laneguard: policy loaded: {} classes, {} principals, {} tenant overrides, service cluster {:?}",
+            policy.classes.len(),
+            policy.principals.len(),
+            policy.tenant_plans.len(),
+            policy.service.cluster
+        );
+        self.shared = Some(Rc::new(shared));
+        h.set_tick_period(TICK);
+        true
+    }
+
+    pub fn on_vm_start(&mut self, h: &dyn Host) -> bool {
+        reconcile::seed(h);
+        true
+    }
+
+    pub fn on_tick(&mut self, h: &dyn Host) {
+        let Some(shared) = self.shared.clone() else {
+            return;
+        };
+        self.ticks = self.ticks.wrapping_add(1);
+        let now = h.now_ns();
+        self.renew(h, &shared, now);
+        let sync_ticks = u64::from(shared.policy.service.sync_interval_s) * TICKS_PER_SECOND;
+        if self.ticks.is_multiple_of(sync_ticks) {
+            self.reconcile(h, &shared, now);
+        }
+        self.resume_queued(h, &shared, now);
+        self.ship_audit(h, &shared);
+        if self.ticks.is_multiple_of(PRUNE_EVERY) {
+            shared.table.borrow_mut().prune(now);
+        }
+        if self.ticks.is_multiple_of(TICKS_PER_SECOND) {
+            let table = shared.table.borrow();
+            let m = &shared.metrics;
+            m.lease_outstanding.set(h, table.outstanding_lease(now));
+            m.buckets.set(h, table.len() as u64);
+            m.unreported_hits.set(h, shared.unreported.borrow().total());
+            m.queue_depth.set(h, shared.queue.borrow().len() as u64);
+            m.audit_buffered.set(h, shared.audit.borrow().len() as u64);
+        }
+    }
+}

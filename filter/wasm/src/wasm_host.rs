@@ -1,0 +1,238 @@
+//! The proxy-wasm side: [`ProxyWasmHost`] implements [`Host`] with proxy-wasm host calls,
+//! and the SDK's context traits forward each callback to [`Root`] and [`Request`].
+//! Nothing here decides anything.
+//!
+//! The host calls are made directly (not through the SDK's context methods, which
+//! `unwrap` every host status): a refused call is logged or ignored, never a panic.
+
+use crate::host::{
+    Action, DispatchError, GrpcCall, Host, HostError, MetricKind, SharedDataError, SharedValue,
+};
+use crate::request::Request;
+use crate::root::Root;
+use laneguard_core::headers::error_body;
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{BufferType, ContextType, MapType, MetricType, Status};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// The host the filter runs in: Envoy, through proxy-wasm.
+pub struct ProxyWasmHost;
+
+fn now_ns(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn err(s: Status) -> HostError {
+    HostError(format!("{s:?}"))
+}
+
+impl Host for ProxyWasmHost {
+    fn now_ns(&self) -> u64 {
+        hostcalls::get_current_time().map(now_ns).unwrap_or(0)
+    }
+
+    fn request_headers(&self) -> Vec<(String, String)> {
+        hostcalls::get_map(MapType::HttpRequestHeaders).unwrap_or_default()
+    }
+
+    fn request_header(&self, name: &str) -> Option<String> {
+        hostcalls::get_map_value(MapType::HttpRequestHeaders, name)
+            .ok()
+            .flatten()
+    }
+
+    fn set_request_header(&self, name: &str, value: &str) {
+        let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value));
+    }
+
+    fn remove_request_header(&self, name: &str) {
+        let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
+    }
+
+    fn set_response_header(&self, name: &str, value: &str) {
+        let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(value));
+    }
+
+    fn send_reply(&self, status: u32, headers: Vec<(&str, &str)>, body: &[u8]) {
+        if let Err(e) = hostcalls::send_http_response(status, headers, Some(body)) {
+            log::warn!("laneguard: cannot send a local reply {status}: {e:?}");
+        }
+    }
+
+    fn resume_request(&self) -> Result<(), HostError> {
+        hostcalls::resume_http_request().map_err(err)
+    }
+
+    fn set_filter_state(&self, key: &str, value: &[u8]) -> Result<(), HostError> {
+        hostcalls::set_property(vec![key], Some(value)).map_err(err)
+    }
+
+    fn dispatch_grpc(&self, call: GrpcCall<'_>) -> Result<u32, DispatchError> {
+        hostcalls::dispatch_grpc_call(
+            call.cluster,
+            call.service,
+            call.method,
+            call.metadata,
+            Some(call.message),
+            call.timeout,
+        )
+        .map_err(|s| match s {
+            Status::NotFound | Status::BadArgument => {
+                DispatchError::UnknownCluster(format!("{s:?}"))
+            }
+            _ => DispatchError::Failed(format!("{s:?}")),
+        })
+    }
+
+    fn grpc_response_body(&self, size: usize) -> Option<Vec<u8>> {
+        hostcalls::get_buffer(BufferType::GrpcReceiveBuffer, 0, size)
+            .ok()
+            .flatten()
+    }
+
+    fn set_effective_context(&self, context_id: u32) -> Result<(), HostError> {
+        hostcalls::set_effective_context(context_id).map_err(err)
+    }
+
+    fn set_tick_period(&self, period: Duration) {
+        let _ = hostcalls::set_tick_period(period);
+    }
+
+    fn plugin_configuration(&self) -> Option<Vec<u8>> {
+        hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX)
+            .ok()
+            .flatten()
+    }
+
+    fn get_shared_data(&self, key: &str) -> Result<SharedValue, HostError> {
+        hostcalls::get_shared_data(key).map_err(err)
+    }
+
+    fn set_shared_data(
+        &self,
+        key: &str,
+        value: &[u8],
+        cas: Option<u32>,
+    ) -> Result<(), SharedDataError> {
+        hostcalls::set_shared_data(key, Some(value), cas).map_err(|s| match s {
+            Status::CasMismatch => SharedDataError::CasMismatch,
+            _ => SharedDataError::Other(format!("{s:?}")),
+        })
+    }
+
+    fn define_metric(&self, kind: MetricKind, name: &str) -> Result<u32, HostError> {
+        let t = match kind {
+            MetricKind::Counter => MetricType::Counter,
+            MetricKind::Gauge => MetricType::Gauge,
+        };
+        hostcalls::define_metric(t, name).map_err(err)
+    }
+
+    fn increment_metric(&self, id: u32, delta: i64) -> Result<(), HostError> {
+        hostcalls::increment_metric(id, delta).map_err(err)
+    }
+}
+
+fn action(a: Action) -> proxy_wasm::types::Action {
+    match a {
+        Action::Continue => proxy_wasm::types::Action::Continue,
+        Action::Pause => proxy_wasm::types::Action::Pause,
+    }
+}
+
+/// The SDK's root context: forwards to [`Root`].
+pub struct RootGlue(pub Root);
+
+impl Context for RootGlue {
+    fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
+        self.0
+            .on_grpc_response(&ProxyWasmHost, token_id, status_code, response_size);
+    }
+}
+
+impl RootContext for RootGlue {
+    fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
+        self.0.on_configure(&ProxyWasmHost)
+    }
+
+    fn on_vm_start(&mut self, _vm_configuration_size: usize) -> bool {
+        self.0.on_vm_start(&ProxyWasmHost)
+    }
+
+    fn on_tick(&mut self) {
+        self.0.on_tick(&ProxyWasmHost);
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        // Without a policy on_configure returned false and Envoy refused the configuration,
+        // so this branch is not reached in practice. Returning None would panic in the SDK,
+        // so an unconfigured VM answers 500 instead of guessing.
+        match self.0.new_request(context_id) {
+            Some(request) => Some(Box::new(RequestGlue(request))),
+            None => Some(Box::new(Unconfigured)),
+        }
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+/// The SDK's HTTP context: forwards to [`Request`].
+pub struct RequestGlue(pub Request);
+
+impl Context for RequestGlue {
+    fn on_done(&mut self) -> bool {
+        self.0.on_done(&ProxyWasmHost)
+    }
+
+    fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
+        self.0
+            .on_grpc_response(&ProxyWasmHost, token_id, status_code, response_size);
+    }
+}
+
+impl HttpContext for RequestGlue {
+    fn on_http_request_headers(
+        &mut self,
+        _num_headers: usize,
+        _end_of_stream: bool,
+    ) -> proxy_wasm::types::Action {
+        action(self.0.on_request_headers(&ProxyWasmHost))
+    }
+
+    fn on_http_response_headers(
+        &mut self,
+        _num_headers: usize,
+        _end_of_stream: bool,
+    ) -> proxy_wasm::types::Action {
+        action(self.0.on_response_headers(&ProxyWasmHost))
+    }
+}
+
+/// The request context of a VM without a valid policy: fail closed, visibly.
+pub struct Unconfigured;
+
+impl Context for Unconfigured {}
+
+impl HttpContext for Unconfigured {
+    fn on_http_request_headers(
+        &mut self,
+        _num_headers: usize,
+        _end_of_stream: bool,
+    ) -> proxy_wasm::types::Action {
+        let body = error_body(
+            "laneguard_not_configured",
+            "the laneguard policy did not load",
+        );
+        ProxyWasmHost.send_reply(
+            500,
+            vec![("content-type", "application/json")],
+            body.as_bytes(),
+        );
+        proxy_wasm::types::Action::Pause
+    }
+}
