@@ -21,10 +21,10 @@ use laneguard_protos::laneguard::audit::v1::{AppendRequest, AppendResponse};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::fmt::Write as _;
-use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::fs::File;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// `prev` of the first line.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -87,17 +87,91 @@ fn write_canonical(v: &Value, out: &mut String) {
     }
 }
 
+/// How each line's hash is computed: plain SHA-256, or HMAC-SHA-256 under a key
+/// (`--audit-hmac-key-file`). Without a key, anyone who can write the file can rewrite a
+/// record *and every hash after it*, and the chain verifies again; with a key they also need
+/// the key.
+#[derive(Clone, Default)]
+pub struct Chain {
+    key: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Chain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the key.
+        f.debug_struct("Chain")
+            .field("keyed", &self.key.is_some())
+            .finish()
+    }
+}
+
+/// The shortest HMAC key accepted, in bytes.
+pub const MIN_KEY_BYTES: usize = 16;
+
+impl Chain {
+    /// Unkeyed SHA-256.
+    pub fn plain() -> Chain {
+        Chain { key: None }
+    }
+
+    /// HMAC-SHA-256 under `key` (at least [`MIN_KEY_BYTES`] bytes).
+    pub fn keyed(key: Vec<u8>) -> Result<Chain, String> {
+        if key.len() < MIN_KEY_BYTES {
+            return Err(format!(
+                "the HMAC key is {} bytes; use at least {MIN_KEY_BYTES} (for example `head -c 32 /dev/urandom > key`)",
+                key.len()
+            ));
+        }
+        Ok(Chain { key: Some(key) })
+    }
+
+    /// Read a key file: its bytes, without trailing whitespace.
+    pub fn from_key_file(path: &Path) -> Result<Chain, String> {
+        let mut key = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        while key.last().is_some_and(u8::is_ascii_whitespace) {
+            key.pop();
+        }
+        Chain::keyed(key).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    pub fn is_keyed(&self) -> bool {
+        self.key.is_some()
+    }
+
+    /// `hex(sha256(prev || canonical))`, or `hex(hmac_sha256(key, prev || canonical))`.
+    pub fn hash(&self, prev: &str, canonical: &str) -> String {
+        match &self.key {
+            None => chain_hash(prev, canonical),
+            Some(key) => {
+                use hmac::{Hmac, Mac};
+                // new_from_slice accepts keys of any length for HMAC.
+                match Hmac::<Sha256>::new_from_slice(key) {
+                    Ok(mut mac) => {
+                        mac.update(prev.as_bytes());
+                        mac.update(canonical.as_bytes());
+                        hex(&mac.finalize().into_bytes())
+                    }
+                    Err(_) => chain_hash(prev, canonical),
+                }
+            }
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
 /// `hex(sha256(prev || canonical))`.
 pub fn chain_hash(prev: &str, canonical: &str) -> String {
     let mut h = Sha256::new();
     h.update(prev.as_bytes());
     h.update(canonical.as_bytes());
-    let digest = h.finalize();
-    let mut out = String::with_capacity(64);
-    for b in digest {
-        let _ = write!(out, "{b:02x}");
-    }
-    out
+    hex(&h.finalize())
 }
 
 /// One line of the log, for a record already in canonical form.
@@ -107,20 +181,41 @@ pub fn line(seq: u64, prev: &str, hash: &str, canonical_record: &str) -> String 
     )
 }
 
-/// What a verified log holds.
+/// What a verified log (one file, or a rotated set) holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Summary {
     pub records: u64,
-    /// The hash of the last line (GENESIS for an empty log).
+    /// The hash of the last line (`prev` of the first line for an empty log).
     pub head: String,
+    /// The `seq` of the last line (0 for an empty log from genesis).
+    pub last_seq: u64,
+    /// `Some((seq, prev))` when the first line is not the chain's first (`seq` 1 after
+    /// GENESIS): the files before it were rotated away, or were not given.
+    pub starts_after: Option<(u64, String)>,
+    /// The seq of the line whose hash is the `--expect-head` hash, when it was found.
+    pub expected_at: Option<u64>,
 }
 
 /// Why a line breaks the chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Break {
-    /// 1-based line number.
+    /// The file, when verifying several.
+    pub file: Option<PathBuf>,
+    /// 1-based line number in that file (0: the file as a whole).
     pub line: u64,
     pub reason: String,
+}
+
+impl std::fmt::Display for Break {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(file) = &self.file {
+            write!(f, "{}: ", file.display())?;
+        }
+        if self.line > 0 {
+            write!(f, "line {}: ", self.line)?;
+        }
+        f.write_str(&self.reason)
+    }
 }
 
 /// A parsed line.
@@ -132,7 +227,7 @@ pub struct Entry {
     pub record: Value,
 }
 
-fn parse_line(text: &str) -> Result<Entry, String> {
+pub(crate) fn parse_line(text: &str) -> Result<Entry, String> {
     let v: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
     let seq = v
         .get("seq")
@@ -157,54 +252,211 @@ fn parse_line(text: &str) -> Result<Entry, String> {
     })
 }
 
-/// Check every line of a log: sequence numbers count up from 1, each `prev` is the hash of
-/// the line before, and each `hash` is the hash of `prev` and the record.
-pub fn verify(reader: impl BufRead) -> Result<Summary, Break> {
-    let mut prev = GENESIS.to_string();
-    let mut n: u64 = 0;
-    for (i, text) in reader.lines().enumerate() {
-        let line_no = i as u64 + 1;
-        let text = text.map_err(|e| Break {
-            line: line_no,
-            reason: format!("cannot read: {e}"),
-        })?;
-        let e = parse_line(&text).map_err(|reason| Break {
-            line: line_no,
-            reason,
-        })?;
-        if e.seq != n + 1 {
-            return Err(Break {
-                line: line_no,
-                reason: format!(
-                    "seq is {}, expected {} (a line was removed or moved)",
-                    e.seq,
-                    n + 1
-                ),
-            });
+/// Checks lines one at a time, across files: sequence numbers count up by one, each `prev`
+/// is the hash of the line before, and each `hash` is the hash of `prev` and the record.
+#[derive(Debug, Clone)]
+pub struct Verifier {
+    chain: Chain,
+    /// (seq, hash) of the last line checked; `None` before the first line when the start
+    /// is open (the first line may continue a chain from files not given).
+    last: Option<(u64, String)>,
+    starts_after: Option<(u64, String)>,
+    expect: Option<String>,
+    expected_at: Option<u64>,
+    records: u64,
+}
+
+impl Verifier {
+    /// A chain that starts at GENESIS, or whose first line may continue an earlier file
+    /// that is not given (`open_start`; a first line with `seq` 1 must still follow
+    /// GENESIS).
+    pub fn new(chain: Chain, open_start: bool) -> Verifier {
+        Verifier {
+            chain,
+            last: (!open_start).then(|| (0, GENESIS.to_string())),
+            starts_after: None,
+            expect: None,
+            expected_at: None,
+            records: 0,
+        }
+    }
+
+    /// A chain that continues after the line `(seq, hash)` (an audit log resuming from its
+    /// checkpoint).
+    pub fn after(chain: Chain, seq: u64, hash: &str) -> Verifier {
+        Verifier {
+            last: Some((seq, hash.to_string())),
+            ..Verifier::new(chain, false)
+        }
+    }
+
+    /// Look for this hash among the lines (a head published earlier).
+    pub fn expect_head(mut self, hash: Option<String>) -> Verifier {
+        if let (Some(h), Some((_, last))) = (&hash, &self.last) {
+            if h == last {
+                self.expected_at = self.last.as_ref().map(|l| l.0);
+            }
+        }
+        self.expect = hash;
+        self
+    }
+
+    /// Check one line (without its newline).
+    pub fn push(&mut self, text: &str) -> Result<(), String> {
+        let e = parse_line(text)?;
+        let (want_seq, prev) = match &self.last {
+            Some((seq, hash)) => (seq + 1, hash.clone()),
+            None if e.seq == 1 => (1, GENESIS.to_string()),
+            None => {
+                self.starts_after = Some((e.seq - 1, e.prev.clone()));
+                (e.seq, e.prev.clone())
+            }
+        };
+        if e.seq != want_seq {
+            return Err(format!(
+                "seq is {}, expected {want_seq} (a line was removed or moved)",
+                e.seq
+            ));
         }
         if e.prev != prev {
-            return Err(Break {
-                line: line_no,
-                reason: "prev is not the hash of the line before (a line before it was removed, inserted or moved)".into(),
-            });
+            return Err(
+                "prev is not the hash of the line before (a line before it was removed, inserted or moved)".into(),
+            );
         }
-        let want = chain_hash(&prev, &canonical(&e.record));
+        let want = self.chain.hash(&prev, &canonical(&e.record));
         if e.hash != want {
+            let hint = if e.seq == 1 || self.records == 0 {
+                if self.chain.is_keyed() {
+                    " (or the log was not written with this HMAC key)"
+                } else {
+                    " (or the log was written with an HMAC key: pass --hmac-key-file)"
+                }
+            } else {
+                ""
+            };
+            return Err(format!(
+                "the record does not match its hash (the line was edited){hint}: hash {} but the content hashes to {want}",
+                e.hash
+            ));
+        }
+        if self.expect.as_deref() == Some(e.hash.as_str()) {
+            self.expected_at = Some(e.seq);
+        }
+        self.last = Some((e.seq, e.hash));
+        self.records += 1;
+        Ok(())
+    }
+
+    /// Check every line of one reader; `file` names it in a break.
+    pub fn push_all(&mut self, reader: impl BufRead, file: Option<&Path>) -> Result<(), Break> {
+        for (i, text) in reader.lines().enumerate() {
+            let line = i as u64 + 1;
+            let fail = |reason| Break {
+                file: file.map(Path::to_path_buf),
+                line,
+                reason,
+            };
+            let text = text.map_err(|e| fail(format!("cannot read: {e}")))?;
+            self.push(&text).map_err(fail)?;
+        }
+        Ok(())
+    }
+
+    /// The summary; with an `--expect-head` hash that was never seen, the break that says
+    /// the tail was cut.
+    pub fn finish(self) -> Result<Summary, Break> {
+        let (last_seq, head) = self.last.unwrap_or((0, GENESIS.to_string()));
+        if let (Some(want), None) = (&self.expect, self.expected_at) {
             return Err(Break {
-                line: line_no,
+                file: None,
+                line: 0,
                 reason: format!(
-                    "the record does not match its hash (the line was edited): hash {} but the content hashes to {want}",
-                    e.hash
+                    "the expected head {want} is not the hash of any line: lines were cut off the end of the log, or rewritten (the log ends at seq {last_seq}, head {head})"
                 ),
             });
         }
-        prev = e.hash;
-        n += 1;
+        Ok(Summary {
+            records: self.records,
+            head,
+            last_seq,
+            starts_after: self.starts_after,
+            expected_at: self.expected_at,
+        })
     }
-    Ok(Summary {
-        records: n,
-        head: prev,
-    })
+}
+
+/// Check every line of one log from GENESIS, unkeyed (see [`Verifier`] for the rest).
+pub fn verify(reader: impl BufRead) -> Result<Summary, Break> {
+    let mut v = Verifier::new(Chain::plain(), false);
+    v.push_all(reader, None)?;
+    v.finish()
+}
+
+/// The files of a log, oldest first: the rotated segments `FILE.<first seq>` (see
+/// `--audit-rotate-bytes`), then FILE itself if it exists.
+pub fn segments(path: &Path) -> Result<Vec<PathBuf>, std::io::Error> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return Ok(vec![path.to_path_buf()]);
+    };
+    let prefix = format!("{name}.");
+    let mut rotated: Vec<(u64, PathBuf)> = Vec::new();
+    match std::fs::read_dir(&dir) {
+        Ok(entries) => {
+            for entry in entries {
+                let entry = entry?;
+                let file_name = entry.file_name();
+                let Some(n) = file_name.to_str() else {
+                    continue;
+                };
+                let Some(suffix) = n.strip_prefix(&prefix) else {
+                    continue;
+                };
+                if !suffix.is_empty() && suffix.bytes().all(|b| b.is_ascii_digit()) {
+                    if let Ok(first) = suffix.parse::<u64>() {
+                        rotated.push((first, entry.path()));
+                    }
+                }
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    rotated.sort();
+    let mut out: Vec<PathBuf> = rotated.into_iter().map(|(_, p)| p).collect();
+    if path.exists() {
+        out.push(path.to_path_buf());
+    }
+    Ok(out)
+}
+
+/// The name a segment gets when it is rotated: `FILE.<seq of its first line, 12 digits>`.
+pub fn rotated_name(path: &Path, first_seq: u64) -> PathBuf {
+    let mut name = path.as_os_str().to_os_string();
+    name.push(format!(".{first_seq:012}"));
+    PathBuf::from(name)
+}
+
+/// Verify files as one chain, in the order given; the first may continue a chain whose
+/// earlier files are gone (retention), which the summary reports.
+pub fn verify_files(
+    files: &[PathBuf],
+    chain: Chain,
+    expect_head: Option<String>,
+) -> Result<Summary, Break> {
+    let mut v = Verifier::new(chain, true).expect_head(expect_head);
+    for file in files {
+        let f = File::open(file).map_err(|e| Break {
+            file: Some(file.clone()),
+            line: 0,
+            reason: format!("cannot open: {e}"),
+        })?;
+        v.push_all(BufReader::new(f), Some(file))?;
+    }
+    v.finish()
 }
 
 /// Which records to show.
@@ -349,101 +601,8 @@ pub fn read_evidence(text: &str) -> Evidence {
     ev
 }
 
-struct Tail {
-    file: File,
-    prev: String,
-    seq: u64,
-}
-
-/// The log a service appends to. Appends are serialised by a lock, and each batch is
-/// written and synced to disk before the call is answered.
-pub struct AuditLog {
-    path: PathBuf,
-    tail: Mutex<Tail>,
-}
-
-impl AuditLog {
-    /// Open (or create) a log. An existing log is verified first: a service does not extend
-    /// a chain that is already broken (move the file aside, it is evidence, and restart).
-    pub fn open(path: &Path) -> Result<AuditLog, AuditError> {
-        let io = |source| AuditError::Io {
-            path: path.to_path_buf(),
-            source,
-        };
-        let summary = match File::open(path) {
-            Ok(f) => verify(BufReader::new(f)).map_err(|b| AuditError::Broken {
-                path: path.to_path_buf(),
-                line: b.line,
-                reason: b.reason,
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Summary {
-                records: 0,
-                head: GENESIS.to_string(),
-            },
-            Err(e) => return Err(io(e)),
-        };
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(io)?;
-        Ok(AuditLog {
-            path: path.to_path_buf(),
-            tail: Mutex::new(Tail {
-                file,
-                prev: summary.head,
-                seq: summary.records,
-            }),
-        })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Append records (each one JSON object). Returns (appended, rejected): anything that
-    /// is not a JSON object, or is too large, is rejected and not written.
-    pub fn append(&self, records: &[String]) -> Result<(u32, u32), AuditError> {
-        let mut tail = self
-            .tail
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut buf = String::new();
-        let (mut prev, mut seq) = (tail.prev.clone(), tail.seq);
-        let (mut appended, mut rejected) = (0u32, 0u32);
-        for r in records {
-            let parsed = if r.len() <= MAX_RECORD_BYTES {
-                serde_json::from_str::<Value>(r)
-                    .ok()
-                    .filter(Value::is_object)
-            } else {
-                None
-            };
-            let Some(v) = parsed else {
-                rejected += 1;
-                continue;
-            };
-            let c = canonical(&v);
-            let hash = chain_hash(&prev, &c);
-            seq += 1;
-            buf.push_str(&line(seq, &prev, &hash, &c));
-            buf.push('\n');
-            prev = hash;
-            appended += 1;
-        }
-        if appended > 0 {
-            let io = |source| AuditError::Io {
-                path: self.path.clone(),
-                source,
-            };
-            tail.file.write_all(buf.as_bytes()).map_err(io)?;
-            tail.file.sync_data().map_err(io)?;
-            tail.prev = prev;
-            tail.seq = seq;
-        }
-        Ok((appended, rejected))
-    }
-}
+mod writer;
+pub use writer::{AuditLog, AuditOptions, Opened, Resume, Verification};
 
 /// The gRPC face of an [`AuditLog`].
 #[derive(Clone)]
@@ -563,12 +722,15 @@ mod tests {
         let mut swapped = lines.clone();
         swapped.swap(0, 1);
         assert_eq!(verify(Cursor::new(swapped.join("\n"))).unwrap_err().line, 1);
-        // A broken log is not extended.
+        // A break behind the checkpoint is found by the background verification.
         std::fs::write(&path, edited.join("\n") + "\n").unwrap();
-        assert!(matches!(
-            AuditLog::open(&path),
-            Err(AuditError::Broken { line: 3, .. })
-        ));
+        let log = AuditLog::open(&path).unwrap();
+        log.verify_in_background().unwrap().join().unwrap();
+        assert!(
+            matches!(log.verification(), Verification::Broken(ref b) if b.line == 3),
+            "{:?}",
+            log.verification()
+        );
         let _ = std::fs::remove_file(&path);
     }
 

@@ -11,7 +11,8 @@ use crate::store::redis::{cluster_nodes, CLUSTER_SCHEME, REDIS_SCHEME};
 pub const USAGE: &str = "\
 Usage: laneguard-service [--listen ADDR] [--config FILE] [--store STORE]
                          [--grants on|off] [--lease-ttl-ms MS] [--redis-timeout-ms MS]
-                         [--audit-log FILE]
+                         [--audit-log FILE] [--audit-rotate-size SIZE] [--audit-rotate-hours H]
+                         [--audit-hmac-key-file FILE] [--audit-head-every-s S]
 
 Serves envoy.service.ratelimit.v3.RateLimitService and grpc.health.v1.Health over gRPC.
 
@@ -30,6 +31,16 @@ Options:
   --redis-timeout-ms MS   bound on every Redis call, connecting included [default: 250]
   --audit-log FILE        keep the filter's audit records in FILE, an append-only
                           hash-chained log (laneguard-audit verify|query FILE)
+  --audit-rotate-size SIZE
+                          rotate FILE to FILE.<first seq> once it holds SIZE bytes
+                          (suffix K, M or G; 0: never by size) [default: 64M]
+  --audit-rotate-hours H  rotate FILE once it is H hours old (0: never by age)
+                          [default: 24]
+  --audit-hmac-key-file FILE
+                          chain the log with HMAC-SHA-256 under the key in FILE (at
+                          least 16 bytes); verify with laneguard-audit --hmac-key-file
+  --audit-head-every-s S  log the chain's head hash every S seconds when it moved
+                          [default: 60]
   -h, --help              print this help
   -V, --version           print the version
 
@@ -63,9 +74,17 @@ pub struct Args {
     pub redis_timeout: Duration,
     /// `--audit-log FILE`: serve `laneguard.audit.v1.AuditLog` and append to FILE.
     pub audit_log: Option<PathBuf>,
+    /// `--audit-rotate-size` in bytes; 0: never by size.
+    pub audit_rotate_bytes: u64,
+    /// `--audit-rotate-hours`; `None`: never by age.
+    pub audit_rotate_after: Option<Duration>,
+    pub audit_hmac_key_file: Option<PathBuf>,
+    pub audit_head_every: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
+// Parsed once at startup; boxing the arguments would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     Run(Args),
     Help,
@@ -87,6 +106,17 @@ pub enum CliError {
     BadGrants { value: String },
     #[error("{flag}: `{value}` is not a whole number of milliseconds from 1 to {MAX_MS}")]
     BadMillis { flag: String, value: String },
+    #[error("{flag}: `{value}` is not a whole number from {min} to {max}")]
+    BadNumber {
+        flag: String,
+        value: String,
+        min: u64,
+        max: u64,
+    },
+    #[error("--audit-rotate-size: `{value}` is not a size (bytes, or a number with K, M or G)")]
+    BadSize { value: String },
+    #[error("{flag} needs --audit-log")]
+    NeedsAuditLog { flag: String },
     #[error("{flag} given more than once")]
     Repeated { flag: String },
     #[error("unexpected argument `{arg}`")]
@@ -95,7 +125,7 @@ pub enum CliError {
     NotUtf8 { arg: OsString },
 }
 
-const FLAGS: [&str; 7] = [
+const FLAGS: [&str; 11] = [
     "--listen",
     "--config",
     "--store",
@@ -103,6 +133,10 @@ const FLAGS: [&str; 7] = [
     "--lease-ttl-ms",
     "--redis-timeout-ms",
     "--audit-log",
+    "--audit-rotate-size",
+    "--audit-rotate-hours",
+    "--audit-hmac-key-file",
+    "--audit-head-every-s",
 ];
 
 /// Parse the arguments after the program name. Accepts `--flag value` and `--flag=value`.
@@ -141,7 +175,26 @@ where
             return Err(CliError::Repeated { flag });
         }
     }
-    let [listen, config, store, grants, lease_ttl, redis_timeout, audit_log] = values;
+    let [listen, config, store, grants, lease_ttl, redis_timeout, audit_log, rotate_size, rotate_hours, hmac_key, head_every] =
+        values;
+    if audit_log.is_none() {
+        for (flag, v) in [
+            ("--audit-rotate-size", &rotate_size),
+            ("--audit-rotate-hours", &rotate_hours),
+            ("--audit-hmac-key-file", &hmac_key),
+            ("--audit-head-every-s", &head_every),
+        ] {
+            if v.is_some() {
+                return Err(CliError::NeedsAuditLog { flag: flag.into() });
+            }
+        }
+    }
+    let rotate_bytes = match rotate_size {
+        None => 64 * 1024 * 1024,
+        Some(text) => size(&text).ok_or(CliError::BadSize { value: text })?,
+    };
+    let rotate_hours = number("--audit-rotate-hours", rotate_hours, 24, 0, 24 * 366)?;
+    let head_every = number("--audit-head-every-s", head_every, 60, 1, 86_400)?;
 
     let listen_text = listen.unwrap_or_else(|| DEFAULT_LISTEN.to_string());
     let listen = listen_text
@@ -174,7 +227,46 @@ where
             DEFAULT_REDIS_TIMEOUT_MS,
         )?,
         audit_log: audit_log.map(PathBuf::from),
+        audit_rotate_bytes: rotate_bytes,
+        audit_rotate_after: (rotate_hours > 0).then(|| Duration::from_secs(rotate_hours * 3600)),
+        audit_hmac_key_file: hmac_key.map(PathBuf::from),
+        audit_head_every: Duration::from_secs(head_every),
     }))
+}
+
+/// `4096`, `512K`, `64M`, `1G` (powers of 1024).
+fn size(text: &str) -> Option<u64> {
+    let (digits, unit) = match text.char_indices().last()? {
+        (i, 'K' | 'k') => (&text[..i], 1u64 << 10),
+        (i, 'M' | 'm') => (&text[..i], 1 << 20),
+        (i, 'G' | 'g') => (&text[..i], 1 << 30),
+        _ => (text, 1),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse::<u64>().ok()?.checked_mul(unit)
+}
+
+fn number(
+    flag: &str,
+    value: Option<String>,
+    default: u64,
+    min: u64,
+    max: u64,
+) -> Result<u64, CliError> {
+    let Some(text) = value else {
+        return Ok(default);
+    };
+    match text.parse::<u64>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(CliError::BadNumber {
+            flag: flag.to_string(),
+            value: text,
+            min,
+            max,
+        }),
+    }
 }
 
 fn parse_store(spec: &str) -> Option<StoreKind> {
@@ -216,6 +308,10 @@ mod tests {
             lease_ttl: Duration::from_millis(2000),
             redis_timeout: Duration::from_millis(250),
             audit_log: None,
+            audit_rotate_bytes: 64 * 1024 * 1024,
+            audit_rotate_after: Some(Duration::from_secs(24 * 3600)),
+            audit_hmac_key_file: None,
+            audit_head_every: Duration::from_secs(60),
         };
         f(&mut args);
         Command::Run(args)
@@ -232,6 +328,41 @@ mod tests {
             p(&["--audit-log", "audit.log"]).unwrap(),
             defaults_with(|a| a.audit_log = Some(PathBuf::from("audit.log")))
         );
+        assert_eq!(
+            p(&[
+                "--audit-log=a",
+                "--audit-rotate-size=8K",
+                "--audit-rotate-hours",
+                "1",
+                "--audit-hmac-key-file=k",
+                "--audit-head-every-s=5"
+            ])
+            .unwrap(),
+            defaults_with(|a| {
+                a.audit_log = Some(PathBuf::from("a"));
+                a.audit_rotate_bytes = 8192;
+                a.audit_rotate_after = Some(Duration::from_secs(3600));
+                a.audit_hmac_key_file = Some(PathBuf::from("k"));
+                a.audit_head_every = Duration::from_secs(5);
+            })
+        );
+        assert!(matches!(
+            p(&["--audit-rotate-size", "1"]),
+            Err(CliError::NeedsAuditLog { .. })
+        ));
+        for bad in ["", "K", "1T", "-1", "1.5M"] {
+            assert!(
+                matches!(
+                    p(&["--audit-log", "a", "--audit-rotate-size", bad]),
+                    Err(CliError::BadSize { .. })
+                ),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            p(&["--audit-log", "a", "--audit-head-every-s", "0"]),
+            Err(CliError::BadNumber { .. })
+        ));
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use laneguard_service::audit::{AuditLog, AuditService};
+use laneguard_service::audit::{AuditLog, AuditOptions, AuditService, Chain};
 use laneguard_service::cli::{self, Args, Command, StoreKind};
 use laneguard_service::{
     logger, server, Config, Grants, MemoryStore, Options, RateLimiter, RedisSettings, RedisStore,
@@ -86,11 +86,7 @@ async fn run(args: Args) -> Result<(), String> {
         Grants::Off
     };
     let audit = match &args.audit_log {
-        Some(path) => {
-            let log = AuditLog::open(path).map_err(|e| format!("audit log: {e}"))?;
-            log::info!("appending audit records to {}", path.display());
-            Some(AuditService::new(Arc::new(log)))
-        }
+        Some(path) => Some(open_audit_log(path, &args)?),
         None => None,
     };
     let listener = TcpListener::bind(args.listen)
@@ -122,6 +118,52 @@ async fn run(args: Args) -> Result<(), String> {
         .map_err(|e| format!("server failed: {e}"))?;
     log::info!("stopped");
     Ok(())
+}
+
+/// Open the audit log without reading it whole (its checkpoint, then the lines after it),
+/// verify the rest in the background, and log the chain's head periodically.
+fn open_audit_log(path: &std::path::Path, args: &Args) -> Result<AuditService, String> {
+    let chain = match &args.audit_hmac_key_file {
+        Some(key) => {
+            Chain::from_key_file(key).map_err(|e| format!("--audit-hmac-key-file: {e}"))?
+        }
+        None => Chain::plain(),
+    };
+    let keyed = chain.is_keyed();
+    let opened = AuditLog::open_with(
+        path,
+        AuditOptions {
+            chain,
+            rotate_bytes: args.audit_rotate_bytes,
+            rotate_after: args.audit_rotate_after,
+        },
+    )
+    .map_err(|e| format!("audit log: {e}"))?;
+    let log = Arc::new(opened.log);
+    let (seq, head) = log.head();
+    log::info!(
+        "appending audit records to {} ({:?}, {} lines verified before serving, hmac: {keyed}); head seq={seq} hash={head}",
+        path.display(),
+        opened.resumed,
+        opened.verified_before_serving,
+    );
+    let _ = log.verify_in_background();
+    let every = args.audit_head_every;
+    let published = Arc::clone(&log);
+    tokio::spawn(async move {
+        let mut last = seq;
+        let mut tick = tokio::time::interval(every);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let (seq, head) = published.head();
+            if seq != last {
+                log::info!("audit head: seq={seq} hash={head}");
+                last = seq;
+            }
+        }
+    });
+    Ok(AuditService::new(log))
 }
 
 /// Try the Redis store once at startup. A Redis that is not up yet does not stop the service:

@@ -284,6 +284,18 @@ impl NativeStack {
     }
 }
 
+/// `laneguard-audit ARGS...`: (exit code, stdout followed by stderr).
+pub fn audit_cli(args: &[&str]) -> Result<(i32, String)> {
+    let out = std::process::Command::new(built_binary("laneguard-audit")?)
+        .args(args)
+        .output()
+        .context(|| format!("running laneguard-audit {}", args.join(" ")))?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,12 +8,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use laneguard_tests::config::remove_http_filter;
-use laneguard_tests::{
-    built_binary, test_policy, token, Client, EnvoyOptions, Reply, RunDir, Stack,
-};
+use laneguard_tests::{test_policy, token, Client, EnvoyOptions, Reply, RunDir, Stack};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// A stack whose service keeps an audit log; returns it and the log's path.
@@ -52,16 +49,8 @@ fn access_records(stack: &Stack, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> 
     }
 }
 
-/// `laneguard-audit ARGS...`: (exit code, stdout).
 fn audit_cli(args: &[&str]) -> (i32, String) {
-    let out = Command::new(built_binary("laneguard-audit").unwrap())
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
+    laneguard_tests::audit_cli(args).unwrap()
 }
 
 /// `laneguard-audit query LOG ARGS...` as records, polled until there are `want`

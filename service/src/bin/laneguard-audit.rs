@@ -2,14 +2,17 @@
 //! (`laneguard-service --audit-log FILE`), and write the rollout review card from it.
 //!
 //! ```text
-//! laneguard-audit verify FILE
+//! laneguard-audit verify [--expect-head HASH] [--hmac-key-file KEY] FILE...
 //! laneguard-audit query FILE [--tenant T] [--bucket B] [--caller C] [--event E]
 //!                            [--since TIME] [--until TIME]
 //! laneguard-audit card --policy FILE --audit LOG [--stats SCRAPE] [--owner TEAM]
 //!                      [--change NAME] [--goal GOAL] [--html | --json] [--strict]
 //! ```
 //!
-//! `verify` checks every line's hash and link and prints the record count and the head hash
+//! `verify` checks every line's hash and link (one FILE that is the active log: with its
+//! rotated files `FILE.<first seq>`; several FILEs: as one chain in that order) and
+//! `--expect-head` fails unless that hash, published earlier, is some line's (a cut tail);
+//! it prints the record count and the head hash
 //! (exit 0), or the first line that breaks the chain (exit 1). `query` prints the matching
 //! records, one JSON object per line, for `jq`. TIME is RFC 3339 UTC
 //! (`2026-11-24T05:25:00Z`), a date (`2026-11-24`) or Unix seconds. `card` prints the
@@ -18,11 +21,14 @@
 
 use clap::{Args, Parser, Subcommand};
 use laneguard_core::card::{self, Fields, Inputs, Thresholds};
-use laneguard_service::audit::{parse_time, query, read_evidence, verify, Filter};
+use laneguard_service::audit::{
+    parse_time, query, read_evidence, segments, verify_files, Chain, Filter,
+};
 use laneguard_service::policy_file::one_policy;
 use laneguard_service::report;
 use std::fs::File;
 use std::io::{BufReader, Write};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -44,7 +50,19 @@ fn time(v: &str) -> Result<u64, String> {
 #[derive(Subcommand)]
 enum Command {
     /// Check every line's hash and link.
-    Verify { file: String },
+    Verify {
+        /// The active log (verified with its rotated files FILE.<seq>), or several files
+        /// verified as one chain in the order given.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// A head hash published earlier (the service logs `audit head: seq=N hash=H`):
+        /// fails if no line has it, i.e. lines were cut off the end.
+        #[arg(long, value_parser = head_hash)]
+        expect_head: Option<String>,
+        /// The key the service chained with (`--audit-hmac-key-file`).
+        #[arg(long)]
+        hmac_key_file: Option<PathBuf>,
+    },
     /// Print matching records, one JSON object per line.
     Query {
         file: String,
@@ -194,25 +212,87 @@ fn run_card(a: CardArgs) -> Result<ExitCode, ExitCode> {
     })
 }
 
+fn head_hash(v: &str) -> Result<String, String> {
+    if v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(v.to_ascii_lowercase())
+    } else {
+        Err(format!("`{v}` is not a 64-digit hex hash"))
+    }
+}
+
+fn verify_command(
+    mut files: Vec<PathBuf>,
+    expect: Option<String>,
+    key: Option<PathBuf>,
+) -> ExitCode {
+    let chain = match key {
+        Some(k) => match Chain::from_key_file(&k) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("laneguard-audit: --hmac-key-file: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => Chain::plain(),
+    };
+    let label = match files.as_slice() {
+        [one] => one.display().to_string(),
+        [first, ..] => format!("{} (+{} files)", first.display(), files.len() - 1),
+        [] => return ExitCode::from(2),
+    };
+    if let [one] = files.as_slice() {
+        if !one.exists() {
+            eprintln!("laneguard-audit: {}: no such file", one.display());
+            return ExitCode::from(2);
+        }
+        match segments(one) {
+            Ok(set) if !set.is_empty() => files = set,
+            Ok(_) => {}
+            Err(e) => {
+                eprintln!("laneguard-audit: {}: {e}", one.display());
+                return ExitCode::from(2);
+            }
+        }
+    }
+    match verify_files(&files, chain, expect) {
+        Ok(s) => {
+            let mut msg = format!("{label}: ok: {} records, head {}", s.records, s.head);
+            if files.len() > 1 {
+                msg.push_str(&format!(" ({} files)", files.len()));
+            }
+            if let Some((seq, prev)) = &s.starts_after {
+                msg.push_str(&format!(
+                    "; the chain starts after seq {seq} (prev {prev}): the files before it are not here"
+                ));
+            }
+            if let Some(at) = s.expected_at {
+                msg.push_str(&format!(
+                    "; the expected head is seq {at}, {} records after it",
+                    s.last_seq - at
+                ));
+            }
+            println!("{msg}");
+            ExitCode::SUCCESS
+        }
+        Err(b) => {
+            if b.file.is_some() {
+                println!("{b}");
+            } else {
+                println!("{label}: {b}");
+            }
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Verify { file } => {
-            let reader = match open(&file) {
-                Ok(r) => r,
-                Err(code) => return code,
-            };
-            match verify(reader) {
-                Ok(s) => {
-                    println!("{file}: ok: {} records, head {}", s.records, s.head);
-                    ExitCode::SUCCESS
-                }
-                Err(b) => {
-                    println!("{file}: line {}: {}", b.line, b.reason);
-                    ExitCode::from(1)
-                }
-            }
-        }
+        Command::Verify {
+            files,
+            expect_head,
+            hmac_key_file,
+        } => verify_command(files, expect_head, hmac_key_file),
         Command::Query {
             file,
             tenant,
