@@ -1,11 +1,18 @@
 //! A scripted [`Host`] for unit tests: it records every call the filter makes, and answers
 //! from a script (the next dispatch results, the gRPC answer's body, the clock).
-//! Not every test reads every record it keeps.
-#![allow(dead_code)]
+//! Helpers at the end build a configured root context and the service's answers.
 
 use crate::host::{
-    DispatchError, GrpcCall, Host, HostError, MetricKind, SharedDataError, SharedValue,
+    Action, DispatchError, GrpcCall, Host, HostError, MetricKind, SharedDataError, SharedValue,
 };
+use crate::request::Request;
+use crate::root::Root;
+use laneguard_protos::envoy::service::ratelimit::v3::rate_limit_response::{
+    quota::ExpirationSpecifier, Code, DescriptorStatus, Quota, RateLimit,
+};
+use laneguard_protos::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use laneguard_protos::prost::Message;
+use laneguard_protos::prost_types;
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
@@ -95,16 +102,24 @@ impl MockHost {
         find(&self.request_headers.borrow(), name).map(str::to_string)
     }
 
-    pub fn response_header(&self, name: &str) -> Option<String> {
-        find(&self.response_headers.borrow(), name).map(str::to_string)
-    }
-
     pub fn last_reply(&self) -> Option<Reply> {
         self.replies.borrow().last().cloned()
     }
 
     pub fn last_call(&self) -> Option<Call> {
         self.calls.borrow().last().cloned()
+    }
+
+    /// Every gRPC call dispatched so far.
+    pub fn call_count(&self) -> usize {
+        self.calls.borrow().len()
+    }
+
+    /// The audit record the last decision left in the access log's filter state.
+    pub fn audit_record(&self) -> Option<serde_json::Value> {
+        let fs = self.filter_state.borrow();
+        let bytes = fs.get(crate::audit::FILTER_STATE)?;
+        serde_json::from_slice(bytes).ok()
     }
 
     /// A metric's value (0 if never defined).
@@ -252,4 +267,261 @@ impl Host for MockHost {
             None => Err(HostError("NotFound".to_string())),
         }
     }
+}
+
+/// A root context on a fresh mock host, configured with `policy` (which must parse).
+pub fn configured(policy: &str) -> (MockHost, Root) {
+    if let Err(e) = laneguard_core::parse(policy) {
+        panic!("the test policy does not parse: {e}");
+    }
+    let h = MockHost::new(T0);
+    *h.plugin_config.borrow_mut() = Some(policy.as_bytes().to_vec());
+    let mut root = Root::with_vm(1, 7);
+    assert!(root.on_vm_start(&h));
+    assert!(root.on_configure(&h));
+    (h, root)
+}
+
+/// The mock's clock at start: a real date (late 2023), so record timestamps are plausible.
+pub const T0: u64 = 1_700_000_000_000_000_000;
+
+impl Call {
+    /// The `ShouldRateLimit` request this call carries.
+    pub fn rls_request(&self) -> RateLimitRequest {
+        RateLimitRequest::decode(self.message.as_slice()).unwrap_or_default()
+    }
+
+    /// A gRPC metadata value, as text.
+    pub fn metadata_value(&self, key: &str) -> Option<String> {
+        self.metadata
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    }
+}
+
+/// A service's answer: `overall` and one status per descriptor, as the laneguard service
+/// sends them (the limit, what remains, when the bucket is full again, an optional lease).
+pub fn rls_answer(overall: Code, statuses: &[Status]) -> Vec<u8> {
+    RateLimitResponse {
+        overall_code: overall as i32,
+        statuses: statuses.iter().map(Status::encode).collect(),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+/// One descriptor's status in a scripted answer.
+#[derive(Clone, Copy)]
+pub struct Status {
+    pub code: Code,
+    pub remaining: u32,
+    /// Milliseconds until the bucket is full again (0: none sent).
+    pub reset_ms: u64,
+    /// A lease: this many requests, valid until this time (ns since the epoch).
+    pub lease: Option<(u32, u64)>,
+}
+
+impl Status {
+    pub fn ok(remaining: u32) -> Status {
+        Status {
+            code: Code::Ok,
+            remaining,
+            reset_ms: 0,
+            lease: None,
+        }
+    }
+
+    pub fn over(reset_ms: u64) -> Status {
+        Status {
+            code: Code::OverLimit,
+            remaining: 0,
+            reset_ms,
+            lease: None,
+        }
+    }
+
+    fn encode(&self) -> DescriptorStatus {
+        DescriptorStatus {
+            code: self.code as i32,
+            current_limit: Some(RateLimit {
+                requests_per_unit: 60,
+                unit: 2,
+                ..Default::default()
+            }),
+            limit_remaining: self.remaining,
+            duration_until_reset: (self.reset_ms > 0).then(|| prost_types::Duration {
+                seconds: i64::try_from(self.reset_ms / 1_000).unwrap_or(0),
+                nanos: i32::try_from((self.reset_ms % 1_000) * 1_000_000).unwrap_or(0),
+            }),
+            quota: self.lease.map(|(requests, until)| Quota {
+                requests,
+                expiration_specifier: Some(ExpirationSpecifier::ValidUntil(
+                    prost_types::Timestamp {
+                        seconds: i64::try_from(until / 1_000_000_000).unwrap_or(0),
+                        nanos: i32::try_from(until % 1_000_000_000).unwrap_or(0),
+                    },
+                )),
+                ..Default::default()
+            }),
+        }
+    }
+}
+
+// The request paths' harness: a policy with one class per path, and a request's life.
+
+/// One class per path under test. Budgets are small so that a few requests exhaust them;
+/// the tenant ceiling is large so that it never is the bucket that trips.
+pub const POLICY: &str = r#"
+version: 1
+service: { cluster: laneguard_rls, timeout_ms: 200 }
+classes:
+  - { name: web, consequence: time_sensitive, budget: { per_minute: 60, burst: 10 } }
+  - { name: batch, consequence: low, budget: { per_minute: 60, burst: 10 } }
+  - { name: feed, consequence: low, failure_mode: open, budget: { per_minute: 60, burst: 10 } }
+  - name: queued
+    consequence: low
+    budget: { per_minute: 60, burst: 2 }
+    fallbacks: [queue, reject]
+    queue: { max_wait_ms: 5000, max_depth: 1 }
+  - { name: routed, consequence: low, budget: { per_minute: 60, burst: 2 }, fallbacks: [fallback_route, reject] }
+  - { name: trial, consequence: low, mode: shadow, budget: { per_minute: 60, burst: 2 } }
+  - { name: legacy, consequence: low, mode: off, budget: { per_minute: 60, burst: 2 } }
+  - { name: repair, consequence: repair, reserve: { per_minute: 20, burst: 5 }, borrow: true }
+principals:
+  - name: app
+    default_class: web
+    may_declare: [web, batch, feed, queued, routed, trial, legacy, repair]
+tenants:
+  default: { ceiling: { per_minute: 6000, burst: 1000 } }
+"#;
+
+pub const MS: u64 = 1_000_000;
+
+/// The headers of a request from tenant acme's `app` declaring `class` (none if empty).
+pub fn headers(class: &str) -> Vec<(&str, &str)> {
+    let mut hs = vec![
+        (":method", "GET"),
+        (":path", "/orders"),
+        ("x-request-id", "req-1"),
+        ("x-laneguard-tenant", "acme"),
+        ("x-laneguard-principal", "app"),
+    ];
+    if !class.is_empty() {
+        hs.push(("x-traffic-class", class));
+    }
+    hs
+}
+
+/// What the client and the upstream saw of one request.
+#[derive(Debug)]
+pub struct Seen {
+    /// The local reply, if the filter answered itself.
+    pub reply: Option<Reply>,
+    /// The request went on to the upstream (continued at once, or resumed later).
+    pub passed: bool,
+    /// Headers the filter added to the upstream's response.
+    pub response: Vec<(String, String)>,
+}
+
+impl Seen {
+    pub fn status(&self) -> u32 {
+        self.reply.as_ref().map_or(200, |r| r.status)
+    }
+
+    /// A header of the local reply, or else of the response.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        match &self.reply {
+            Some(r) => r.header(name),
+            None => self
+                .response
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str()),
+        }
+    }
+
+    pub fn body(&self) -> serde_json::Value {
+        self.reply
+            .as_ref()
+            .and_then(|r| serde_json::from_str(&r.body).ok())
+            .unwrap_or_default()
+    }
+}
+
+/// Start a request; returns its state machine and what `on_request_headers` answered.
+pub fn start(h: &MockHost, root: &Root, id: u32, hs: &[(&str, &str)]) -> (Request, Action) {
+    let mut req = root.new_request(id).expect("configured");
+    h.start_request(hs);
+    let action = req.on_request_headers(h);
+    (req, action)
+}
+
+/// Deliver the service's answer to the request's last call.
+pub fn deliver(h: &MockHost, req: &mut Request, status: u32, body: Option<Vec<u8>>) {
+    let call = h.last_call().expect("a call was dispatched");
+    let size = body.as_ref().map_or(0, Vec::len);
+    *h.grpc_body.borrow_mut() = body;
+    req.on_grpc_response(h, call.token, status, size);
+}
+
+/// What the request came to, once the filter is done with it (the upstream answered).
+pub fn seen(h: &MockHost, req: &mut Request, action: Action) -> Seen {
+    let reply = h.last_reply();
+    let passed = reply.is_none() && (action == Action::Continue || h.resumed.get() > 0);
+    if passed {
+        req.on_response_headers(h);
+    }
+    Seen {
+        reply,
+        passed,
+        response: h.response_headers.borrow().clone(),
+    }
+}
+
+/// An OK answer for every descriptor of the last call, with `remaining` left in each.
+pub fn ok_answer(h: &MockHost, remaining: u32) -> Vec<u8> {
+    let n = h
+        .last_call()
+        .map_or(0, |c| c.rls_request().descriptors.len());
+    rls_answer(Code::Ok, &vec![Status::ok(remaining); n])
+}
+
+/// An OK answer to the last call that leases `n` requests on each of its descriptors, valid
+/// for `valid_ms`.
+pub fn lease_answer(h: &MockHost, n: u32, valid_ms: u64) -> Vec<u8> {
+    let descriptors = h
+        .last_call()
+        .map_or(0, |c| c.rls_request().descriptors.len());
+    let lease = Status {
+        lease: Some((n, h.now.get() + valid_ms * MS)),
+        ..Status::ok(9)
+    };
+    rls_answer(Code::Ok, &vec![lease; descriptors])
+}
+
+/// One request decided by the service with an OK answer.
+pub fn allowed_centrally(h: &MockHost, root: &Root, id: u32, class: &str) -> Seen {
+    let (mut req, action) = start(h, root, id, &headers(class));
+    assert_eq!(action, Action::Pause, "{class}: asks the service");
+    let body = ok_answer(h, 5);
+    deliver(h, &mut req, 0, Some(body));
+    seen(h, &mut req, action)
+}
+
+/// One request the service refuses: its lane has room, its class budget (the second
+/// descriptor) is full again in `reset_ms`.
+pub fn refused_centrally(h: &MockHost, root: &Root, id: u32, class: &str, reset_ms: u64) -> Seen {
+    let (mut req, action) = start(h, root, id, &headers(class));
+    let answer = rls_answer(Code::OverLimit, &[Status::ok(900), Status::over(reset_ms)]);
+    deliver(h, &mut req, 0, Some(answer));
+    seen(h, &mut req, action)
+}
+
+/// A request decided without the service (its outcome, and no call was made).
+pub fn decided_locally(h: &MockHost, root: &Root, id: u32, class: &str) -> Seen {
+    let calls = h.call_count();
+    let (mut req, action) = start(h, root, id, &headers(class));
+    assert_eq!(h.call_count(), calls, "{class}: no call to the service");
+    seen(h, &mut req, action)
 }

@@ -354,3 +354,6 @@ impl Root {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

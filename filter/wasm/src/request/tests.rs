@@ -1,99 +1,640 @@
 //! The request state machine against the scripted host: every path, deterministically.
+//! Each test asserts what a user would see: the reply (status, headers, body), the headers
+//! sent upstream and added to the response, the calls made to the service, the counters,
+//! and the audit record in the access log's filter state.
 
 use crate::host::{Action, DispatchError};
-use crate::mock::MockHost;
-use crate::root::Root;
-use laneguard_protos::envoy::service::ratelimit::v3::rate_limit_response::{
-    Code, DescriptorStatus,
+use crate::mock::{
+    allowed_centrally, configured, decided_locally, deliver, headers, lease_answer, ok_answer,
+    refused_centrally, rls_answer, seen, start, MockHost, Seen, Status, MS, POLICY,
 };
-use laneguard_protos::envoy::service::ratelimit::v3::RateLimitResponse;
-use laneguard_protos::prost::Message;
+use crate::request::Request;
+use crate::root::Root;
+use laneguard_protos::envoy::service::ratelimit::v3::rate_limit_response::Code;
 
-const T0: u64 = 1_700_000_000_000_000_000;
+#[test]
+fn missing_identity_is_401_and_a_bad_one_400() {
+    let (h, root) = configured(POLICY);
+    let (mut req, action) = start(&h, &root, 2, &[(":path", "/")]);
+    let s = seen(&h, &mut req, action);
+    assert_eq!(s.status(), 401);
+    assert_eq!(s.body()["error"], "missing_identity");
+    assert_eq!(h.metric("laneguard.missing_identity"), 1);
 
-const POLICY: &str = r#"
-version: 1
-service: { cluster: laneguard_rls, timeout_ms: 200 }
-classes:
-  - { name: web, consequence: time_sensitive, budget: { per_minute: 60, burst: 10 } }
-  - { name: batch, consequence: low, failure_mode: closed, budget: { per_minute: 60, burst: 10 } }
-  - { name: repair, consequence: repair, reserve: { per_minute: 20, burst: 5 } }
-principals:
-  - { name: app, default_class: web, may_declare: [web, batch] }
-tenants:
-  default: { ceiling: { per_minute: 100, burst: 20 } }
-"#;
-
-/// A configured root context on a fresh mock host.
-fn configured(policy: &str) -> (MockHost, Root) {
-    let h = MockHost::new(T0);
-    *h.plugin_config.borrow_mut() = Some(policy.as_bytes().to_vec());
-    let mut root = Root::with_vm(1, 7);
-    assert!(root.on_vm_start(&h));
-    assert!(root.on_configure(&h), "the test policy parses");
-    (h, root)
-}
-
-fn answer(code: Code, n: usize) -> Vec<u8> {
-    RateLimitResponse {
-        overall_code: code as i32,
-        statuses: (0..n)
-            .map(|_| DescriptorStatus {
-                code: code as i32,
-                ..Default::default()
-            })
-            .collect(),
-        ..Default::default()
-    }
-    .encode_to_vec()
+    let (mut req, action) = start(
+        &h,
+        &root,
+        3,
+        &[
+            ("x-laneguard-tenant", "acme corp"),
+            ("x-laneguard-principal", "app"),
+        ],
+    );
+    let s = seen(&h, &mut req, action);
+    assert_eq!(s.status(), 400);
+    assert_eq!(s.body()["error"], "invalid_identity");
+    assert_eq!(h.metric("laneguard.invalid_identity"), 1);
+    assert_eq!(
+        h.call_count(),
+        0,
+        "a refused identity never reaches the service"
+    );
 }
 
 #[test]
-fn central_allow_resumes_the_request() {
+fn central_allow_passes_with_the_services_figures() {
     let (h, root) = configured(POLICY);
-    let mut req = root.new_request(2).unwrap();
-    h.start_request(&[
-        (":method", "GET"),
-        (":path", "/"),
-        ("x-laneguard-tenant", "acme"),
-        ("x-laneguard-principal", "app"),
-    ]);
-    assert_eq!(req.on_request_headers(&h), Action::Pause);
+    let (mut req, action) = start(&h, &root, 2, &headers(""));
+    assert_eq!(action, Action::Pause);
+    // The granted class goes upstream at once (routing reads it).
     assert_eq!(
         h.request_header_value("x-laneguard-class").as_deref(),
         Some("web")
     );
     let call = h.last_call().unwrap();
+    assert_eq!(call.cluster, "laneguard_rls");
     assert_eq!(call.method, "ShouldRateLimit");
-    *h.grpc_body.borrow_mut() = Some(answer(Code::Ok, 2));
-    req.on_grpc_response(&h, call.token, 0, 10);
-    assert_eq!(h.resumed.get(), 1);
-    assert_eq!(h.metric("laneguard.decided.central"), 1);
-    assert_eq!(req.on_response_headers(&h), Action::Continue);
-    assert!(
-        h.response_header("ratelimit-limit").is_some()
-            || h.response_header("x-ratelimit-limit").is_some()
+    assert_eq!(call.timeout.as_millis(), 200);
+    let rl = call.rls_request();
+    assert_eq!(rl.domain, "laneguard");
+    assert_eq!(rl.hits_addend, 1);
+    assert_eq!(
+        rl.descriptors.len(),
+        2,
+        "the shared lane and the class budget"
     );
+    assert_eq!(
+        call.metadata_value("x-laneguard-lease").as_deref(),
+        Some("1")
+    );
+
+    let body = ok_answer(&h, 7);
+    deliver(&h, &mut req, 0, Some(body));
+    let s = seen(&h, &mut req, action);
+    assert!(s.passed);
+    assert_eq!(h.resumed.get(), 1);
+    assert_eq!(s.header("x-ratelimit-remaining"), Some("7"));
+    assert!(s.header("ratelimit-policy").is_some());
+    assert!(s.header("x-laneguard-degraded").is_none());
+    assert_eq!(h.metric("laneguard.decided.central"), 1);
+    assert_eq!(h.metric("laneguard.allowed"), 1);
+    assert_eq!(h.metric("laneguard.class.web.allowed"), 1);
+    assert!(h.audit_record().is_none(), "a plain allow leaves no record");
 }
 
 #[test]
-fn dispatch_error_under_closed_replies_503() {
+fn an_answer_to_another_call_is_ignored() {
     let (h, root) = configured(POLICY);
-    let mut req = root.new_request(2).unwrap();
-    h.start_request(&[
-        ("x-laneguard-tenant", "acme"),
-        ("x-laneguard-principal", "app"),
-        ("x-traffic-class", "batch"),
-    ]);
-    h.dispatch_script
-        .borrow_mut()
-        .push_back(DispatchError::Failed("InternalFailure".into()));
-    assert_eq!(req.on_request_headers(&h), Action::Pause);
-    let reply = h.last_reply().unwrap();
-    assert_eq!(reply.status, 503);
+    let (mut req, _) = start(&h, &root, 2, &headers(""));
+    let token = h.last_call().unwrap().token;
+    *h.grpc_body.borrow_mut() = Some(ok_answer(&h, 5));
+    req.on_grpc_response(&h, token + 100, 0, 10);
+    assert_eq!(h.resumed.get(), 0, "still waiting for its own answer");
+    req.on_grpc_response(&h, token, 0, 10);
+    assert_eq!(h.resumed.get(), 1);
+    req.on_grpc_response(&h, token, 0, 10);
+    assert_eq!(h.resumed.get(), 1, "a duplicate answer changes nothing");
+}
+
+#[test]
+fn leased_capacity_is_spent_without_a_call() {
+    let (h, root) = configured(POLICY);
+    let (mut req, action) = start(&h, &root, 2, &headers(""));
+    let body = lease_answer(&h, 5, 60_000);
+    deliver(&h, &mut req, 0, Some(body));
+    assert!(seen(&h, &mut req, action).passed);
+
+    for id in 3..8 {
+        let s = decided_locally(&h, &root, id, "");
+        assert!(s.passed, "lease hit {id}");
+        assert!(s.header("ratelimit").is_some());
+    }
+    assert_eq!(h.metric("laneguard.decided.local"), 5);
+    assert_eq!(h.metric("laneguard.allowed"), 6);
+    // The lease is spent: the next request asks again.
+    let (_, action) = start(&h, &root, 9, &headers(""));
+    assert_eq!(action, Action::Pause);
+    assert_eq!(h.call_count(), 2);
+}
+
+#[test]
+fn an_expired_lease_is_not_spent() {
+    let (h, root) = configured(POLICY);
+    let (mut req, _) = start(&h, &root, 2, &headers(""));
+    let body = lease_answer(&h, 5, 1_000);
+    deliver(&h, &mut req, 0, Some(body));
+    h.advance(1_001 * MS);
+    let (_, action) = start(&h, &root, 3, &headers(""));
+    assert_eq!(action, Action::Pause, "past its validity the lease is gone");
+    assert_eq!(h.call_count(), 2);
+}
+
+#[test]
+fn a_bucket_the_service_reports_empty_is_refused_locally() {
+    let (h, root) = configured(POLICY);
+    // The class budget (burst 10 at one a second) is empty: full again in 10 s.
+    let s = refused_centrally(&h, &root, 2, "", 10_000);
+    assert_eq!(s.status(), 429);
+    assert_eq!(s.body()["decided_by"], "central");
+    assert_eq!(h.metric("laneguard.limited"), 1);
+
+    h.advance(10 * MS);
+    let s = decided_locally(&h, &root, 3, "");
+    assert_eq!(s.status(), 429);
+    let body = s.body();
+    assert_eq!(body["error"], "rate_limited");
+    assert_eq!(body["decided_by"], "local");
+    assert_eq!(body["tenant"], "acme");
+    assert_eq!(body["class"], "web");
+    assert_eq!(body["request_id"], "req-1");
+    assert!(body["bucket"].as_str().unwrap().contains("web"), "{body}");
+    assert_eq!(s.header("retry-after"), Some("1"));
+    assert_eq!(h.metric("laneguard.decided.local"), 1);
+    assert_eq!(h.metric("laneguard.limited"), 2);
+    assert_eq!(h.metric("laneguard.class.web.budget.class.limited"), 2);
+}
+
+#[test]
+fn central_deny_is_a_429_with_retry_after_and_a_record() {
+    let (h, root) = configured(POLICY);
+    let s = refused_centrally(&h, &root, 2, "batch", 3_000);
+    assert!(!s.passed);
+    assert_eq!(s.status(), 429);
+    assert_eq!(s.header("x-laneguard-fallback"), Some("reject"));
+    assert!(s.header("retry-after").is_some());
+    assert_eq!(s.header("content-type"), Some("application/json"));
+    assert_eq!(s.header("x-ratelimit-remaining"), Some("0"));
+    let body = s.body();
+    assert_eq!(body["decided_by"], "central");
+    assert_eq!(body["class"], "batch");
+    assert_eq!(h.metric("laneguard.class.batch.limited"), 1);
+    assert_eq!(h.metric("laneguard.fallback.reject"), 1);
+
+    let rec = h.audit_record().expect("a limit leaves a record");
+    assert_eq!(rec["events"], serde_json::json!(["limited"]));
+    assert_eq!(rec["status"], 429);
+    assert_eq!(rec["tenant"], "acme");
+    assert_eq!(rec["principal"], "app");
+    assert_eq!(rec["request_id"], "req-1");
+    assert_eq!(rec["path"], "central");
+    assert_eq!(rec["fallback"], "reject");
+    assert_eq!(rec["class"]["granted"], "batch");
+    assert_eq!(rec["request"]["path"], "/orders");
+    assert_eq!(rec["bucket"], body["bucket"]);
+    assert_eq!(h.metric("laneguard.audit.records"), 1);
+}
+
+/// The service's answer to a protected class's first attempt: its reserve (the first
+/// descriptor) is empty, every other bucket has room.
+fn reserve_empty(h: &MockHost, req: &mut Request) {
+    let n = h.last_call().unwrap().rls_request().descriptors.len();
+    let mut statuses = vec![Status::ok(3); n];
+    statuses[0] = Status::over(15_000);
+    deliver(h, req, 0, Some(rls_answer(Code::OverLimit, &statuses)));
+}
+
+#[test]
+fn an_empty_reserve_borrows_idle_shared_capacity_on_a_second_call() {
+    let (h, root) = configured(POLICY);
+    let (mut req, action) = start(&h, &root, 2, &headers("repair"));
+    let first = h.last_call().unwrap();
     assert_eq!(
-        reply.header("x-laneguard-degraded"),
-        Some("dispatch_failed")
+        first.metadata_value("x-laneguard-lease").as_deref(),
+        Some("0"),
+        "a reserve is never leased"
     );
-    assert_eq!(h.metric("laneguard.service_error.dispatch"), 1);
+    reserve_empty(&h, &mut req);
+    assert_eq!(h.call_count(), 2, "a second attempt, on the shared pool");
+    assert!(h.last_reply().is_none());
+    let second = h.last_call().unwrap().rls_request();
+    assert_ne!(second.descriptors, first.rls_request().descriptors);
+
+    let body = ok_answer(&h, 500);
+    deliver(&h, &mut req, 0, Some(body));
+    let s = seen(&h, &mut req, action);
+    assert!(s.passed);
+    assert_eq!(h.metric("laneguard.class.repair.allowed"), 1);
+    // Having to borrow is a near miss for a protected lane.
+    assert_eq!(h.metric("laneguard.class.repair.near_miss"), 1);
+    let rec = h.audit_record().expect("a near miss leaves a record");
+    assert_eq!(rec["events"], serde_json::json!(["near_miss"]));
+    assert_eq!(rec["class"]["granted"], "repair");
+}
+
+#[test]
+fn a_borrow_refused_too_is_a_429_after_two_calls() {
+    let (h, root) = configured(POLICY);
+    let (mut req, action) = start(&h, &root, 2, &headers("repair"));
+    reserve_empty(&h, &mut req);
+    let n = h.last_call().unwrap().rls_request().descriptors.len();
+    let over = vec![Status::over(2_000); n];
+    deliver(&h, &mut req, 0, Some(rls_answer(Code::OverLimit, &over)));
+    assert_eq!(h.call_count(), 2, "no third attempt");
+    let s = seen(&h, &mut req, action);
+    assert_eq!(s.status(), 429);
+    assert_eq!(s.body()["class"], "repair");
+    assert_eq!(h.metric("laneguard.class.repair.limited"), 1);
+}
+
+/// Ways the central call can fail, and the reason the user sees in `x-laneguard-degraded`.
+#[derive(Clone, Copy, Debug)]
+enum Failure {
+    Dispatch,
+    UnknownCluster,
+    /// A non-OK gRPC status, answered at once.
+    Status(u32),
+    /// UNAVAILABLE once the call's timeout ran out (Envoy's own timeout).
+    Timeout,
+    /// OK, but a body that is not a `RateLimitResponse`.
+    Garbage,
+    /// OK, with an empty body (overall code UNKNOWN).
+    Empty,
+}
+
+impl Failure {
+    fn reason(self) -> &'static str {
+        match self {
+            Failure::Dispatch => "dispatch_failed",
+            Failure::UnknownCluster => "unknown_cluster",
+            Failure::Status(4) | Failure::Timeout => "timeout",
+            Failure::Status(_) => "service_error",
+            Failure::Garbage | Failure::Empty => "bad_response",
+        }
+    }
+
+    fn counter(self) -> &'static str {
+        match self {
+            Failure::Dispatch | Failure::UnknownCluster => "laneguard.service_error.dispatch",
+            Failure::Status(4) | Failure::Timeout => "laneguard.service_error.timeout",
+            Failure::Status(_) => "laneguard.service_error.status",
+            Failure::Garbage | Failure::Empty => "laneguard.service_error.decode",
+        }
+    }
+
+    fn all() -> Vec<Failure> {
+        let mut v = vec![Failure::Dispatch, Failure::UnknownCluster];
+        // Every gRPC status but OK (0).
+        v.extend((1..=16).map(Failure::Status));
+        v.extend([Failure::Timeout, Failure::Garbage, Failure::Empty]);
+        v
+    }
+}
+
+/// One request of `class` whose central call fails as `f`.
+fn failing(h: &MockHost, root: &Root, id: u32, class: &str, f: Failure) -> Seen {
+    match f {
+        Failure::Dispatch => h
+            .dispatch_script
+            .borrow_mut()
+            .push_back(DispatchError::Failed("InternalFailure".into())),
+        Failure::UnknownCluster => h
+            .dispatch_script
+            .borrow_mut()
+            .push_back(DispatchError::UnknownCluster("NotFound".into())),
+        _ => {}
+    }
+    let (mut req, action) = start(h, root, id, &headers(class));
+    match f {
+        Failure::Dispatch | Failure::UnknownCluster => {}
+        Failure::Status(code) => deliver(h, &mut req, code, None),
+        Failure::Timeout => {
+            h.advance(200 * MS);
+            deliver(h, &mut req, 14, None);
+        }
+        Failure::Garbage => deliver(h, &mut req, 0, Some(vec![0xff, 0x01, 0x02, 0x03])),
+        Failure::Empty => deliver(h, &mut req, 0, None),
+    }
+    seen(h, &mut req, action)
+}
+
+#[test]
+fn every_failure_under_open_lets_the_request_through_and_remembers_it() {
+    for f in Failure::all() {
+        let (h, root) = configured(POLICY);
+        let s = failing(&h, &root, 2, "feed", f);
+        assert!(s.passed, "{f:?}: {s:?}");
+        assert_eq!(s.header("x-laneguard-degraded"), Some(f.reason()), "{f:?}");
+        assert!(s.header("ratelimit").is_some(), "{f:?}");
+        assert_eq!(h.metric(f.counter()), 1, "{f:?}");
+        assert_eq!(h.metric("laneguard.degraded"), 1, "{f:?}");
+        assert_eq!(h.metric("laneguard.class.feed.degraded"), 1, "{f:?}");
+        assert_eq!(h.metric("laneguard.class.feed.allowed"), 1, "{f:?}");
+        assert_eq!(h.metric("laneguard.decided.central"), 0, "{f:?}");
+    }
+}
+
+#[test]
+fn every_failure_under_closed_is_a_503() {
+    for f in Failure::all() {
+        let (h, root) = configured(POLICY);
+        let s = failing(&h, &root, 2, "batch", f);
+        assert!(!s.passed, "{f:?}");
+        assert_eq!(s.status(), 503, "{f:?}");
+        assert_eq!(s.header("x-laneguard-degraded"), Some(f.reason()), "{f:?}");
+        assert_eq!(s.header("retry-after"), Some("1"), "{f:?}");
+        assert_eq!(s.body()["error"], "rate_limit_service_unavailable", "{f:?}");
+        assert_eq!(h.metric(f.counter()), 1, "{f:?}");
+        assert_eq!(h.metric("laneguard.class.batch.degraded"), 1, "{f:?}");
+        let rec = h.audit_record().expect("a 503 leaves a record");
+        assert_eq!(rec["events"], serde_json::json!(["degraded"]), "{f:?}");
+        assert_eq!(rec["status"], 503, "{f:?}");
+        assert_eq!(rec["path"], "degraded", "{f:?}");
+        assert_eq!(rec["degraded_reason"], f.reason(), "{f:?}");
+    }
+}
+
+#[test]
+fn every_failure_under_local_decides_on_the_local_buckets() {
+    for f in Failure::all() {
+        let (h, root) = configured(POLICY);
+        let s = failing(&h, &root, 2, "web", f);
+        assert!(s.passed, "{f:?}: {s:?}");
+        assert_eq!(s.header("x-laneguard-degraded"), Some(f.reason()), "{f:?}");
+        // The local bucket was charged: burst 10, one spent.
+        assert_eq!(s.header("x-ratelimit-remaining"), Some("9"), "{f:?}");
+        assert_eq!(h.metric(f.counter()), 1, "{f:?}");
+        assert_eq!(h.metric("laneguard.class.web.degraded"), 1, "{f:?}");
+    }
+}
+
+#[test]
+fn local_failure_mode_refuses_past_the_local_share() {
+    // Each worker may spend half of each rate alone, and a request costs 2: the local
+    // mirror at the full rate still has room for a third, the worker's share has not.
+    let policy = POLICY.replace("timeout_ms: 200", "timeout_ms: 200, local_share: 0.5")
+        + "endpoint_families: [{ name: orders, path_prefixes: [/orders], cost: 2 }]\n";
+    let (h, root) = configured(&policy);
+    for id in 0..2 {
+        let s = failing(&h, &root, 10 + id, "web", Failure::Status(14));
+        assert!(s.passed, "request {id} fits the local share");
+    }
+    let s = failing(&h, &root, 30, "web", Failure::Status(14));
+    assert_eq!(s.status(), 429);
+    assert_eq!(s.header("x-laneguard-degraded"), Some("service_error"));
+    assert_eq!(s.body()["decided_by"], "degraded");
+    assert_eq!(h.metric("laneguard.class.web.limited"), 1);
+    let rec = h.audit_record().unwrap();
+    assert_eq!(rec["path"], "degraded");
+    assert_eq!(rec["degraded_reason"], "service_error");
+    assert_eq!(rec["status"], 429);
+}
+
+#[test]
+fn past_the_whole_burst_the_local_mirror_refuses_without_asking() {
+    let (h, root) = configured(POLICY);
+    for id in 0..10 {
+        assert!(failing(&h, &root, 10 + id, "web", Failure::Status(14)).passed);
+    }
+    let s = decided_locally(&h, &root, 30, "web");
+    assert_eq!(s.status(), 429);
+    assert_eq!(s.body()["decided_by"], "local");
+    assert!(s.header("x-laneguard-degraded").is_none());
+}
+
+#[test]
+fn queue_holds_a_limited_request_until_the_tick_resumes_it() {
+    let (h, mut root) = configured(POLICY);
+    for id in 2..4 {
+        assert!(allowed_centrally(&h, &root, id, "queued").passed);
+    }
+    // Burst 2 spent: the local mirror has no room, and the queue fallback applies.
+    let calls = h.call_count();
+    let (mut req, action) = start(&h, &root, 4, &headers("queued"));
+    assert_eq!(action, Action::Pause, "held");
+    assert_eq!(h.call_count(), calls);
+    assert!(h.last_reply().is_none(), "no reply while queued");
+    assert_eq!(h.metric("laneguard.fallback.queue"), 1);
+    let rec = h.audit_record().unwrap();
+    assert_eq!(rec["fallback"], "queue");
+    let wait_ms = rec["wait_ms"].as_u64().unwrap();
+    assert!((1..=1_000).contains(&wait_ms), "{wait_ms}");
+
+    // A second one finds the queue full (max_depth 1): 429.
+    let (mut other, a) = start(&h, &root, 5, &headers("queued"));
+    let s = seen(&h, &mut other, a);
+    assert_eq!(s.status(), 429);
+    assert_eq!(s.header("x-laneguard-fallback"), Some("reject"));
+    h.replies.borrow_mut().clear();
+
+    // Not before its wait is over.
+    root.on_tick(&h);
+    assert_eq!(h.resumed.get(), 0);
+    h.advance(wait_ms * MS);
+    root.on_tick(&h);
+    assert_eq!(
+        h.effective.borrow().as_slice(),
+        &[4, 1],
+        "its context, then the root's"
+    );
+    assert_eq!(h.resumed.get(), 1);
+    assert_eq!(h.metric("laneguard.queue.resumed"), 1);
+    let s = seen(&h, &mut req, action);
+    assert!(s.passed);
+    assert_eq!(s.header("x-laneguard-fallback"), Some("queue"));
+    assert_eq!(
+        s.header("x-laneguard-queued-ms").map(str::to_string),
+        Some(wait_ms.to_string())
+    );
+    assert!(req.on_done(&h));
+    assert_eq!(h.metric("laneguard.queue.abandoned"), 0);
+    h.effective.borrow_mut().clear();
+    root.on_tick(&h);
+    assert!(h.effective.borrow().is_empty(), "nothing left to resume");
+}
+
+#[test]
+fn a_queued_request_whose_client_left_is_abandoned() {
+    let (h, mut root) = configured(POLICY);
+    for id in 2..4 {
+        allowed_centrally(&h, &root, id, "queued");
+    }
+    let (mut req, action) = start(&h, &root, 4, &headers("queued"));
+    assert_eq!(action, Action::Pause);
+    assert!(req.on_done(&h), "the client went away");
+    assert_eq!(h.metric("laneguard.queue.abandoned"), 1);
+    h.advance(5_000 * MS);
+    root.on_tick(&h);
+    assert!(h.effective.borrow().is_empty());
+    assert_eq!(h.resumed.get(), 0);
+    assert_eq!(h.metric("laneguard.queue.resumed"), 0);
+}
+
+#[test]
+fn a_queued_request_envoy_no_longer_knows_is_counted_abandoned() {
+    let (h, mut root) = configured(POLICY);
+    for id in 2..4 {
+        allowed_centrally(&h, &root, id, "queued");
+    }
+    let (_req, action) = start(&h, &root, 4, &headers("queued"));
+    assert_eq!(action, Action::Pause);
+    h.gone.borrow_mut().push(4);
+    h.advance(5_000 * MS);
+    root.on_tick(&h);
+    assert_eq!(h.resumed.get(), 0);
+    assert_eq!(h.metric("laneguard.queue.abandoned"), 1);
+    assert_eq!(h.metric("laneguard.queue.resumed"), 0);
+}
+
+#[test]
+fn fallback_route_sets_the_routing_header_and_lets_it_through() {
+    let (h, root) = configured(POLICY);
+    for id in 2..4 {
+        assert!(allowed_centrally(&h, &root, id, "routed").passed);
+    }
+    let (mut req, mut action) = start(&h, &root, 4, &headers("routed"));
+    if action == Action::Pause && h.last_reply().is_none() {
+        // The route's own budget may be decided by the service: it has room.
+        let body = ok_answer(&h, 5);
+        deliver(&h, &mut req, 0, Some(body));
+        action = Action::Continue;
+    }
+    let s = seen(&h, &mut req, action);
+    assert!(s.passed, "{s:?}");
+    assert_eq!(
+        h.request_header_value("x-laneguard-route").as_deref(),
+        Some("fallback")
+    );
+    assert_eq!(s.header("x-laneguard-fallback"), Some("fallback_route"));
+    assert_eq!(
+        h.metric("laneguard.class.routed.fallback.fallback_route"),
+        1
+    );
+    let rec = h.audit_record().unwrap();
+    assert_eq!(rec["fallback"], "fallback_route");
+}
+
+#[test]
+fn shadow_lets_a_limited_request_through_and_records_it() {
+    let (h, root) = configured(POLICY);
+    for id in 2..4 {
+        assert!(allowed_centrally(&h, &root, id, "trial").passed);
+    }
+    let s = decided_locally(&h, &root, 4, "trial");
+    assert!(s.passed, "shadow never refuses");
+    let bucket = s.header("x-laneguard-shadow-limited").unwrap().to_string();
+    assert!(bucket.contains("trial"), "{bucket}");
+    assert_eq!(h.metric("laneguard.shadow_limited"), 1);
+    assert_eq!(h.metric("laneguard.class.trial.shadow_limited"), 1);
+    assert_eq!(h.metric("laneguard.limited"), 0);
+    let rec = h.audit_record().unwrap();
+    assert_eq!(rec["events"], serde_json::json!(["shadow_limited"]));
+    assert_eq!(rec["mode"], "shadow");
+    assert_eq!(rec["bucket"], bucket.as_str());
+
+    // The service's refusal is shadowed the same way.
+    let (mut req, action) = start(&h, &root, 5, &headers("trial"));
+    if action == Action::Pause {
+        let n = h.last_call().unwrap().rls_request().descriptors.len();
+        let over = vec![Status::over(2_000); n];
+        deliver(&h, &mut req, 0, Some(rls_answer(Code::OverLimit, &over)));
+    }
+    let s = seen(&h, &mut req, action);
+    assert!(s.passed);
+    assert!(s.header("x-laneguard-shadow-limited").is_some());
+    assert_eq!(h.metric("laneguard.shadow_limited"), 2);
+}
+
+#[test]
+fn off_is_neither_limited_nor_charged() {
+    let (h, root) = configured(POLICY);
+    for id in 2..12 {
+        let s = decided_locally(&h, &root, id, "legacy");
+        assert!(s.passed);
+        assert!(s.response.is_empty(), "no rate-limit headers: {s:?}");
+    }
+    assert_eq!(h.call_count(), 0);
+    assert_eq!(
+        h.request_header_value("x-laneguard-class").as_deref(),
+        Some("legacy")
+    );
+    assert_eq!(h.metric("laneguard.off"), 10);
+    assert_eq!(h.metric("laneguard.class.legacy.off"), 10);
+    assert_eq!(h.metric("laneguard.allowed"), 0);
+    assert!(h.audit_record().is_none());
+}
+
+#[test]
+fn a_forged_class_gets_the_default_and_is_recorded() {
+    let (h, root) = configured(POLICY);
+    let s = allowed_centrally(&h, &root, 2, "admin");
+    assert!(s.passed);
+    assert_eq!(
+        h.request_header_value("x-laneguard-class").as_deref(),
+        Some("web"),
+        "the principal's default, not the declared class"
+    );
+    assert_eq!(h.metric("laneguard.forged_class"), 1);
+    assert_eq!(h.metric("laneguard.class.web.forged"), 1);
+    let rec = h.audit_record().expect("a forged class leaves a record");
+    assert_eq!(rec["events"], serde_json::json!(["forged_class"]));
+    assert_eq!(rec["class"]["declared"], "admin");
+    assert_eq!(rec["class"]["granted"], "web");
+    assert_eq!(rec["class"]["forged"], true);
+}
+
+#[test]
+fn an_unlisted_principal_may_declare_nothing() {
+    let (h, root) = configured(POLICY);
+    let (mut req, action) = start(
+        &h,
+        &root,
+        2,
+        &[
+            ("x-laneguard-tenant", "acme"),
+            ("x-laneguard-principal", "stranger"),
+            ("x-traffic-class", "repair"),
+        ],
+    );
+    let body = ok_answer(&h, 5);
+    deliver(&h, &mut req, 0, Some(body));
+    assert!(seen(&h, &mut req, action).passed);
+    assert_eq!(
+        h.request_header_value("x-laneguard-class").as_deref(),
+        Some("web"),
+        "classification.default_class (the first class)"
+    );
+    assert_eq!(h.metric("laneguard.forged_class"), 1);
+}
+
+#[test]
+fn a_forged_class_into_an_off_class_is_still_recorded() {
+    let policy = POLICY.replace(
+        "may_declare: [web, batch, feed, queued, routed, trial, legacy, repair]",
+        "may_declare: [legacy]",
+    );
+    let policy = policy.replace("default_class: web", "default_class: legacy");
+    let (h, root) = configured(&policy);
+    let s = decided_locally(&h, &root, 2, "repair");
+    assert!(s.passed);
+    assert_eq!(h.metric("laneguard.off"), 1);
+    assert_eq!(h.metric("laneguard.forged_class"), 1);
+    let rec = h.audit_record().unwrap();
+    assert_eq!(rec["class"]["declared"], "repair");
+    assert_eq!(rec["class"]["granted"], "legacy");
+}
+
+#[test]
+fn a_policy_that_does_not_parse_refuses_the_configuration() {
+    for bytes in [
+        b"version: 2".to_vec(),
+        vec![0xff, 0xfe, 0x00],
+        POLICY
+            .replace("timeout_ms: 200", "timeout_ms: 200, bogus: 1")
+            .into_bytes(),
+    ] {
+        let h = MockHost::new(0);
+        *h.plugin_config.borrow_mut() = Some(bytes);
+        let mut root = Root::with_vm(1, 7);
+        assert!(!root.on_configure(&h));
+        assert!(
+            root.new_request(2).is_none(),
+            "no requests under a refused policy"
+        );
+        assert!(h.tick_period.get().is_none());
+    }
+    let h = MockHost::new(0);
+    assert!(
+        !Root::with_vm(1, 7).on_configure(&h),
+        "no configuration at all"
+    );
 }

@@ -1,0 +1,224 @@
+//! The root context's tick against the scripted host: lease renewal, the report of hits
+//! admitted without the service (reconciliation through shared data), queued requests
+//! (in `request::tests`), audit shipping, and the gauges.
+
+use crate::host::DispatchError;
+use crate::mock::{
+    configured, deliver, headers, lease_answer, refused_centrally, rls_answer, seen, start, Call,
+    MockHost, Status, MS, POLICY,
+};
+use crate::root::Root;
+use laneguard_protos::envoy::service::ratelimit::v3::rate_limit_response::Code;
+use laneguard_protos::laneguard::audit::v1::{AppendRequest, AppendResponse};
+use laneguard_protos::prost::Message;
+
+/// Answer one of the root context's calls.
+fn answer_root(h: &MockHost, root: &mut Root, call: &Call, status: u32, body: Option<Vec<u8>>) {
+    let size = body.as_ref().map_or(0, Vec::len);
+    *h.grpc_body.borrow_mut() = body;
+    root.on_grpc_response(h, call.token, status, size);
+}
+
+fn tick(h: &MockHost, root: &mut Root, n: usize) {
+    for _ in 0..n {
+        h.advance(100 * MS);
+        root.on_tick(h);
+    }
+}
+
+/// The calls dispatched since `from`.
+fn calls_since(h: &MockHost, from: usize) -> Vec<Call> {
+    h.calls.borrow()[from..].to_vec()
+}
+
+#[test]
+fn the_tick_renews_a_lease_running_low() {
+    let (h, mut root) = configured(POLICY);
+    let (mut req, _) = start(&h, &root, 2, &headers(""));
+    let body = lease_answer(&h, 4, 60_000);
+    deliver(&h, &mut req, 0, Some(body));
+    // A quarter of the grant left after three lease hits: a renewal is claimed.
+    for id in 3..6 {
+        let (_, a) = start(&h, &root, id, &headers(""));
+        assert_eq!(a, crate::host::Action::Continue);
+    }
+    assert_eq!(h.call_count(), 1, "no request waits for a renewal");
+    tick(&h, &mut root, 1);
+    assert_eq!(h.metric("laneguard.lease.renewals"), 1);
+    let renewal = h.last_call().unwrap();
+    assert_eq!(h.call_count(), 2);
+    let rl = renewal.rls_request();
+    assert_eq!(rl.hits_addend, 0);
+    assert!(
+        rl.descriptors.iter().all(|d| d.hits_addend == Some(0)),
+        "a renewal charges nothing: {rl:?}"
+    );
+    assert!(renewal.metadata_value("x-laneguard-lease").is_some());
+    tick(&h, &mut root, 1);
+    assert_eq!(h.call_count(), 2, "one renewal at a time");
+
+    answer_root(
+        &h,
+        &mut root,
+        &renewal,
+        0,
+        Some(lease_answer(&h, 10, 60_000)),
+    );
+    // One left of the first grant and ten more: eleven requests without a call.
+    for id in 10..21 {
+        let (_, a) = start(&h, &root, id, &headers(""));
+        assert_eq!(a, crate::host::Action::Continue, "lease hit {id}");
+    }
+    assert_eq!(h.metric("laneguard.decided.local"), 14);
+    assert_eq!(h.call_count(), 2, "no request waited on a call");
+}
+
+#[test]
+fn a_failed_renewal_lets_the_next_one_go() {
+    let (h, mut root) = configured(POLICY);
+    let (mut req, _) = start(&h, &root, 2, &headers(""));
+    let body = lease_answer(&h, 4, 60_000);
+    deliver(&h, &mut req, 0, Some(body));
+    for id in 3..6 {
+        start(&h, &root, id, &headers(""));
+    }
+    h.dispatch_script
+        .borrow_mut()
+        .push_back(DispatchError::Failed("InternalFailure".into()));
+    tick(&h, &mut root, 1);
+    assert_eq!(h.metric("laneguard.service_error.dispatch"), 1);
+    // The next lease hit claims a renewal again, and the tick sends it.
+    start(&h, &root, 6, &headers(""));
+    tick(&h, &mut root, 1);
+    assert_eq!(h.metric("laneguard.lease.renewals"), 2);
+    assert_eq!(h.call_count(), 2);
+}
+
+#[test]
+fn hits_admitted_without_the_service_are_reported_on_the_sync_tick() {
+    let (h, mut root) = configured(POLICY);
+    // Two requests of a fail-open class while the service is unreachable.
+    for id in 2..4 {
+        h.dispatch_script
+            .borrow_mut()
+            .push_back(DispatchError::Failed("InternalFailure".into()));
+        let (mut req, a) = start(&h, &root, id, &headers("feed"));
+        assert!(seen(&h, &mut req, a).passed);
+    }
+    // sync_interval_s defaults to 10: the 100th tick reports.
+    tick(&h, &mut root, 99);
+    assert_eq!(h.call_count(), 0);
+    tick(&h, &mut root, 1);
+    let report = h.last_call().expect("a report");
+    assert_eq!(
+        report.metadata_value("x-laneguard-report").as_deref(),
+        Some("1")
+    );
+    let rl = report.rls_request();
+    assert!(!rl.descriptors.is_empty());
+    assert!(
+        rl.descriptors.iter().all(|d| d.hits_addend == Some(2)),
+        "both hits, on every bucket they charged: {rl:?}"
+    );
+    assert_eq!(
+        h.metric("laneguard.reported_hits"),
+        2 * rl.descriptors.len() as i64
+    );
+
+    // The service failed: the hits are given back and reported again next round.
+    answer_root(&h, &mut root, &report, 14, None);
+    tick(&h, &mut root, 100);
+    assert_eq!(h.call_count(), 2);
+    let again = h.last_call().unwrap();
+    assert_eq!(again.rls_request().descriptors, rl.descriptors);
+    let n = rl.descriptors.len();
+    answer_root(
+        &h,
+        &mut root,
+        &again,
+        0,
+        Some(rls_answer(Code::Ok, &vec![Status::ok(1); n])),
+    );
+    tick(&h, &mut root, 100);
+    assert_eq!(h.call_count(), 2, "nothing left to report");
+}
+
+#[test]
+fn audit_records_are_shipped_in_batches_from_the_tick() {
+    let (h, mut root) = configured(POLICY);
+    refused_centrally(&h, &root, 2, "batch", 2_000);
+    let record = h.filter_state.borrow()[crate::audit::FILTER_STATE].clone();
+    let before = h.call_count();
+    tick(&h, &mut root, 1);
+    let shipped = calls_since(&h, before);
+    assert_eq!(shipped.len(), 1);
+    let call = &shipped[0];
+    assert_eq!(call.cluster, "laneguard_rls");
+    assert_eq!(call.service, laneguard_protos::AUDIT_SERVICE_NAME);
+    assert_eq!(call.method, laneguard_protos::AUDIT_APPEND_METHOD);
+    let batch = AppendRequest::decode(call.message.as_slice()).unwrap();
+    assert_eq!(batch.records, vec![String::from_utf8(record).unwrap()]);
+    let ok = AppendResponse {
+        appended: 1,
+        rejected: 0,
+    };
+    answer_root(&h, &mut root, call, 0, Some(ok.encode_to_vec()));
+    assert_eq!(h.metric("laneguard.audit.shipped"), 1);
+    tick(&h, &mut root, 5);
+    assert_eq!(h.call_count(), before + 1, "nothing more to ship");
+}
+
+#[test]
+fn audit_shipping_retries_after_a_failure_and_gives_up_on_unimplemented() {
+    let (h, mut root) = configured(POLICY);
+    refused_centrally(&h, &root, 2, "batch", 2_000);
+    let before = h.call_count();
+    tick(&h, &mut root, 1);
+    let first = h.last_call().unwrap();
+    answer_root(&h, &mut root, &first, 14, None);
+    assert_eq!(h.metric("laneguard.audit.ship_errors"), 1);
+    assert_eq!(h.metric("laneguard.audit.dropped"), 0, "kept for the retry");
+    // A second of back-off, then the same record again.
+    tick(&h, &mut root, 10);
+    assert_eq!(h.call_count(), before + 1);
+    tick(&h, &mut root, 1);
+    assert_eq!(h.call_count(), before + 2);
+    let retry = h.last_call().unwrap();
+    assert_eq!(retry.message, first.message);
+    // A service without an audit log: the records are dropped, not resent.
+    answer_root(&h, &mut root, &retry, 12, None);
+    assert_eq!(h.metric("laneguard.audit.dropped"), 1);
+    tick(&h, &mut root, 400);
+    assert_eq!(h.call_count(), before + 2);
+}
+
+#[test]
+fn audit_records_that_cannot_be_dispatched_wait_for_the_next_try() {
+    let (h, mut root) = configured(POLICY);
+    refused_centrally(&h, &root, 2, "batch", 2_000);
+    h.dispatch_script
+        .borrow_mut()
+        .push_back(DispatchError::UnknownCluster("NotFound".into()));
+    tick(&h, &mut root, 1);
+    assert_eq!(h.metric("laneguard.audit.ship_errors"), 1);
+    assert_eq!(h.metric("laneguard.audit.dropped"), 0);
+    let before = h.call_count();
+    tick(&h, &mut root, 11);
+    assert_eq!(h.call_count(), before + 1, "sent once the back-off is over");
+}
+
+#[test]
+fn the_gauges_follow_the_worker_each_second() {
+    let (h, mut root) = configured(POLICY);
+    let (mut req, _) = start(&h, &root, 2, &headers(""));
+    let body = lease_answer(&h, 4, 60_000);
+    deliver(&h, &mut req, 0, Some(body));
+    tick(&h, &mut root, 10);
+    assert_eq!(
+        h.metric("laneguard.lease.outstanding"),
+        8,
+        "4 on each of 2 buckets"
+    );
+    assert_eq!(h.metric("laneguard.buckets"), 2);
+    assert_eq!(h.metric("laneguard.queue.depth"), 0);
+}
