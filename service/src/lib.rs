@@ -18,6 +18,7 @@ pub mod audit;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod health;
 pub mod limits;
 pub mod logger;
 pub mod policy_file;

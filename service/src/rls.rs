@@ -174,6 +174,11 @@ impl RateLimiter {
         }
     }
 
+    /// The store the decisions are made in (the health probe uses it).
+    pub fn store(&self) -> Arc<dyn Store> {
+        Arc::clone(&self.store)
+    }
+
     /// Answer one request that asks for no lease.
     pub async fn evaluate(
         &self,

@@ -14,7 +14,8 @@ use crate::rls::RateLimiter;
 
 /// Serve until `shutdown` resolves, then stop accepting and let in-flight calls finish.
 ///
-/// Health answers SERVING for `""` and for `envoy.service.ratelimit.v3.RateLimitService`.
+/// Health answers for `""` and for `envoy.service.ratelimit.v3.RateLimitService`: SERVING
+/// while the store answers its probe, NOT_SERVING while it does not (`crate::health`).
 pub async fn serve<F>(
     listener: TcpListener,
     limiter: RateLimiter,
@@ -41,6 +42,11 @@ where
     reporter
         .set_serving::<RateLimitServiceServer<RateLimiter>>()
         .await;
+    tokio::spawn(crate::health::follow_store(
+        reporter,
+        limiter.store(),
+        crate::health::PROBE_EVERY,
+    ));
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     Server::builder()
         .add_service(health)

@@ -1,7 +1,8 @@
 //! Failure behaviour of the Redis store, through the real gRPC server: Redis down answers
 //! `UNAVAILABLE` quickly and the service recovers by itself when Redis is back; a Redis that
 //! accepts connections but never answers cannot make a request hang; corrupt state is
-//! `INTERNAL`, not `UNAVAILABLE`.
+//! `INTERNAL`, not `UNAVAILABLE`. gRPC health follows the store: `NOT_SERVING` while Redis is
+//! down or paused, `SERVING` again once it answers.
 
 // clippy.toml allows unwrap/expect/panic inside #[test] fns only; the helpers are test code.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -27,6 +28,9 @@ use laneguard_service::{
 use support::{RedisCluster, RedisServer};
 use tokio::net::TcpListener;
 use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
 
 const T0: u64 = 1_700_000_000_000_000_000;
 const TIMEOUT: Duration = Duration::from_millis(200);
@@ -41,6 +45,10 @@ fn settings() -> RedisSettings {
 /// The gRPC server on 127.0.0.1:0 over `store`; returns a connected client. The server task
 /// ends with the test's runtime.
 async fn serve(store: Arc<dyn Store>) -> RateLimitServiceClient<Channel> {
+    RateLimitServiceClient::new(serve_channel(store).await)
+}
+
+async fn serve_channel(store: Arc<dyn Store>) -> Channel {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let limiter = RateLimiter::new(
@@ -50,14 +58,90 @@ async fn serve(store: Arc<dyn Store>) -> RateLimitServiceClient<Channel> {
         Options::default(),
     );
     tokio::spawn(server::serve(listener, limiter, std::future::pending()));
-    let channel = Channel::from_shared(format!("http://{addr}"))
+    Channel::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(10))
         .connect()
         .await
-        .unwrap();
-    RateLimitServiceClient::new(channel)
+        .unwrap()
+}
+
+/// The status both health names report; they must agree.
+async fn health(client: &mut HealthClient<Channel>) -> ServingStatus {
+    let mut seen = Vec::new();
+    for service in ["", "envoy.service.ratelimit.v3.RateLimitService"] {
+        let r = client
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        seen.push(ServingStatus::try_from(r.status).unwrap());
+    }
+    assert_eq!(seen[0], seen[1], "both health names agree");
+    seen[0]
+}
+
+/// Poll health until it reports `want`, for at most `within`.
+async fn health_becomes(client: &mut HealthClient<Channel>, want: ServingStatus, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let now = health(client).await;
+        if now == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "health still {now:?} after {within:?}, expected {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Within a probe interval plus the store timeout, with slack for a loaded machine.
+const HEALTH_WITHIN: Duration = Duration::from_secs(10);
+
+#[tokio::test]
+async fn health_is_not_serving_while_redis_is_down_or_paused() {
+    let mut redis = RedisServer::start();
+    let store = Arc::new(RedisStore::standalone(&redis.url(), settings()).unwrap());
+    let channel = serve_channel(store).await;
+    let mut rls = RateLimitServiceClient::new(channel.clone());
+    let mut hc = HealthClient::new(channel);
+    health_becomes(&mut hc, ServingStatus::Serving, HEALTH_WITHIN).await;
+    assert_eq!(call(&mut rls, "acme").await.0, tonic::Code::Ok);
+
+    // Killed: NOT_SERVING; requests are UNAVAILABLE meanwhile.
+    redis.stop();
+    health_becomes(&mut hc, ServingStatus::NotServing, HEALTH_WITHIN).await;
+    assert_eq!(call(&mut rls, "acme").await.0, tonic::Code::Unavailable);
+    redis.restart();
+    health_becomes(&mut hc, ServingStatus::Serving, HEALTH_WITHIN).await;
+    assert_eq!(call(&mut rls, "acme").await.0, tonic::Code::Ok);
+
+    // Paused (SIGSTOP) past the store timeout: the port accepts, nothing answers.
+    let pid = redis.pid();
+    RedisServer::signal(pid, "STOP");
+    health_becomes(&mut hc, ServingStatus::NotServing, HEALTH_WITHIN).await;
+    let (code, took) = call(&mut rls, "acme").await;
+    RedisServer::signal(pid, "CONT");
+    assert_eq!(code, tonic::Code::Unavailable);
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    health_becomes(&mut hc, ServingStatus::Serving, HEALTH_WITHIN).await;
+    assert_eq!(call(&mut rls, "acme").await.0, tonic::Code::Ok);
+}
+
+#[tokio::test]
+async fn health_serves_on_the_memory_store() {
+    let channel = serve_channel(Arc::new(laneguard_service::MemoryStore::new())).await;
+    let mut hc = HealthClient::new(channel);
+    // Several probe intervals: it stays SERVING.
+    for _ in 0..4 {
+        assert_eq!(health(&mut hc).await, ServingStatus::Serving);
+        tokio::time::sleep(laneguard_service::health::PROBE_EVERY).await;
+    }
 }
 
 fn request(tenant: &str) -> RateLimitRequest {

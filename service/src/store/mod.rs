@@ -121,6 +121,12 @@ pub trait Store: Send + Sync + 'static {
     /// beyond its burst. Never refuses, never grants.
     fn report<'a>(&'a self, charges: &'a [Charge], now_ns: u64) -> StoreFuture<'a, Outcome>;
 
+    /// Whether the backend answers now: one bounded call (Redis: `PING`). The service's gRPC
+    /// health follows it (`crate::health`). A store in this process always answers.
+    fn probe(&self) -> StoreFuture<'_, ()> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+
     /// Give back every charge's cost (an AI request that used fewer tokens than it
     /// reserved, settled on the filter's sync tick): each bucket's TAT moves back by the
     /// cost, never before now, so a bucket never holds more than its burst. Never refuses.

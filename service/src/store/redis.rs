@@ -735,6 +735,10 @@ impl Store for RedisStore {
         })
     }
 
+    fn probe(&self) -> StoreFuture<'_, ()> {
+        Box::pin(self.ping())
+    }
+
     fn refund<'a>(&'a self, charges: &'a [Charge], now_ns: u64) -> StoreFuture<'a, Outcome> {
         Box::pin(async move {
             if charges.is_empty() {

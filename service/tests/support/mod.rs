@@ -218,6 +218,27 @@ impl RedisServer {
         }
     }
 
+    /// The `redis-server` process id (from `INFO server`), for signals.
+    pub fn pid(&self) -> u32 {
+        let info: String = self
+            .command(redis::cmd("INFO").arg("server"))
+            .expect("INFO server");
+        info.lines()
+            .find_map(|l| l.strip_prefix("process_id:"))
+            .and_then(|p| p.trim().parse().ok())
+            .expect("INFO server names the process_id")
+    }
+
+    /// Send `signal` (`STOP`, `CONT`) to `redis-server` `pid`.
+    pub fn signal(pid: u32, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{signal} {pid} failed");
+    }
+
     /// Start again on the same port, with empty state.
     pub fn restart(&mut self) {
         self.stop();
