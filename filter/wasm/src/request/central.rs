@@ -143,6 +143,17 @@ impl Request {
         if let Some(c) = shared.metrics.class(plan.class) {
             c.degraded.inc(h);
         }
+        self.decide_degraded(h, plan, reason)
+    }
+
+    /// Decide a plan under its class's failure mode, the service not answering.
+    pub(super) fn decide_degraded(
+        &mut self,
+        h: &dyn Host,
+        plan: &Plan,
+        reason: &'static str,
+    ) -> Action {
+        let shared = Rc::clone(&self.shared);
         let now = h.now_ns();
         match plan.failure_mode {
             FailureMode::Open => {

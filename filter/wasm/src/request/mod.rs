@@ -91,6 +91,10 @@ pub struct Request {
     ctx: Ctx,
     /// Held by the queue fallback (until the root tick resumes it).
     queued: bool,
+    /// A limited request whose admission now depends on a second plan (the enforced part
+    /// of a shadow limit, or the fallback route's budget): what to answer once that plan
+    /// is decided ([`outcome::Then`]).
+    then: Option<outcome::Then>,
 }
 
 impl Request {
@@ -102,6 +106,7 @@ impl Request {
             response_headers: Vec::new(),
             ctx: Ctx::default(),
             queued: false,
+            then: None,
         }
     }
 

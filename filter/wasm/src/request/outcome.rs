@@ -13,6 +13,27 @@ use laneguard_core::rollout::{self, Verdict};
 use laneguard_core::{Bucket, BucketKind, Plan};
 use std::rc::Rc;
 
+/// A request judged limited, whose answer waits on a second decision.
+pub(super) struct Limited {
+    plan: Plan,
+    eval: Evaluation,
+    tripped: usize,
+    borrowing: bool,
+}
+
+/// What a second decision is for, and what its outcome means. The second plan is decided
+/// like any other (lease, local mirror, central call, failure mode); its admission ends in
+/// [`Request::allow`], its refusal in [`Request::over`], which read this.
+pub(super) enum Then {
+    /// Only shadow rules lacked room: the enforced part of the plan
+    /// ([`rollout::enforced_part`]) is being paid. Admitted: the shadow outcome (let
+    /// through, marked). Refused: limited by the enforced bucket, as itself.
+    Shadow(Limited),
+    /// The class's fallback route was chosen: its own budget ([`degrade::route_plan`]) is
+    /// being paid. Admitted: routed. Refused: the fallbacks after the route.
+    Route(Limited),
+}
+
 impl Request {
     pub(super) fn allow(
         &mut self,
@@ -23,6 +44,15 @@ impl Request {
         borrowed: bool,
         now: u64,
     ) -> Action {
+        match self.then.take() {
+            Some(Then::Shadow(l)) => {
+                return self.shadow(h, &l.plan, &l.eval, l.tripped, by, l.borrowing)
+            }
+            Some(Then::Route(l)) => {
+                return self.finish(h, Step::Route, &l.plan, &l.eval, l.tripped, by, l.borrowing)
+            }
+            None => {}
+        }
         let shared = Rc::clone(&self.shared);
         let m = &shared.metrics;
         let mut levels = levels.to_vec();
@@ -170,6 +200,16 @@ impl Request {
         by: DecidedBy,
         borrowing: bool,
     ) -> Action {
+        let paying_part = match self.then.take() {
+            Some(Then::Route(l)) => {
+                // The fallback route's own budget has no room: the fallbacks after it.
+                let step = self.next_step(&l.plan, &l.eval, true);
+                return self.finish(h, step, &l.plan, &l.eval, l.tripped, by, l.borrowing);
+            }
+            // The enforced part of a shadow limit has no room: judged as itself below.
+            Some(Then::Shadow(_)) => true,
+            None => false,
+        };
         let attempt = plan.attempt(borrowing);
         let room: Vec<bool> = eval.levels.iter().map(|l| l.has_room).collect();
         let j = rollout::judge(
@@ -181,9 +221,40 @@ impl Request {
         );
         let tripped = j.bucket.or(eval.tripped).unwrap_or(0);
         match j.verdict {
-            Verdict::ShadowLimit => self.shadow(h, plan, eval, tripped, by, borrowing),
+            Verdict::ShadowLimit => {
+                // A shadow rule never weakens an enforced one: an enforced request still
+                // pays every enforced bucket, and is limited when one of them has no room.
+                let part = (!paying_part)
+                    .then(|| rollout::enforced_part(&self.shared.policy, self.mode(), plan))
+                    .flatten();
+                match part {
+                    Some(part) => {
+                        self.then = Some(Then::Shadow(Limited {
+                            plan: plan.clone(),
+                            eval: eval.clone(),
+                            tripped,
+                            borrowing,
+                        }));
+                        self.decide_again(h, part, by)
+                    }
+                    None => self.shadow(h, plan, eval, tripped, by, borrowing),
+                }
+            }
             // `Allow` cannot happen for an evaluation without room; refuse rather than guess.
             Verdict::Limit | Verdict::Allow => self.enforce(h, plan, eval, tripped, by, borrowing),
+        }
+    }
+
+    /// Decide a second plan for a limited request (see [`Then`]): through the failure mode
+    /// when the first decision was degraded (the service is not answering), else through
+    /// the same paths as any request (lease, local mirror, central call).
+    fn decide_again(&mut self, h: &dyn Host, plan: Plan, by: DecidedBy) -> Action {
+        match by {
+            DecidedBy::Degraded(reason) => self.decide_degraded(h, &plan, reason),
+            DecidedBy::Local | DecidedBy::Central => {
+                let now = h.now_ns();
+                self.fast_path(h, plan, now)
+            }
         }
     }
 
@@ -263,20 +334,59 @@ impl Request {
         borrowing: bool,
     ) -> Action {
         let shared = Rc::clone(&self.shared);
-        let m = &shared.metrics;
         let attempt = plan.attempt(borrowing);
         self.count_limit(h, plan, attempt.get(tripped).map(|b| b.kind), false, by);
-        let (_, active) = self.squeeze(h, plan);
-        let now = h.now_ns();
+        let step = self.next_step(plan, eval, false);
+        if step == Step::Route {
+            // The fallback route has its own budget: pay it first (see [`Then::Route`]).
+            let route = degrade::route_plan(&shared.policy, plan);
+            self.then = Some(Then::Route(Limited {
+                plan: plan.clone(),
+                eval: eval.clone(),
+                tripped,
+                borrowing,
+            }));
+            return self.decide_again(h, route, by);
+        }
+        self.finish(h, step, plan, eval, tripped, by, borrowing)
+    }
+
+    /// The class's fallback for a limited request: the first that applies, or (once the
+    /// fallback route's budget had no room) the first after `fallback_route`.
+    fn next_step(&self, plan: &Plan, eval: &Evaluation, after_route: bool) -> Step {
         let wait_ns = degrade::wait_ns(&eval.levels);
-        let ops = shared.policy.ops.class(plan.class);
-        let depth = shared.queue.borrow().depth(plan.class);
-        let step = ops.map_or(
+        let depth = self.shared.queue.borrow().depth(plan.class);
+        let choose = if after_route {
+            degrade::choose_after_route
+        } else {
+            degrade::choose
+        };
+        self.shared.policy.ops.class(plan.class).map_or(
             Step::Reject {
                 queue_refused: false,
             },
-            |o| degrade::choose(o, wait_ns, depth),
-        );
+            |o| choose(o, wait_ns, depth),
+        )
+    }
+
+    /// Carry out the fallback chosen for a limited request: queue, route, or 429.
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &mut self,
+        h: &dyn Host,
+        step: Step,
+        plan: &Plan,
+        eval: &Evaluation,
+        tripped: usize,
+        by: DecidedBy,
+        borrowing: bool,
+    ) -> Action {
+        let shared = Rc::clone(&self.shared);
+        let m = &shared.metrics;
+        let attempt = plan.attempt(borrowing);
+        let (_, active) = self.squeeze(h, plan);
+        let now = h.now_ns();
+        let ops = shared.policy.ops.class(plan.class);
         let fallback = step.fallback();
         m.fallback.get(fallback).inc(h);
         if let Some(c) = m.class(plan.class) {
