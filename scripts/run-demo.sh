@@ -23,6 +23,7 @@ ENVOY_CONFIG=envoy/demo/envoy.yaml
 RUN_DIR=.run
 
 SERVICE_ADDR=127.0.0.1:8081
+SERVICE_METRICS_ADDR=127.0.0.1:9102
 UPSTREAM_ADDR=127.0.0.1:8080
 GATEWAY=http://127.0.0.1:10000
 ADMIN=http://127.0.0.1:9901
@@ -113,7 +114,7 @@ wait_ready() {
 # --- start ----------------------------------------------------------------------------------
 # REDIS (from `make run REDIS=redis://...`) moves the buckets to Redis; default: in memory.
 start laneguard-service "$RUN_DIR/service.log" "$SERVICE_BIN" --listen "$SERVICE_ADDR" --store "${REDIS:-memory}" \
-  --audit-log "$RUN_DIR/audit.log"
+  --audit-log "$RUN_DIR/audit.log" --metrics-addr "$SERVICE_METRICS_ADDR"
 SERVICE_PID=$STARTED_PID
 start laneguard-upstream "$RUN_DIR/upstream.log" "$UPSTREAM_BIN" --listen "$UPSTREAM_ADDR"
 UPSTREAM_PID=$STARTED_PID
@@ -147,6 +148,7 @@ cat <<EOF
 laneguard demo is up:
   gateway  $GATEWAY    (Envoy admin $ADMIN)
   service  $SERVICE_ADDR      upstream $UPSTREAM_ADDR
+  service metrics http://$SERVICE_METRICS_ADDR/metrics
 
 In another terminal, from $ROOT:
 

@@ -608,11 +608,21 @@ pub use writer::{AuditLog, AuditOptions, Opened, Resume, Verification};
 #[derive(Clone)]
 pub struct AuditService {
     log: Arc<AuditLog>,
+    metrics: crate::Metrics,
 }
 
 impl AuditService {
     pub fn new(log: Arc<AuditLog>) -> AuditService {
-        AuditService { log }
+        AuditService {
+            log,
+            metrics: crate::Metrics::default(),
+        }
+    }
+
+    /// Count appended and refused records into `metrics`.
+    pub fn with_metrics(mut self, metrics: crate::Metrics) -> AuditService {
+        self.metrics = metrics;
+        self
     }
 
     /// The tonic service to add to a server.
@@ -637,6 +647,7 @@ impl AuditLogRpc for AuditService {
             .map_err(|e| tonic::Status::internal(format!("audit append task failed: {e}")))?;
         match result {
             Ok((appended, rejected)) => {
+                self.metrics.audit_appended(appended, rejected);
                 if rejected > 0 {
                     log::warn!("audit: refused {rejected} records that are not JSON objects");
                 }

@@ -13,6 +13,7 @@ Usage: laneguard-service [--listen ADDR] [--config FILE] [--store STORE]
                          [--grants on|off] [--lease-ttl-ms MS] [--redis-timeout-ms MS]
                          [--audit-log FILE] [--audit-rotate-size SIZE] [--audit-rotate-hours H]
                          [--audit-hmac-key-file FILE] [--audit-head-every-s S]
+                         [--metrics-addr ADDR]
 
 Serves envoy.service.ratelimit.v3.RateLimitService and grpc.health.v1.Health over gRPC.
 
@@ -41,10 +42,14 @@ Options:
                           least 16 bytes); verify with laneguard-audit --hmac-key-file
   --audit-head-every-s S  log the chain's head hash every S seconds when it moved
                           [default: 60]
+  --metrics-addr ADDR     serve Prometheus metrics (text format) at http://ADDR/metrics,
+                          IP:PORT (PORT may be 0); off unless given. Series:
+                          docs/operations.md (Service metrics)
   -h, --help              print this help
   -V, --version           print the version
 
-Once listening, prints `LANEGUARD_READY addr=IP:PORT` on stdout. Logs go to stderr; set
+Once listening, prints `LANEGUARD_READY addr=IP:PORT` on stdout (after
+`LANEGUARD_METRICS addr=IP:PORT` when --metrics-addr is given). Logs go to stderr; set
 LANEGUARD_LOG=error|warn|info|debug|trace (default info).";
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8081";
@@ -80,6 +85,8 @@ pub struct Args {
     pub audit_rotate_after: Option<Duration>,
     pub audit_hmac_key_file: Option<PathBuf>,
     pub audit_head_every: Duration,
+    /// `--metrics-addr`: where to serve `/metrics`; `None`: no metrics endpoint.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,6 +104,8 @@ pub enum CliError {
     MissingValue { flag: String },
     #[error("--listen: `{value}` is not an IP:PORT address")]
     BadListen { value: String },
+    #[error("--metrics-addr: `{value}` is not an IP:PORT address")]
+    BadMetricsAddr { value: String },
     #[error(
         "--store: `{value}` is not supported (supported: memory, {REDIS_SCHEME}HOST:PORT, \
          {CLUSTER_SCHEME}HOST:PORT,HOST:PORT,...)"
@@ -125,7 +134,7 @@ pub enum CliError {
     NotUtf8 { arg: OsString },
 }
 
-const FLAGS: [&str; 11] = [
+const FLAGS: [&str; 12] = [
     "--listen",
     "--config",
     "--store",
@@ -137,6 +146,7 @@ const FLAGS: [&str; 11] = [
     "--audit-rotate-hours",
     "--audit-hmac-key-file",
     "--audit-head-every-s",
+    "--metrics-addr",
 ];
 
 /// Parse the arguments after the program name. Accepts `--flag value` and `--flag=value`.
@@ -175,7 +185,7 @@ where
             return Err(CliError::Repeated { flag });
         }
     }
-    let [listen, config, store, grants, lease_ttl, redis_timeout, audit_log, rotate_size, rotate_hours, hmac_key, head_every] =
+    let [listen, config, store, grants, lease_ttl, redis_timeout, audit_log, rotate_size, rotate_hours, hmac_key, head_every, metrics_addr] =
         values;
     if audit_log.is_none() {
         for (flag, v) in [
@@ -200,6 +210,12 @@ where
     let listen = listen_text
         .parse::<SocketAddr>()
         .map_err(|_| CliError::BadListen { value: listen_text })?;
+    let metrics_addr = metrics_addr
+        .map(|v| {
+            v.parse::<SocketAddr>()
+                .map_err(|_| CliError::BadMetricsAddr { value: v })
+        })
+        .transpose()?;
     let store = match store.as_deref() {
         None | Some("memory") => StoreKind::Memory,
         Some(spec) => parse_store(spec).ok_or_else(|| CliError::BadStore {
@@ -231,6 +247,7 @@ where
         audit_rotate_after: (rotate_hours > 0).then(|| Duration::from_secs(rotate_hours * 3600)),
         audit_hmac_key_file: hmac_key.map(PathBuf::from),
         audit_head_every: Duration::from_secs(head_every),
+        metrics_addr,
     }))
 }
 
@@ -312,6 +329,7 @@ mod tests {
             audit_rotate_after: Some(Duration::from_secs(24 * 3600)),
             audit_hmac_key_file: None,
             audit_head_every: Duration::from_secs(60),
+            metrics_addr: None,
         };
         f(&mut args);
         Command::Run(args)
@@ -444,6 +462,18 @@ mod tests {
             ])
             .unwrap(),
             want
+        );
+    }
+
+    #[test]
+    fn metrics_addr() {
+        assert_eq!(
+            p(&["--metrics-addr", "127.0.0.1:0"]).unwrap(),
+            defaults_with(|a| a.metrics_addr = Some("127.0.0.1:0".parse().unwrap()))
+        );
+        assert_eq!(
+            p(&["--metrics-addr", ":9090"]).unwrap_err().to_string(),
+            "--metrics-addr: `:9090` is not an IP:PORT address"
         );
     }
 

@@ -11,7 +11,7 @@
 //! [`clock`], in memory or in Redis / Redis Cluster (one Lua script per hash slot). A caller
 //! that asks for a lease (`x-laneguard-lease` metadata) gets a pre-paid grant charged in the
 //! same atomic step. [`rls`] turns the outcome into per-descriptor statuses and quotas;
-//! [`server`] puts it on a socket. The binary (`src/main.rs`) is a thin shell: arguments ([`cli`]), rules
+//! [`server`] puts it on a socket; [`metrics`] counts what happened for Prometheus. The binary (`src/main.rs`) is a thin shell: arguments ([`cli`]), rules
 //! ([`config`]), logging, signals, the readiness line. Operator docs: `docs/service.md`.
 
 pub mod audit;
@@ -21,6 +21,7 @@ pub mod config;
 pub mod health;
 pub mod limits;
 pub mod logger;
+pub mod metrics;
 pub mod policy_file;
 pub mod report;
 pub mod rls;
@@ -30,5 +31,6 @@ pub mod unit;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{Config, ConfigError};
+pub use metrics::Metrics;
 pub use rls::{Ask, Grants, Options, RateLimiter, ServiceError, LEASE_METADATA, REPORT_METADATA};
 pub use store::{MemoryStore, RedisSettings, RedisStore, Store, StoreError};

@@ -7,9 +7,10 @@ use std::sync::Arc;
 
 use laneguard_service::audit::{AuditLog, AuditOptions, AuditService, Chain};
 use laneguard_service::cli::{self, Args, Command, StoreKind};
+use laneguard_service::metrics::{self, AuditHead};
 use laneguard_service::{
-    logger, server, Config, Grants, MemoryStore, Options, RateLimiter, RedisSettings, RedisStore,
-    Store, SystemClock,
+    logger, server, Config, Grants, MemoryStore, Metrics, Options, RateLimiter, RedisSettings,
+    RedisStore, Store, SystemClock,
 };
 use tokio::net::TcpListener;
 
@@ -67,15 +68,25 @@ async fn run(args: Args) -> Result<(), String> {
         timeout: args.redis_timeout,
         ..RedisSettings::default()
     };
+    let metrics = Metrics::new();
+    let round_trips = metrics.redis_round_trips();
     let store: Arc<dyn Store> = match &args.store {
         StoreKind::Memory => Arc::new(MemoryStore::new()),
         StoreKind::Redis(url) => Arc::new(
-            redis_store(RedisStore::standalone(url, redis_settings).map_err(|e| e.to_string())?)
-                .await,
+            redis_store(
+                RedisStore::standalone(url, redis_settings)
+                    .map_err(|e| e.to_string())?
+                    .with_round_trips(round_trips),
+            )
+            .await,
         ),
         StoreKind::RedisCluster(nodes) => Arc::new(
-            redis_store(RedisStore::cluster(nodes, redis_settings).map_err(|e| e.to_string())?)
-                .await,
+            redis_store(
+                RedisStore::cluster(nodes, redis_settings)
+                    .map_err(|e| e.to_string())?
+                    .with_round_trips(round_trips),
+            )
+            .await,
         ),
     };
     let grants = if args.grants {
@@ -85,8 +96,21 @@ async fn run(args: Args) -> Result<(), String> {
     } else {
         Grants::Off
     };
+    let mut registry = metrics.registry();
     let audit = match &args.audit_log {
-        Some(path) => Some(open_audit_log(path, &args)?),
+        Some(path) => {
+            let (log, service) = open_audit_log(path, &args)?;
+            registry.register_collector(Box::new(AuditHead(log)));
+            Some(service.with_metrics(metrics.clone()))
+        }
+        None => None,
+    };
+    let metrics_listener = match args.metrics_addr {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("--metrics-addr: cannot listen on {addr}: {e}"))?,
+        ),
         None => None,
     };
     let listener = TcpListener::bind(args.listen)
@@ -100,11 +124,25 @@ async fn run(args: Args) -> Result<(), String> {
         store,
         rules,
         Arc::new(SystemClock),
-        Options::with_grants(grants),
+        Options::with_grants(grants).with_metrics(metrics),
     );
 
-    // The contract with scripts/ and tests/: exactly this line, flushed, once listening.
+    // The contract with scripts/ and tests/: exactly this line, flushed, once listening;
+    // the metrics address comes first, so that whoever waits for READY also has it.
     let mut stdout = std::io::stdout().lock();
+    if let Some(listener) = metrics_listener {
+        let at = listener
+            .local_addr()
+            .map_err(|e| format!("cannot read the metrics address: {e}"))?;
+        writeln!(stdout, "LANEGUARD_METRICS addr={at}")
+            .map_err(|e| format!("cannot write the metrics line: {e}"))?;
+        log::info!("serving Prometheus metrics at http://{at}/metrics");
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(listener, registry, std::future::pending()).await {
+                log::error!("the metrics endpoint stopped: {e}");
+            }
+        });
+    }
     writeln!(stdout, "LANEGUARD_READY addr={addr}")
         .and_then(|()| stdout.flush())
         .map_err(|e| format!("cannot write the readiness line: {e}"))?;
@@ -122,7 +160,10 @@ async fn run(args: Args) -> Result<(), String> {
 
 /// Open the audit log without reading it whole (its checkpoint, then the lines after it),
 /// verify the rest in the background, and log the chain's head periodically.
-fn open_audit_log(path: &std::path::Path, args: &Args) -> Result<AuditService, String> {
+fn open_audit_log(
+    path: &std::path::Path,
+    args: &Args,
+) -> Result<(Arc<AuditLog>, AuditService), String> {
     let chain = match &args.audit_hmac_key_file {
         Some(key) => {
             Chain::from_key_file(key).map_err(|e| format!("--audit-hmac-key-file: {e}"))?
@@ -163,7 +204,7 @@ fn open_audit_log(path: &std::path::Path, args: &Args) -> Result<AuditService, S
             }
         }
     });
-    Ok(AuditService::new(log))
+    Ok((Arc::clone(&log), AuditService::new(log)))
 }
 
 /// Try the Redis store once at startup. A Redis that is not up yet does not stop the service:

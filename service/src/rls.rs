@@ -28,6 +28,7 @@ use tonic::{Request, Response, Status};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::limits::{self, RequestError};
+use crate::metrics::{self, Metrics, StoreOp};
 use crate::store::{BucketStatus, Charge, Store, StoreError};
 use crate::unit::Unit;
 
@@ -115,11 +116,22 @@ impl Default for Grants {
 #[non_exhaustive]
 pub struct Options {
     pub grants: Grants,
+    /// Where decisions, grants, reports and store calls are counted (`--metrics-addr`).
+    pub metrics: Metrics,
 }
 
 impl Options {
     pub fn with_grants(grants: Grants) -> Options {
-        Options { grants }
+        Options {
+            grants,
+            ..Options::default()
+        }
+    }
+
+    /// Count into `metrics` (a handle that shares its values with the one registered).
+    pub fn with_metrics(mut self, metrics: Metrics) -> Options {
+        self.metrics = metrics;
+        self
     }
 }
 
@@ -135,6 +147,19 @@ pub enum ServiceError {
     BadMetadata { name: &'static str, value: String },
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl ServiceError {
+    /// The `outcome` label of the gRPC error this becomes.
+    fn outcome(&self) -> metrics::Outcome {
+        match self {
+            ServiceError::Request(_) | ServiceError::BadMetadata { .. } => {
+                metrics::Outcome::InvalidArgument
+            }
+            ServiceError::Store(s) if s.is_transient() => metrics::Outcome::Unavailable,
+            ServiceError::Store(_) => metrics::Outcome::Internal,
+        }
+    }
 }
 
 impl From<ServiceError> for Status {
@@ -197,20 +222,53 @@ impl RateLimiter {
         self.evaluate_ask(request, Ask::Decide { lease }).await
     }
 
-    /// Answer one request (the transport-free core of `ShouldRateLimit`).
+    /// Answer one request (the transport-free core of `ShouldRateLimit`), and count it.
     pub async fn evaluate_ask(
         &self,
         request: &RateLimitRequest,
         ask: Ask,
     ) -> Result<RateLimitResponse, ServiceError> {
+        let result = self.answer(request, ask).await;
+        let m = &self.options.metrics;
+        let outcome = match &result {
+            Ok(a) if a.response.overall_code == Code::OverLimit as i32 => {
+                metrics::Outcome::OverLimit
+            }
+            Ok(_) => metrics::Outcome::Ok,
+            Err(e) => e.outcome(),
+        };
+        match ask {
+            Ask::Decide { .. } => {
+                let granted = result.as_ref().map_or(0, |a| a.grant);
+                m.decision(outcome, granted);
+            }
+            Ask::Report | Ask::Refund => {
+                let op = if ask == Ask::Report {
+                    StoreOp::Report
+                } else {
+                    StoreOp::Refund
+                };
+                let units = result.as_ref().map_or(0, |a| a.charged);
+                m.report(op, outcome, units);
+            }
+        }
+        result.map(|a| a.response)
+    }
+
+    async fn answer(&self, request: &RateLimitRequest, ask: Ask) -> Result<Answer, ServiceError> {
         let plan = limits::plan(request, self.rules.as_deref())?;
         let charges: Vec<Charge> = plan.iter().flatten().cloned().collect();
         if charges.is_empty() {
             // Empty or wholly unlimited: OK without touching the store.
-            return Ok(RateLimitResponse {
+            let response = RateLimitResponse {
                 overall_code: Code::Ok as i32,
                 statuses: plan.iter().map(|_| unlimited_status()).collect(),
                 ..Default::default()
+            };
+            return Ok(Answer {
+                response,
+                grant: 0,
+                charged: 0,
             });
         }
 
@@ -219,11 +277,19 @@ impl RateLimiter {
             _ => (0, StdDuration::ZERO),
         };
         let now_ns = self.clock.now_ns();
-        let outcome = match ask {
-            Ask::Decide { .. } => self.store.check_and_charge(&charges, lease, now_ns).await?,
-            Ask::Report => self.store.report(&charges, now_ns).await?,
-            Ask::Refund => self.store.refund(&charges, now_ns).await?,
+        let started = std::time::Instant::now();
+        let (op, result) = match ask {
+            Ask::Decide { .. } => (
+                StoreOp::Decide,
+                self.store.check_and_charge(&charges, lease, now_ns).await,
+            ),
+            Ask::Report => (StoreOp::Report, self.store.report(&charges, now_ns).await),
+            Ask::Refund => (StoreOp::Refund, self.store.refund(&charges, now_ns).await),
         };
+        self.options
+            .metrics
+            .store_call(op, started.elapsed(), result.as_ref().err());
+        let outcome = result?;
         let quota = (outcome.admitted && outcome.grant > 0).then(|| Quota {
             requests: outcome.grant,
             id: String::new(),
@@ -265,12 +331,26 @@ impl RateLimiter {
             lease,
             outcome.grant
         );
-        Ok(RateLimitResponse {
+        let response = RateLimitResponse {
             overall_code: overall as i32,
             statuses,
             ..Default::default()
+        };
+        Ok(Answer {
+            response,
+            grant: outcome.grant,
+            charged: charges.iter().map(|c| u64::from(c.cost)).sum(),
         })
     }
+}
+
+/// What [`RateLimiter::answer`] did, for the metrics.
+struct Answer {
+    response: RateLimitResponse,
+    /// Lease units granted.
+    grant: u32,
+    /// Cost units over the request's buckets (charged, reported or refunded).
+    charged: u64,
 }
 
 fn bucket_status(charge: &Charge, bucket: &BucketStatus, quota: Option<Quota>) -> DescriptorStatus {

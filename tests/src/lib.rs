@@ -19,6 +19,7 @@ pub mod envoy;
 pub mod process;
 pub mod redis;
 pub mod rundir;
+pub mod scrape;
 pub mod traffic;
 
 use std::fmt;
@@ -30,6 +31,7 @@ pub use envoy::{Envoy, EnvoyFailure, EnvoyOptions};
 pub use process::{BlackHole, Service, Upstream};
 pub use redis::RedisServer;
 pub use rundir::RunDir;
+pub use scrape::Scrape;
 
 /// A harness error: what failed, with enough context (log tails, paths) to debug it from
 /// the test output alone.
@@ -171,6 +173,21 @@ pub fn tail(path: &Path, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     let start = lines.len().saturating_sub(n);
     lines[start..].join("\n")
+}
+
+/// Call `f` every 200 ms until it returns `Some`, for up to `timeout` (a readiness poll,
+/// never a fixed sleep).
+pub fn poll<T>(timeout: std::time::Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }
 
 /// The whole stack the demo runs: upstream, rate-limit service and Envoy with the demo

@@ -107,6 +107,16 @@ impl ReadyChild {
         self.addr
     }
 
+    /// The address of a `PREFIX addr=IP:PORT` line the child printed before its READY line
+    /// (`LANEGUARD_METRICS`), from its stdout log.
+    pub fn announced(&self, prefix: &str) -> Option<SocketAddr> {
+        let text = std::fs::read_to_string(&self.stdout_log).ok()?;
+        let want = format!("{prefix} addr=");
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(want.as_str()))
+            .and_then(|a| a.trim().parse().ok())
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
@@ -196,6 +206,21 @@ impl Service {
 
     pub fn is_running(&mut self) -> bool {
         self.child.as_mut().is_some_and(ReadyChild::is_running)
+    }
+
+    /// `http://IP:PORT/metrics` of a service started with `--metrics-addr`, from the
+    /// `LANEGUARD_METRICS addr=...` line it printed before READY.
+    pub fn metrics_url(&self) -> Result<String> {
+        self.child
+            .as_ref()
+            .and_then(|c| c.announced("LANEGUARD_METRICS"))
+            .map(|a| format!("http://{a}/metrics"))
+            .ok_or_else(|| {
+                Error::new(format!(
+                    "the service printed no LANEGUARD_METRICS line (started with --metrics-addr?)\n{}",
+                    self.logs()
+                ))
+            })
     }
 
     pub fn logs(&self) -> String {

@@ -7,9 +7,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use laneguard_service::audit::{AuditLog, AuditOptions};
-use laneguard_tests::{test_policy, token, EnvoyOptions, RunDir, Service, Stack};
+use laneguard_tests::{poll, test_policy, token, EnvoyOptions, RunDir, Service, Stack};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn audit_cli(args: &[&str]) -> (i32, String) {
     laneguard_tests::audit_cli(args).unwrap()
@@ -17,20 +17,6 @@ fn audit_cli(args: &[&str]) -> (i32, String) {
 
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
-}
-
-/// Poll `f` until it returns Some, for up to `timeout`.
-fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 #[test]

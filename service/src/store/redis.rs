@@ -23,6 +23,7 @@
 use std::time::{Duration, Instant};
 
 use laneguard_core::gcra::Gcra;
+use prometheus_client::metrics::counter::Counter;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
@@ -115,18 +116,27 @@ enum Target {
     Cluster(redis::cluster::ClusterClient),
 }
 
-/// A live connection of either kind. Both are cheap to clone (multiplexed handles).
+/// A live connection of either kind. Both are cheap to clone (multiplexed handles). Every
+/// command or pipeline sent through it counts one round trip
+/// (`laneguard_service_redis_round_trips_total`).
 #[derive(Clone)]
-enum Conn {
+struct Conn {
+    link: Link,
+    round_trips: Counter,
+}
+
+#[derive(Clone)]
+enum Link {
     Single(MultiplexedConnection),
     Cluster(ClusterConnection),
 }
 
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            Conn::Single(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
+        self.round_trips.inc();
+        match &mut self.link {
+            Link::Single(c) => c.req_packed_command(cmd),
+            Link::Cluster(c) => c.req_packed_command(cmd),
         }
     }
 
@@ -136,16 +146,17 @@ impl ConnectionLike for Conn {
         offset: usize,
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
-            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        self.round_trips.inc();
+        match &mut self.link {
+            Link::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Link::Cluster(c) => c.req_packed_commands(cmd, offset, count),
         }
     }
 
     fn get_db(&self) -> i64 {
-        match self {
-            Conn::Single(c) => c.get_db(),
-            Conn::Cluster(c) => c.get_db(),
+        match &self.link {
+            Link::Single(c) => c.get_db(),
+            Link::Cluster(c) => c.get_db(),
         }
     }
 }
@@ -165,6 +176,7 @@ pub struct RedisStore {
     settings: RedisSettings,
     script: Script,
     slot: Mutex<Slot>,
+    round_trips: Counter,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -240,7 +252,14 @@ impl RedisStore {
             settings,
             script: Script::new(include_str!("gcra.lua")),
             slot: Mutex::new(Slot::default()),
+            round_trips: Counter::default(),
         }
+    }
+
+    /// Count round trips into `counter` (`Metrics::redis_round_trips`) from now on.
+    pub fn with_round_trips(mut self, counter: Counter) -> RedisStore {
+        self.round_trips = counter;
+        self
     }
 
     pub fn settings(&self) -> &RedisSettings {
@@ -290,7 +309,7 @@ impl RedisStore {
     }
 
     async fn connect(&self) -> Result<Conn, RedisError> {
-        match &self.target {
+        let link = match &self.target {
             Target::Standalone(client) => {
                 let config = AsyncConnectionConfig::new()
                     .set_connection_timeout(self.settings.timeout)
@@ -298,10 +317,14 @@ impl RedisStore {
                 client
                     .get_multiplexed_async_connection_with_config(&config)
                     .await
-                    .map(Conn::Single)
+                    .map(Link::Single)?
             }
-            Target::Cluster(client) => client.get_async_connection().await.map(Conn::Cluster),
-        }
+            Target::Cluster(client) => client.get_async_connection().await.map(Link::Cluster)?,
+        };
+        Ok(Conn {
+            link,
+            round_trips: self.round_trips.clone(),
+        })
     }
 
     /// Forget a connection that failed at the connection level, so the next call reconnects.
