@@ -275,3 +275,67 @@ fn the_filter_refuses_requests_without_a_valid_trusted_identity() {
     assert_eq!(r.status, 200, "{}\n{}", r.describe(), stack.logs());
     assert_eq!(echo(&r).1, "interactive", "{}", r.describe());
 }
+
+/// One raw HTTP/1.1 GET (the test client only sends text headers); returns the status code
+/// and the response.
+fn raw_get(stack: &Stack, path: &str, headers: &[(&str, &[u8])]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let addr = stack
+        .client
+        .base()
+        .trim_start_matches("http://")
+        .to_string();
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut req =
+        format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n").into_bytes();
+    for (k, v) in headers {
+        req.extend_from_slice(k.as_bytes());
+        req.extend_from_slice(b": ");
+        req.extend_from_slice(v);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"\r\n");
+    s.write_all(&req).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, text)
+}
+
+/// Found while fuzzing the planner (issue 12 §2): the SDK's text getter panicked on a header
+/// value that is not UTF-8, which poisons the VM. Now the value is read as bytes: a declared
+/// class with such bytes is an unknown class (the default, counted as forged), and the
+/// worker keeps serving.
+#[test]
+fn a_header_value_that_is_not_utf8_is_a_forged_class_not_a_crash() {
+    let stack = stack("classification-non-utf8");
+    let web = token("NORTHWIND_WEB").unwrap();
+    let auth = format!("Bearer {web}");
+    for _ in 0..3 {
+        let (status, text) = raw_get(
+            &stack,
+            "/replay/17",
+            &[
+                ("authorization", auth.as_bytes()),
+                ("x-traffic-class", b"inter\xffactive"),
+                ("x-unrelated", b"\xc3\x28\xa0\xa1"),
+            ],
+        );
+        assert_eq!(status, 200, "{text}\n{}", stack.logs());
+        assert!(text.contains("\"interactive\""), "{text}");
+    }
+    assert!(
+        wait_counter(&stack, "forged_class", 3) >= 3,
+        "{}",
+        stack.logs()
+    );
+    let r = stack.client.get_as("/replay/17", &web, &[]).unwrap();
+    assert_eq!(r.status, 200, "the VM still serves\n{}", stack.logs());
+    assert!(!stack.logs().contains("panicked"), "{}", stack.logs());
+}

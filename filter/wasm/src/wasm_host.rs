@@ -25,6 +25,18 @@ fn now_ns(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
+/// A header value as text: bytes that are not UTF-8 become U+FFFD, so a value that carried
+/// them can never equal a policy name or pass identity validation (`[A-Za-z0-9._:@-]`): a
+/// tenant or principal with such bytes is refused with 400 `invalid_identity`, a declared
+/// class with them is an unknown (forged) class. Header names need no conversion: Envoy's
+/// codecs accept only token characters in a name.
+pub(crate) fn text(value: Vec<u8>) -> String {
+    match String::from_utf8(value) {
+        Ok(s) => s,
+        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+    }
+}
+
 fn err(s: Status) -> HostError {
     HostError(format!("{s:?}"))
 }
@@ -34,14 +46,20 @@ impl Host for ProxyWasmHost {
         hostcalls::get_current_time().map(now_ns).unwrap_or(0)
     }
 
+    // The SDK's text getters (`get_map`, `get_map_value`) `unwrap` a UTF-8 conversion of
+    // every value, and HTTP allows any byte above 0x7f in a header value: one such header
+    // would panic the VM. So values are read as bytes and converted here ([`text`]).
     fn request_headers(&self) -> Vec<(String, String)> {
-        hostcalls::get_map(MapType::HttpRequestHeaders).unwrap_or_default()
+        hostcalls::get_map_bytes(MapType::HttpRequestHeaders)
+            .map(|hs| hs.into_iter().map(|(k, v)| (k, text(v))).collect())
+            .unwrap_or_default()
     }
 
     fn request_header(&self, name: &str) -> Option<String> {
-        hostcalls::get_map_value(MapType::HttpRequestHeaders, name)
+        hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
             .ok()
             .flatten()
+            .map(text)
     }
 
     fn set_request_header(&self, name: &str, value: &str) {
@@ -234,5 +252,21 @@ impl HttpContext for Unconfigured {
             body.as_bytes(),
         );
         proxy_wasm::types::Action::Pause
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::text;
+
+    /// Found by reading the SDK for the fuzzing work (issue 12 §2): proxy-wasm 0.2.5's
+    /// `get_map` unwraps `String::from_utf8` on every header value, so one header value with
+    /// a byte above 0x7f (legal in HTTP/1.1 as obs-text) panicked the VM.
+    #[test]
+    fn non_utf8_header_value_is_text_not_a_panic() {
+        assert_eq!(text(b"acme".to_vec()), "acme");
+        assert_eq!(text(vec![b'a', 0xff, b'c']), "a\u{fffd}c");
+        assert_eq!(text(vec![0xc3]), "\u{fffd}", "a cut multi-byte sequence");
+        assert_eq!(text("é".as_bytes().to_vec()), "é");
     }
 }

@@ -638,3 +638,30 @@ fn a_policy_that_does_not_parse_refuses_the_configuration() {
         "no configuration at all"
     );
 }
+
+#[test]
+fn header_values_that_were_not_utf8_are_a_bad_identity_or_a_forged_class() {
+    // What `wasm_host::text` makes of a value with bytes that are not UTF-8.
+    let bad = crate::wasm_host::text(vec![b'a', 0xff, b'c']);
+    let (h, root) = configured(POLICY);
+    let (mut req, action) = start(
+        &h,
+        &root,
+        2,
+        &[
+            ("x-laneguard-tenant", &bad),
+            ("x-laneguard-principal", "app"),
+        ],
+    );
+    let s = seen(&h, &mut req, action);
+    assert_eq!(s.status(), 400);
+    assert_eq!(s.body()["error"], "invalid_identity");
+
+    let s = allowed_centrally(&h, &root, 3, &bad);
+    assert!(s.passed);
+    assert_eq!(h.metric("laneguard.forged_class"), 1);
+    assert_eq!(
+        h.request_header_value("x-laneguard-class").as_deref(),
+        Some("web")
+    );
+}
