@@ -7,6 +7,7 @@
 #   make bench   laneguard vs Envoy's native filters: docs/benchmarks.md, bench/results/
 #   make bench-accuracy   2 Envoys x 2 workers past a binding limit: docs/accuracy.md
 #   make bench-rtt   open-loop load with a delayed link to the service: bench/results/rtt.json
+#   make chaos   the Redis fault suite with longer faults and windows (docs/reliability.md)
 #   make clean   remove build output and demo logs; `make distclean` also removes .venv
 #
 # ENVOY is the Envoy command. It defaults to the pinned Envoy that scripts/bootstrap.sh
@@ -32,10 +33,10 @@ BOOTSTRAP_FLAGS ?= --without-envoy
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: help bootstrap build build-wasm run test lint bench bench-build bench-accuracy bench-rtt clean distclean
+.PHONY: help bootstrap build build-wasm run test lint bench bench-build bench-accuracy bench-rtt chaos clean distclean
 
 help:
-	@sed -n '3,10p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
+	@sed -n '3,11p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
 
 bootstrap:
 	@scripts/bootstrap.sh $(BOOTSTRAP_FLAGS)
@@ -86,6 +87,14 @@ bench-rtt: bench-build
 
 bench-accuracy: bench-build
 	python3 bench/accuracy.py
+
+# The fault suite of make test (tests/tests/redis_faults.rs) with each fault held
+# CHAOS_HOLD_S seconds and drift measured over CHAOS_WINDOW_S seconds after recovery.
+CHAOS_HOLD_S ?= 20
+CHAOS_WINDOW_S ?= 30
+chaos: build
+	@scripts/bootstrap.sh $(BOOTSTRAP_FLAGS) --with-redis
+	CHAOS_HOLD_S=$(CHAOS_HOLD_S) CHAOS_WINDOW_S=$(CHAOS_WINDOW_S) $(CARGO) test -p laneguard-tests --test redis_faults -- --nocapture --test-threads 1
 
 clean:
 	$(CARGO) clean

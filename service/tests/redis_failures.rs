@@ -67,10 +67,13 @@ async fn serve_channel(store: Arc<dyn Store>) -> Channel {
         .unwrap()
 }
 
-/// The status both health names report; they must agree.
-async fn health(client: &mut HealthClient<Channel>) -> ServingStatus {
-    let mut seen = Vec::new();
-    for service in ["", "envoy.service.ratelimit.v3.RateLimitService"] {
+/// The status of each health name (`""`, then the RLS service).
+async fn health_both(client: &mut HealthClient<Channel>) -> [ServingStatus; 2] {
+    let mut seen = [ServingStatus::Unknown; 2];
+    for (i, service) in ["", "envoy.service.ratelimit.v3.RateLimitService"]
+        .into_iter()
+        .enumerate()
+    {
         let r = client
             .check(HealthCheckRequest {
                 service: service.into(),
@@ -78,18 +81,23 @@ async fn health(client: &mut HealthClient<Channel>) -> ServingStatus {
             .await
             .unwrap()
             .into_inner();
-        seen.push(ServingStatus::try_from(r.status).unwrap());
+        seen[i] = ServingStatus::try_from(r.status).unwrap();
     }
-    assert_eq!(seen[0], seen[1], "both health names agree");
-    seen[0]
+    seen
+}
+
+/// The status of the RLS service name.
+async fn health(client: &mut HealthClient<Channel>) -> ServingStatus {
+    health_both(client).await[1]
 }
 
 /// Poll health until it reports `want`, for at most `within`.
 async fn health_becomes(client: &mut HealthClient<Channel>, want: ServingStatus, within: Duration) {
     let deadline = Instant::now() + within;
     loop {
-        let now = health(client).await;
-        if now == want {
+        // Both names follow the store (set one after the other, so poll until both agree).
+        let now = health_both(client).await;
+        if now == [want, want] {
             return;
         }
         assert!(
@@ -289,4 +297,17 @@ async fn cluster_primary_down_is_unavailable_quickly() {
         assert!(took < Duration::from_secs(2), "{t} took {took:?}");
     }
     assert!(unavailable > 0, "no tenant lived on the stopped primary");
+}
+
+#[tokio::test]
+async fn health_is_not_serving_while_a_cluster_primary_is_down() {
+    let cluster = RedisCluster::start();
+    let store = Arc::new(RedisStore::from_spec(&cluster.spec(), settings()).unwrap());
+    let channel = serve_channel(store).await;
+    let mut hc = HealthClient::new(channel);
+    health_becomes(&mut hc, ServingStatus::Serving, HEALTH_WITHIN).await;
+    let mut nodes = cluster.into_nodes();
+    // No replica takes over (this cluster has none): unreachable until the test ends.
+    nodes[2].stop();
+    health_becomes(&mut hc, ServingStatus::NotServing, HEALTH_WITHIN).await;
 }

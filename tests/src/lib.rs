@@ -13,9 +13,11 @@
 //! include the tail of Envoy's log and the directory's path. `docs/testing.md` explains how to
 //! run one test and where to look.
 
+pub mod chaos;
 pub mod client;
 pub mod config;
 pub mod envoy;
+pub mod health;
 pub mod process;
 pub mod redis;
 pub mod rundir;
@@ -29,7 +31,7 @@ pub use client::{Client, Reply};
 pub use config::{demo_config, demo_policy, DemoPorts};
 pub use envoy::{Envoy, EnvoyFailure, EnvoyOptions};
 pub use process::{BlackHole, Service, Upstream};
-pub use redis::RedisServer;
+pub use redis::{RedisCluster, RedisServer};
 pub use rundir::RunDir;
 pub use scrape::Scrape;
 

@@ -27,6 +27,7 @@ use prometheus_client::metrics::counter::Counter;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{
     AsyncConnectionConfig, Client, Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, Script, Value,
 };
@@ -78,6 +79,23 @@ pub fn cluster_nodes(spec: &str) -> Option<Vec<String>> {
         .map(|n| (!n.is_empty() && !n.contains('/')).then(|| format!("{REDIS_SCHEME}{n}")))
         .collect::<Option<_>>()?;
     (!nodes.is_empty()).then_some(nodes)
+}
+
+/// The first slot of every range in a `CLUSTER SLOTS` reply (`[[start, end, primary, ...]]`).
+fn slot_range_starts(reply: &Value) -> Vec<u16> {
+    let Value::Array(ranges) = reply else {
+        return Vec::new();
+    };
+    ranges
+        .iter()
+        .filter_map(|r| match r {
+            Value::Array(fields) => match fields.first() {
+                Some(Value::Int(start)) => u16::try_from(*start).ok(),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
 }
 
 /// The Redis Cluster hash slot of a key: CRC16 (XMODEM) of the hash tag (the text between
@@ -269,6 +287,41 @@ impl RedisStore {
     /// Connect if needed and PING (every primary, on a cluster connection's routing).
     pub async fn ping(&self) -> Result<(), StoreError> {
         self.query::<String>(&redis::cmd("PING")).await.map(|_| ())
+    }
+
+    /// A cluster answers when it says `cluster_state:ok` and the primary of every slot range
+    /// answers a `PING` sent to it. (A plain `PING` goes to the primaries the client is
+    /// connected to, and so still succeeds while one of them is gone.)
+    async fn probe_cluster(&self) -> Result<(), StoreError> {
+        let info: String = self.query(redis::cmd("CLUSTER").arg("INFO")).await?;
+        if !info.lines().any(|l| l.trim() == "cluster_state:ok") {
+            return Err(StoreError::Unavailable(
+                "the Redis Cluster does not report cluster_state:ok".into(),
+            ));
+        }
+        let slots: Value = self.query(redis::cmd("CLUSTER").arg("SLOTS")).await?;
+        let starts = slot_range_starts(&slots);
+        if starts.is_empty() {
+            return Err(StoreError::Unavailable(
+                "the Redis Cluster serves no slot ranges".into(),
+            ));
+        }
+        for start in starts {
+            let (generation, conn) = self.connection().await?;
+            let Link::Cluster(mut link) = conn.link else {
+                return Ok(());
+            };
+            conn.round_trips.inc();
+            let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::new(
+                start,
+                SlotAddr::Master,
+            )));
+            let cmd = redis::cmd("PING");
+            let result =
+                tokio::time::timeout(self.settings.timeout, link.route_command(&cmd, route)).await;
+            self.finish(generation, result).await?;
+        }
+        Ok(())
     }
 
     fn is_cluster(&self) -> bool {
@@ -759,7 +812,13 @@ impl Store for RedisStore {
     }
 
     fn probe(&self) -> StoreFuture<'_, ()> {
-        Box::pin(self.ping())
+        Box::pin(async move {
+            if self.is_cluster() {
+                self.probe_cluster().await
+            } else {
+                self.ping().await
+            }
+        })
     }
 
     fn refund<'a>(&'a self, charges: &'a [Charge], now_ns: u64) -> StoreFuture<'a, Outcome> {
