@@ -1,16 +1,18 @@
 //! Every admission path is bounded: a request let through by a shadow rule still pays the
-//! enforced buckets beside it, and a request degraded to the fallback route pays the route's
-//! own budget (issue 13, items 1 and 3; the bounds are in docs/leases.md).
+//! enforced buckets beside it, a request degraded to the fallback route pays the route's
+//! own budget, and a queued request is paid by a lease or a central decision before it is
+//! released (issue 13, items 1, 3 and 2; the bounds are in docs/leases.md).
 //!
 //! Policy `tests/policies/valid/lanes.yaml` (northwind: shared pool 10/s burst 10,
-//! integration budget 6/s, export budget 2/s), edited per test. One Envoy worker.
+//! integration budget 6/s, interactive 4/s, export 2/s), edited per test. One Envoy
+//! worker, two for the queue.
 
 // Test code: a failed unwrap or panic is a failed test (clippy.toml allows them inside
 // #[test] functions; this extends that to the helpers of this file).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use laneguard_tests::traffic::{self, Stream, StreamResult};
-use laneguard_tests::{test_policy, token, Stack};
+use laneguard_tests::{test_policy, token, EnvoyOptions, Stack};
 use serde_yaml::Value;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
@@ -20,6 +22,8 @@ const RUN: Duration = Duration::from_secs(4);
 const SHARED_PER_S: f64 = 10.0;
 const SHARED_BURST: f64 = 10.0;
 const EXPORT_PER_S: f64 = 2.0;
+const INTERACTIVE_PER_S: f64 = 4.0;
+const INTERACTIVE_BURST: f64 = 4.0;
 const EXPORT_BURST: f64 = 2.0;
 // Set below on the export class.
 const ROUTE_PER_S: f64 = 3.0;
@@ -189,5 +193,62 @@ fn fallback_route_admits_at_most_its_own_budget_under_a_flood() {
     assert!(
         export.count(429) > 0,
         "past both budgets the flood must get 429s (reject follows the route)\n{ctx}"
+    );
+}
+
+/// A queue fallback on two Envoy workers, flooded past the interactive budget (4/s burst 4).
+/// Before the fix a queued request was charged only on its worker's mirror and reported
+/// with the next reconciliation (10 s later), so each worker's queue admitted at the full
+/// rate on its own: the fleet admitted about (workers + 1) × the budget.
+#[test]
+fn queued_requests_are_paid_centrally_so_two_workers_queues_stay_within_the_budget() {
+    let _serial = serial();
+    let policy = lanes_with(|doc| {
+        let interactive = class_mut(doc, "interactive");
+        interactive.insert(
+            "fallbacks".into(),
+            serde_yaml::from_str("[queue, reject]").unwrap(),
+        );
+        interactive.insert(
+            "queue".into(),
+            serde_yaml::from_str("{ max_wait_ms: 1000, max_depth: 64 }").unwrap(),
+        );
+    });
+    let stack = Stack::start_with(
+        "queue-paid-centrally",
+        &policy,
+        EnvoyOptions {
+            concurrency: 2,
+            ..EnvoyOptions::default()
+        },
+        |_| Ok(()),
+    )
+    .unwrap();
+    let web = token("NORTHWIND_WEB").unwrap();
+    let streams: Vec<Stream> = (0..4)
+        .map(|i| Stream::new(&format!("web{i}"), &web, "/orders/1", 10.0))
+        .collect();
+    let (results, elapsed) = traffic::run(stack.client.base(), &streams, RUN);
+    let t = elapsed.as_secs_f64();
+    let summary: Vec<String> = results.iter().map(StreamResult::summary).collect();
+    let ctx = format!(
+        "elapsed {elapsed:?}\n{}\n{}",
+        summary.join("\n"),
+        stack.logs()
+    );
+    eprintln!("queue: elapsed {elapsed:?}\n{}", summary.join("\n"));
+    for r in &results {
+        only_200_or_429(r, &ctx);
+    }
+    let admitted: usize = results.iter().map(|r| r.count(200)).sum();
+    let queued = stack
+        .envoy
+        .counter_sum("laneguard", "laneguard.queue.resumed")
+        .unwrap();
+    assert!(queued > 0, "nothing was queued and resumed\n{ctx}");
+    assert!(
+        admitted as f64 <= INTERACTIVE_PER_S * t + INTERACTIVE_BURST,
+        "two workers admitted {admitted} > the interactive budget {INTERACTIVE_PER_S}/s x \
+         {t:.2}s + {INTERACTIVE_BURST} ({queued} of them released from a queue)\n{ctx}"
     );
 }

@@ -165,3 +165,54 @@ fn unknown_service_cluster_takes_the_failure_mode() {
     .unwrap();
     assert_failure_modes(&stack, "unknown cluster");
 }
+
+/// `local` is not `open`: with the service down, a `local` class is limited on the worker's
+/// own buckets at `service.local_share` of its rates (interactive 50/s burst 50 at share 0.1:
+/// 5/s burst 5), while an `open` class would let everything through.
+#[test]
+fn service_stopped_local_failure_mode_limits_at_the_local_share() {
+    let policy = policy().replace(
+        "  timeout_ms: 200\n",
+        "  timeout_ms: 200\n  local_share: 0.1\n",
+    );
+    assert!(
+        policy.contains("local_share: 0.1"),
+        "fast.yaml changed shape"
+    );
+    let mut stack = Stack::start("failure-local-share", &policy).unwrap();
+    stack.service.stop();
+    let web = token("NORTHWIND_WEB").unwrap();
+    let start = Instant::now();
+    let replies: Vec<Reply> = (0..40)
+        .map(|_| stack.client.get_as("/orders/1", &web, &[]).unwrap())
+        .collect();
+    let elapsed = start.elapsed().as_secs_f64();
+    let ok = replies.iter().filter(|r| r.status == 200).count();
+    let limited: Vec<&Reply> = replies.iter().filter(|r| r.status == 429).collect();
+    let ctx = format!(
+        "{ok} admitted, {} limited of 40 in {elapsed:.2} s\n{}\n{}",
+        limited.len(),
+        replies.last().map(Reply::describe).unwrap_or_default(),
+        stack.logs()
+    );
+    assert_eq!(ok + limited.len(), 40, "only 200 or 429\n{ctx}");
+    assert!(ok >= 5, "less than the local burst was admitted\n{ctx}");
+    assert!(
+        !limited.is_empty(),
+        "local never limited: it behaved like open\n{ctx}"
+    );
+    assert!(
+        ok as f64 <= 5.0 + 5.0 * elapsed,
+        "local admitted more than its share (5/s x {elapsed:.2} s + 5)\n{ctx}"
+    );
+    // Admitted without the service: marked degraded. (Once the mirror shows no room, a
+    // refusal is local, without a call, like any local refusal.)
+    for r in replies.iter().filter(|r| r.status == 200) {
+        assert!(
+            r.header("x-laneguard-degraded").is_some(),
+            "an admission without the service must be marked degraded\n{}\n{ctx}",
+            r.describe()
+        );
+    }
+    assert_eq!(limited[0].json().unwrap()["class"], "interactive", "{ctx}");
+}

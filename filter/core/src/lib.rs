@@ -25,6 +25,7 @@ pub mod headers;
 pub mod key;
 pub mod lint;
 pub mod map;
+pub mod peer;
 pub mod policy;
 pub mod rate;
 pub mod replay;

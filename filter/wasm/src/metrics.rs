@@ -171,6 +171,8 @@ pub struct Metrics {
     pub queue_resumed: Counter,
     /// Queued requests whose client went away before their turn.
     pub queue_abandoned: Counter,
+    /// Queued requests the service refused when they were due (the fleet used the room).
+    pub queue_refused: Counter,
     pub queue_depth: Gauge,
     pub audit_records: Counter,
     pub audit_shipped: Counter,
@@ -315,6 +317,7 @@ impl Metrics {
             near_miss: c("near_miss"),
             queue_resumed: c("queue.resumed"),
             queue_abandoned: c("queue.abandoned"),
+            queue_refused: c("queue.refused"),
             queue_depth: g("queue.depth"),
             audit_records: c("audit.records"),
             audit_shipped: c("audit.shipped"),

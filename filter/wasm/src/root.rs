@@ -9,10 +9,12 @@ use crate::metrics::Metrics;
 use crate::request::{self, Request};
 use crate::{audit, reconcile, rls};
 use laneguard_core::degrade::WaitQueue;
+use laneguard_core::headers::{error_body, limited_body};
+use laneguard_core::peer::Peer;
 use laneguard_core::rollout::{Watch, DEFAULT_WATCH_TENANTS};
-use laneguard_core::{Bucket, LocalTable, Policy, Unreported};
+use laneguard_core::{Bucket, FailureMode, LocalTable, Plan, Policy, Unreported};
 use laneguard_protos::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::rc::Rc;
@@ -32,8 +34,13 @@ pub(crate) struct Shared {
     pub watch: RefCell<Watch>,
     /// Requests held by the `queue` fallback, resumed from the root tick.
     pub queue: RefCell<WaitQueue>,
+    /// What each queued request must pay before it is released, by context id.
+    pub queued: RefCell<HashMap<u32, Queued>>,
     /// Audit records waiting to be shipped to the service.
     pub audit: RefCell<audit::Outbox>,
+    /// What the RLS server's answers have shown it to be (laneguard-service or a standard
+    /// server), and so what they may be used for (`laneguard_core::peer`).
+    pub peer: Cell<Peer>,
 }
 
 impl Shared {
@@ -50,14 +57,25 @@ impl Shared {
             unreported: RefCell::new(Unreported::default()),
             watch: RefCell::new(Watch::new(classes, DEFAULT_WATCH_TENANTS)),
             queue: RefCell::new(WaitQueue::default()),
+            queued: RefCell::new(HashMap::new()),
             audit: RefCell::new(audit::Outbox::new(max_buffer)),
+            peer: Cell::new(Peer::default()),
         }
     }
+}
+
+/// A queued request: its place on this worker's mirror is held (charged when it was
+/// queued); it is paid for on release.
+pub(crate) struct Queued {
+    pub plan: Plan,
+    pub borrowing: bool,
 }
 
 /// A call the root context is waiting for.
 enum RootCall {
     Renew(Vec<Bucket>),
+    /// The central decision that pays for a queued request before it is released.
+    Release(u32, Box<Queued>),
     Report(Vec<(String, RateLimitDescriptor, u64)>),
     Audit(Vec<String>),
 }
@@ -104,28 +122,109 @@ impl Root {
             .map(|shared| Request::new(shared, context_id))
     }
 
-    /// Resume the queued requests whose wait is over. Their buckets were charged when they
-    /// were queued, so there is nothing left to decide: make each one's context effective
-    /// and continue it. A request whose client went away was removed from the queue by its
-    /// own `on_done`; if Envoy still refuses the context, it is counted and forgotten.
+    /// Release the queued requests whose wait is over. Each holds its place on this
+    /// worker's mirror (charged when it was queued); before it goes it is paid like any
+    /// admission: by capacity leased to this worker, else by a central decision, which may
+    /// still refuse it when the fleet used the room meanwhile (then it gets its 429). So the
+    /// queue admits no more than the service allows. A request whose client went away was
+    /// removed by its own `on_done`.
     fn resume_queued(&mut self, h: &dyn Host, shared: &Shared, now: u64) {
         let ready = shared.queue.borrow_mut().take_ready(now);
         if ready.is_empty() {
             return;
         }
         for id in ready {
-            let resumed = h
-                .set_effective_context(id)
-                .and_then(|()| h.resume_request());
-            match resumed {
-                Ok(()) => shared.metrics.queue_resumed.inc(h),
-                Err(e) => {
-                    shared.metrics.queue_abandoned.inc(h);
-                    log::warn!("laneguard: cannot resume queued request {id}: {e:?}");
+            let Some(q) = shared.queued.borrow_mut().remove(&id) else {
+                continue;
+            };
+            let attempt = q.plan.attempt(q.borrowing);
+            let leased = {
+                let mut table = shared.table.borrow_mut();
+                let hit = table.try_lease(&attempt, q.plan.cost, now);
+                if hit {
+                    // The lease was counted on the mirror when it was granted: give back
+                    // the place held since the request was queued, not to count it twice.
+                    table.refund(&attempt, q.plan.cost, now);
                 }
+                hit
+            };
+            if leased {
+                release(h, shared, id);
+                continue;
+            }
+            let svc = &shared.policy.service;
+            let want = shared
+                .table
+                .borrow()
+                .want(&attempt, q.plan.cost, now, svc.max_lease)
+                .to_string();
+            let msg = rls::encode(&svc.domain, &attempt, q.plan.cost);
+            let metadata = vec![(rls::LEASE_HEADER, want.as_bytes())];
+            if let Err(RootCall::Release(id, q)) = self.dispatch(
+                h,
+                shared,
+                &msg,
+                metadata,
+                RootCall::Release(id, Box::new(q)),
+            ) {
+                release_degraded(h, shared, id, &q, now);
             }
         }
         // Later calls in this tick (gRPC dispatches) belong to the root context.
+        let _ = h.set_effective_context(self.id);
+    }
+
+    /// The service's decision on a queued request (`None`: no usable answer).
+    fn released(
+        &self,
+        h: &dyn Host,
+        shared: &Shared,
+        id: u32,
+        q: &Queued,
+        verdict: Option<rls::Verdict>,
+        now: u64,
+    ) {
+        let attempt = q.plan.attempt(q.borrowing);
+        match verdict {
+            None => release_degraded(h, shared, id, q, now),
+            Some(v) => {
+                let mut table = shared.table.borrow_mut();
+                request::apply_statuses(&mut table, &attempt, &v.statuses, shared.peer.get(), now);
+                if v.allowed {
+                    drop(table);
+                    release(h, shared, id);
+                } else {
+                    // Refused fleet-wide: its place on the mirror was never used.
+                    table.refund(&attempt, q.plan.cost, now);
+                    let levels = table.levels(&attempt, now);
+                    drop(table);
+                    shared.metrics.queue_refused.inc(h);
+                    let bucket = v
+                        .tripped
+                        .and_then(|i| attempt.get(i))
+                        .map(|b| b.name())
+                        .unwrap_or_default();
+                    let retry = laneguard_core::degrade::retry_after_s(&levels);
+                    let body = limited_body(
+                        &q.plan.tenant,
+                        &q.plan.class_name,
+                        &bucket,
+                        retry,
+                        "central",
+                        None,
+                    );
+                    let headers = [
+                        ("retry-after", retry.to_string()),
+                        ("x-laneguard-fallback", "queue".to_string()),
+                    ];
+                    if h.set_effective_context(id).is_ok() {
+                        request::reply(h, 429, &body, &headers);
+                    } else {
+                        shared.metrics.queue_abandoned.inc(h);
+                    }
+                }
+            }
+        }
         let _ = h.set_effective_context(self.id);
     }
 
@@ -158,6 +257,8 @@ impl Root {
         }
     }
 
+    /// Dispatch one `ShouldRateLimit` for the root context; the call back when it could
+    /// not be sent.
     fn dispatch(
         &mut self,
         h: &dyn Host,
@@ -165,7 +266,7 @@ impl Root {
         message: &[u8],
         metadata: Vec<(&str, &[u8])>,
         call: RootCall,
-    ) -> bool {
+    ) -> Result<(), RootCall> {
         let svc = &shared.policy.service;
         match h.dispatch_grpc(GrpcCall {
             cluster: &svc.cluster,
@@ -177,11 +278,11 @@ impl Root {
         }) {
             Ok(token) => {
                 self.calls.insert(token, call);
-                true
+                Ok(())
             }
             Err(_) => {
                 shared.metrics.service_error_dispatch.inc(h);
-                false
+                Err(call)
             }
         }
     }
@@ -199,7 +300,10 @@ impl Root {
             let want = want.to_string();
             let metadata = vec![(rls::LEASE_HEADER, want.as_bytes())];
             shared.metrics.lease_renewals.inc(h);
-            if !self.dispatch(h, shared, &msg, metadata, RootCall::Renew(buckets.clone())) {
+            if self
+                .dispatch(h, shared, &msg, metadata, RootCall::Renew(buckets.clone()))
+                .is_err()
+            {
                 shared.table.borrow_mut().renewal_done(&refs);
             }
         }
@@ -234,13 +338,16 @@ impl Root {
         let total: u64 = entries.iter().map(|(_, _, h)| h).sum();
         log::info!("laneguard: reporting {total} hits admitted without the service");
         shared.metrics.reported_hits.add(h, total);
-        if !self.dispatch(
-            h,
-            shared,
-            &msg,
-            vec![(rls::REPORT_HEADER, b"1")],
-            RootCall::Report(entries.clone()),
-        ) {
+        if self
+            .dispatch(
+                h,
+                shared,
+                &msg,
+                vec![(rls::REPORT_HEADER, b"1")],
+                RootCall::Report(entries.clone()),
+            )
+            .is_err()
+        {
             reconcile::give_back(h, &entries);
         }
     }
@@ -271,11 +378,12 @@ impl Root {
         }
         let verdict = body.and_then(|b| rls::decode(&b).ok());
         match call {
+            RootCall::Release(id, q) => self.released(h, &shared, id, &q, verdict, now),
             RootCall::Renew(buckets) => {
                 let refs: Vec<&Bucket> = buckets.iter().collect();
                 let mut table = shared.table.borrow_mut();
                 if let Some(v) = verdict {
-                    request::apply_statuses(&mut table, &refs, &v.statuses, now);
+                    request::apply_statuses(&mut table, &refs, &v.statuses, shared.peer.get(), now);
                 }
                 table.renewal_done(&refs);
             }
@@ -357,3 +465,45 @@ impl Root {
 
 #[cfg(test)]
 mod tests;
+
+/// Resume a queued request that is paid for.
+fn release(h: &dyn Host, shared: &Shared, id: u32) {
+    match h
+        .set_effective_context(id)
+        .and_then(|()| h.resume_request())
+    {
+        Ok(()) => shared.metrics.queue_resumed.inc(h),
+        Err(e) => {
+            shared.metrics.queue_abandoned.inc(h);
+            log::warn!("laneguard: cannot resume queued request {id}: {e:?}");
+        }
+    }
+}
+
+/// The service could not decide a queued request: its class's failure mode. `open` and
+/// `local` release it on the place it holds on this worker's mirror (reported to the service
+/// with the next reconciliation, like any admission made without it); `closed` answers 503.
+fn release_degraded(h: &dyn Host, shared: &Shared, id: u32, q: &Queued, now: u64) {
+    shared.metrics.degraded.inc(h);
+    let attempt = q.plan.attempt(q.borrowing);
+    match q.plan.failure_mode {
+        FailureMode::Open | FailureMode::Local => {
+            shared.unreported.borrow_mut().add(&attempt, q.plan.cost);
+            release(h, shared, id);
+        }
+        FailureMode::Closed => {
+            shared.table.borrow_mut().refund(&attempt, q.plan.cost, now);
+            let body = error_body(
+                "rate_limit_service_unavailable",
+                "the rate-limit service did not answer and this class fails closed",
+            );
+            let headers = [
+                ("retry-after", "1".to_string()),
+                ("x-laneguard-degraded", "service_error".to_string()),
+            ];
+            if h.set_effective_context(id).is_ok() {
+                request::reply(h, 503, &body, &headers);
+            }
+        }
+    }
+}

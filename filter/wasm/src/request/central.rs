@@ -7,6 +7,7 @@ use crate::rls;
 use laneguard_core::audit::Event;
 use laneguard_core::engine::{ceil_s, Level};
 use laneguard_core::headers::error_body;
+use laneguard_core::peer::{Answer, Peer};
 use laneguard_core::{Bucket, FailureMode, LocalTable, Plan};
 use laneguard_protos::envoy::service::ratelimit::v3::rate_limit_response::{
     DescriptorStatus, Quota,
@@ -24,12 +25,20 @@ impl Request {
         let shared = Rc::clone(&self.shared);
         let svc = &shared.policy.service;
         let attempt = plan.attempt(borrowing);
-        let msg = rls::encode(&svc.domain, &attempt, plan.cost);
+        // A standard server charged the other buckets on the refusal that led here: the
+        // borrowing retry asks for the borrowed pool alone (`laneguard_core::peer`).
+        let sent = if borrowing && shared.peer.get().charges_refusals() {
+            &attempt[..attempt.len().min(1)]
+        } else {
+            &attempt[..]
+        };
+        let msg = rls::encode(&svc.domain, sent, plan.cost);
         let now = h.now_ns();
         let want = shared
             .table
             .borrow()
             .want(&attempt, plan.cost, now, svc.max_lease);
+        let asked_lease = want > 0;
         let want = want.to_string();
         match h.dispatch_grpc(GrpcCall {
             cluster: &svc.cluster,
@@ -45,6 +54,7 @@ impl Request {
                     plan,
                     borrowing,
                     started_ns: now,
+                    asked_lease,
                 });
                 Action::Pause
             }
@@ -72,6 +82,7 @@ impl Request {
             plan,
             borrowing,
             started_ns,
+            asked_lease,
             ..
         } = pending;
         if status_code != 0 {
@@ -101,20 +112,28 @@ impl Request {
         };
         let now = h.now_ns();
         let attempt = plan.attempt(borrowing);
+        let mut peer = shared.peer.get();
+        peer.learn(answer(asked_lease, verdict.allowed, &verdict.statuses));
+        shared.peer.set(peer);
         {
             let mut table = shared.table.borrow_mut();
             if verdict.allowed {
                 table.charge(&attempt, plan.cost, now);
             }
-            apply_statuses(&mut table, &attempt, &verdict.statuses, now);
+            apply_statuses(&mut table, &attempt, &verdict.statuses, peer, now);
         }
         if verdict.allowed {
             let mut levels = shared.table.borrow().levels(&attempt, now);
             overlay(&mut levels, &verdict.statuses);
             return self.allow(h, &plan, &levels, DecidedBy::Central, borrowing, now);
         }
-        if verdict.tripped == Some(0) && !borrowing && plan.borrow.is_some() {
-            // The reserve is empty fleet-wide: try idle shared capacity.
+        let only_the_lane = verdict
+            .statuses
+            .iter()
+            .skip(1)
+            .all(|s| s.code != rls::OVER_LIMIT);
+        if verdict.tripped == Some(0) && only_the_lane && !borrowing && plan.borrow.is_some() {
+            // The reserve is empty fleet-wide (and it alone): try idle shared capacity.
             return self.ask(h, plan, true);
         }
         let mut eval = shared
@@ -127,6 +146,13 @@ impl Request {
         // The service's per-descriptor codes say which buckets lacked room.
         for (l, st) in eval.levels.iter_mut().zip(&verdict.statuses) {
             l.has_room = st.code != rls::OVER_LIMIT;
+            // A fixed window has room again when it ends: that is the wait to report.
+            if let (false, true, Some(d)) =
+                (l.has_room, peer.reset_is_retry(), &st.duration_until_reset)
+            {
+                l.retry_after_ns = l.retry_after_ns.max(rls::duration_ns(d));
+                l.retry_after_s = ceil_s(l.retry_after_ns).max(1);
+            }
         }
         if eval.levels.iter().all(|l| l.has_room) {
             if let Some(l) = eval.tripped.and_then(|i| eval.levels.get_mut(i)) {
@@ -220,16 +246,35 @@ fn overlay(levels: &mut [Level], statuses: &[DescriptorStatus]) {
     }
 }
 
-/// Take in what the service said about each bucket: align the local mirror with its level,
-/// and record any capacity it leased to this worker.
+/// What one answer shows about the server (`laneguard_core::peer`).
+fn answer(asked_lease: bool, admitted: bool, statuses: &[DescriptorStatus]) -> Answer {
+    let mut limited = statuses
+        .iter()
+        .filter(|s| s.current_limit.is_some())
+        .peekable();
+    let any_limited = limited.peek().is_some();
+    Answer {
+        asked_lease,
+        admitted,
+        quota: statuses.iter().any(|s| s.quota.is_some()),
+        room_left: any_limited && limited.all(|s| s.limit_remaining > 0),
+    }
+}
+
+/// Take in what the service said about each bucket: align the local mirror with its level
+/// (for a bucket with room only when its `duration_until_reset` means "full again in": a
+/// leasing server, `laneguard_core::peer`), and
+/// record any capacity it leased to this worker.
 pub(crate) fn apply_statuses(
     table: &mut LocalTable,
     attempt: &[&Bucket],
     statuses: &[DescriptorStatus],
+    peer: Peer,
     now: u64,
 ) {
     for (bucket, status) in attempt.iter().zip(statuses) {
-        if let Some(d) = &status.duration_until_reset {
+        let refused = status.code == rls::OVER_LIMIT;
+        if let (true, Some(d)) = (peer.syncs(refused), &status.duration_until_reset) {
             table.sync(bucket, rls::duration_ns(d), now);
         }
         if let Some(q) = &status.quota {

@@ -80,6 +80,8 @@ struct Pending {
     plan: Plan,
     borrowing: bool,
     started_ns: u64,
+    /// The call asked for a lease (what a plain server is recognised by).
+    asked_lease: bool,
 }
 
 pub struct Request {
@@ -150,6 +152,14 @@ impl Request {
     pub fn on_done(&mut self, h: &dyn Host) -> bool {
         if self.queued && self.shared.queue.borrow_mut().remove(self.context_id) {
             self.shared.metrics.queue_abandoned.inc(h);
+            // It was never paid (that happens on release): give its place on the mirror back.
+            if let Some(q) = self.shared.queued.borrow_mut().remove(&self.context_id) {
+                let attempt = q.plan.attempt(q.borrowing);
+                self.shared
+                    .table
+                    .borrow_mut()
+                    .refund(&attempt, q.plan.cost, h.now_ns());
+            }
         }
         true
     }
@@ -162,11 +172,16 @@ impl Request {
     }
 
     fn reply(&self, h: &dyn Host, status: u32, body: &str, headers: &[(&str, String)]) {
-        let mut hs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        hs.push(("content-type", "application/json"));
-        hs.push(("x-laneguard", "1"));
-        h.send_reply(status, hs, body.as_bytes());
+        reply(h, status, body, headers);
     }
+}
+
+/// A local JSON reply (429, 503, identity errors) to the effective request context.
+pub(crate) fn reply(h: &dyn Host, status: u32, body: &str, headers: &[(&str, String)]) {
+    let mut hs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    hs.push(("content-type", "application/json"));
+    hs.push(("x-laneguard", "1"));
+    h.send_reply(status, hs, body.as_bytes());
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 use super::{DecidedBy, Request};
 use crate::audit;
 use crate::host::{Action, Host};
+use crate::root::Queued;
 use laneguard_core::audit::{Caller, Event, Record};
 use laneguard_core::degrade::{self, Step};
 use laneguard_core::engine::{Evaluation, Level};
@@ -415,7 +416,15 @@ impl Request {
                     table.charge(&attempt, plan.cost, now);
                     table.levels(&attempt, now)
                 };
-                shared.unreported.borrow_mut().add(&attempt, plan.cost);
+                // Paid when it is released, by a lease or a central decision (the root
+                // tick: `Root::resume_queued`), like any admission.
+                shared.queued.borrow_mut().insert(
+                    self.context_id,
+                    Queued {
+                        plan: plan.clone(),
+                        borrowing,
+                    },
+                );
                 shared.queue.borrow_mut().push(
                     self.context_id,
                     plan.class,

@@ -420,11 +420,22 @@ fn queue_holds_a_limited_request_until_the_tick_resumes_it() {
     root.on_tick(&h);
     assert_eq!(h.resumed.get(), 0);
     h.advance(wait_ms * MS);
+    let calls = h.call_count();
     root.on_tick(&h);
+    // Paid before it goes: no lease here, so a central decision from the root tick.
+    assert_eq!(
+        h.call_count(),
+        calls + 1,
+        "one ShouldRateLimit for the queued request"
+    );
+    assert_eq!(h.resumed.get(), 0, "not released before it is paid");
+    let call = last_rls_call(&h);
+    *h.grpc_body.borrow_mut() = Some(ok_answer(&h, 5));
+    root.on_grpc_response(&h, call.token, 0, 10);
     assert_eq!(
         h.effective.borrow().as_slice(),
-        &[4, 1],
-        "its context, then the root's"
+        &[1, 4, 1],
+        "the root's after the tick, its context, then the root's"
     );
     assert_eq!(h.resumed.get(), 1);
     assert_eq!(h.metric("laneguard.queue.resumed"), 1);
@@ -440,6 +451,34 @@ fn queue_holds_a_limited_request_until_the_tick_resumes_it() {
     h.effective.borrow_mut().clear();
     root.on_tick(&h);
     assert!(h.effective.borrow().is_empty(), "nothing left to resume");
+}
+
+/// The last `ShouldRateLimit` dispatched (the tick may ship audit records after it).
+fn last_rls_call(h: &MockHost) -> crate::mock::Call {
+    let calls = h.calls.borrow();
+    let call = calls.iter().rev().find(|c| c.method == "ShouldRateLimit");
+    call.cloned().expect("a ShouldRateLimit call")
+}
+
+#[test]
+fn a_queued_request_the_service_refuses_when_due_gets_its_429() {
+    let (h, mut root) = configured(POLICY);
+    for id in 2..4 {
+        allowed_centrally(&h, &root, id, "queued");
+    }
+    let (_req, action) = start(&h, &root, 4, &headers("queued"));
+    assert_eq!(action, Action::Pause);
+    h.advance(5_000 * MS);
+    root.on_tick(&h);
+    let call = last_rls_call(&h);
+    *h.grpc_body.borrow_mut() = Some(rls_answer(Code::OverLimit, &[Status::over(5_000); 2]));
+    root.on_grpc_response(&h, call.token, 0, 10);
+    assert_eq!(h.resumed.get(), 0, "refused fleet-wide: not released");
+    let reply = h.last_reply().unwrap();
+    assert_eq!(reply.status, 429);
+    assert_eq!(reply.header("x-laneguard-fallback"), Some("queue"));
+    assert_eq!(h.metric("laneguard.queue.refused"), 1);
+    assert_eq!(h.metric("laneguard.queue.resumed"), 0);
 }
 
 #[test]
@@ -470,6 +509,9 @@ fn a_queued_request_envoy_no_longer_knows_is_counted_abandoned() {
     h.gone.borrow_mut().push(4);
     h.advance(5_000 * MS);
     root.on_tick(&h);
+    let call = last_rls_call(&h);
+    *h.grpc_body.borrow_mut() = Some(ok_answer(&h, 5));
+    root.on_grpc_response(&h, call.token, 0, 10);
     assert_eq!(h.resumed.get(), 0);
     assert_eq!(h.metric("laneguard.queue.abandoned"), 1);
     assert_eq!(h.metric("laneguard.queue.resumed"), 0);
