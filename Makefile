@@ -8,6 +8,7 @@
 #   make bench-accuracy   2 Envoys x 2 workers past a binding limit: docs/accuracy.md
 #   make bench-rtt   open-loop load with a delayed link to the service: bench/results/rtt.json
 #   make chaos   the Redis fault suite with longer faults and windows (docs/reliability.md)
+#   make demo-chaos   the demo on Redis, service and Redis killed on a schedule, outcomes per second
 #   make clean   remove build output and demo logs; `make distclean` also removes .venv
 #
 # ENVOY is the Envoy command. It defaults to the pinned Envoy that scripts/bootstrap.sh
@@ -33,10 +34,10 @@ BOOTSTRAP_FLAGS ?= --without-envoy
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: help bootstrap build build-wasm run test lint bench bench-build bench-accuracy bench-rtt chaos clean distclean
+.PHONY: help bootstrap build build-wasm run test lint bench bench-build bench-accuracy bench-rtt chaos demo-chaos clean distclean
 
 help:
-	@sed -n '3,11p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
+	@sed -n '3,12p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
 
 bootstrap:
 	@scripts/bootstrap.sh $(BOOTSTRAP_FLAGS)
@@ -87,6 +88,12 @@ bench-rtt: bench-build
 
 bench-accuracy: bench-build
 	python3 bench/accuracy.py
+
+# The demo (scripts/run-demo.sh) on a Redis of its own while scripts/demo-chaos.sh kills and
+# restarts the service and Redis on a schedule (CHAOS_DEMO_SECONDS, default 90).
+demo-chaos: build
+	@scripts/bootstrap.sh $(BOOTSTRAP_FLAGS) --with-redis
+	scripts/demo-chaos.sh
 
 # The fault suite of make test (tests/tests/redis_faults.rs) with each fault held
 # CHAOS_HOLD_S seconds and drift measured over CHAOS_WINDOW_S seconds after recovery.

@@ -3,8 +3,19 @@
 # envoy/demo/envoy.yaml, then waits until you press Ctrl-C. On any exit it stops exactly
 # the processes it started. Use `make run`, which bootstraps and builds first.
 #
+# If the rate-limit service exits (a crash, `kill`), Envoy stays up and each class's failure
+# mode applies while it is down (`closed` classes 503, `local` ones served from the
+# workers' own buckets); the script reports the exit and starts the service again after
+# SERVICE_RESTART_DELAY_S seconds. `make demo-chaos` (scripts/demo-chaos.sh) does that on a
+# schedule and shows each class's outcomes every second.
+#
 #   ENVOY   the Envoy command (default .venv/bin/envoy); may be several words,
 #           for example ENVOY="func-e run"
+#   SERVICE_RESTART_DELAY_S   seconds before a service that exited is started again
+#           (default 1)
+#   DEMO_RUN_DIR, DEMO_ENVOY_CONFIG, DEMO_SERVICE_ADDR, DEMO_UPSTREAM_ADDR,
+#   DEMO_METRICS_ADDR, DEMO_GATEWAY_PORT, DEMO_ADMIN_PORT   other directories, a config
+#           and ports (the tests run the script on ephemeral ports with these)
 #
 # Logs and output go to .run/ (envoy.log, access.log, service.log, upstream.log), and the
 # service's hash-chained audit log to .run/audit.log (laneguard-audit verify|query).
@@ -19,14 +30,17 @@ read -r -a ENVOY_CMD <<<"$ENVOY"
 SERVICE_BIN=target/debug/laneguard-service
 UPSTREAM_BIN=target/debug/laneguard-upstream
 WASM=target/wasm32-wasip1/release/laneguard_wasm.wasm
-ENVOY_CONFIG=envoy/demo/envoy.yaml
-RUN_DIR=.run
+ENVOY_CONFIG=${DEMO_ENVOY_CONFIG:-envoy/demo/envoy.yaml}
+RUN_DIR=${DEMO_RUN_DIR:-.run}
 
-SERVICE_ADDR=127.0.0.1:8081
-SERVICE_METRICS_ADDR=127.0.0.1:9102
-UPSTREAM_ADDR=127.0.0.1:8080
-GATEWAY=http://127.0.0.1:10000
-ADMIN=http://127.0.0.1:9901
+SERVICE_ADDR=${DEMO_SERVICE_ADDR:-127.0.0.1:8081}
+SERVICE_METRICS_ADDR=${DEMO_METRICS_ADDR:-127.0.0.1:9102}
+UPSTREAM_ADDR=${DEMO_UPSTREAM_ADDR:-127.0.0.1:8080}
+GATEWAY_PORT=${DEMO_GATEWAY_PORT:-10000}
+ADMIN_PORT=${DEMO_ADMIN_PORT:-9901}
+GATEWAY=http://127.0.0.1:$GATEWAY_PORT
+ADMIN=http://127.0.0.1:$ADMIN_PORT
+RESTART_DELAY_S=${SERVICE_RESTART_DELAY_S:-1}
 
 READY_TIMEOUT_S=30 # per process; Envoy compiles the .wasm with V8 on start
 
@@ -44,7 +58,7 @@ command -v "${ENVOY_CMD[0]}" >/dev/null 2>&1 ||
 command -v curl >/dev/null 2>&1 || die "curl not found (used to poll Envoy's admin /ready)"
 
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-for port in 8080 8081 9901 10000; do
+for port in "${UPSTREAM_ADDR##*:}" "${SERVICE_ADDR##*:}" "$ADMIN_PORT" "$GATEWAY_PORT"; do
   if port_in_use "$port"; then
     die "127.0.0.1:$port is already in use (another demo still running?); stop it first"
   fi
@@ -93,33 +107,50 @@ trap stop_all EXIT
 trap 'echo; echo "run-demo: stopping"; exit 130' INT
 trap 'exit 143' TERM
 
-# wait_ready NAME PID LOG: wait for the LANEGUARD_READY line (docs/architecture.md).
+# ready_lines LOG: how many LANEGUARD_READY lines LOG holds (a restarted service appends).
+ready_lines() { grep -c '^LANEGUARD_READY addr=' "$1" 2>/dev/null || true; }
+
+# wait_ready NAME PID LOG [BEFORE]: wait for a LANEGUARD_READY line (docs/architecture.md)
+# beyond the BEFORE (default 0) the log already held. Returns 1 if the process exits or is
+# not ready in time.
 wait_ready() {
-  local name=$1 pid=$2 log=$3 deadline=$((SECONDS + READY_TIMEOUT_S))
-  until grep -q '^LANEGUARD_READY addr=' "$log" 2>/dev/null; do
+  local name=$1 pid=$2 log=$3 before=${4:-0} deadline=$((SECONDS + READY_TIMEOUT_S))
+  until (($(ready_lines "$log") > before)); do
     if ! kill -0 "$pid" 2>/dev/null; then
       echo "run-demo: $name exited before it was ready; last lines of $log:" >&2
       tail -n 20 "$log" >&2
-      exit 1
+      return 1
     fi
     if ((SECONDS >= deadline)); then
       echo "run-demo: $name not ready after ${READY_TIMEOUT_S}s; last lines of $log:" >&2
       tail -n 20 "$log" >&2
-      exit 1
+      return 1
     fi
     sleep 0.1
   done
 }
 
+# start_service: start laneguard-service, appending to its log; sets SERVICE_PID and
+# SERVICE_READY_BEFORE, and writes the pid to $RUN_DIR/service.pid (scripts/demo-chaos.sh).
+start_service() {
+  SERVICE_READY_BEFORE=$(ready_lines "$RUN_DIR/service.log")
+  setsid "$SERVICE_BIN" --listen "$SERVICE_ADDR" --store "${REDIS:-memory}" \
+    --audit-log "$RUN_DIR/audit.log" --metrics-addr "$SERVICE_METRICS_ADDR" \
+    >>"$RUN_DIR/service.log" 2>&1 </dev/null &
+  SERVICE_PID=$!
+  PIDS+=("$SERVICE_PID")
+  NAMES+=(laneguard-service)
+  echo "$SERVICE_PID" >"$RUN_DIR/service.pid"
+}
+
 # --- start ----------------------------------------------------------------------------------
 # REDIS (from `make run REDIS=redis://...`) moves the buckets to Redis; default: in memory.
-start laneguard-service "$RUN_DIR/service.log" "$SERVICE_BIN" --listen "$SERVICE_ADDR" --store "${REDIS:-memory}" \
-  --audit-log "$RUN_DIR/audit.log" --metrics-addr "$SERVICE_METRICS_ADDR"
-SERVICE_PID=$STARTED_PID
+: >"$RUN_DIR/service.log"
+start_service
 start laneguard-upstream "$RUN_DIR/upstream.log" "$UPSTREAM_BIN" --listen "$UPSTREAM_ADDR"
 UPSTREAM_PID=$STARTED_PID
-wait_ready laneguard-service "$SERVICE_PID" "$RUN_DIR/service.log"
-wait_ready laneguard-upstream "$UPSTREAM_PID" "$RUN_DIR/upstream.log"
+wait_ready laneguard-service "$SERVICE_PID" "$RUN_DIR/service.log" || exit 1
+wait_ready laneguard-upstream "$UPSTREAM_PID" "$RUN_DIR/upstream.log" || exit 1
 
 # Envoy's own log (stderr) goes to envoy.log, its access log (stdout) to access.log.
 setsid "${ENVOY_CMD[@]}" -c "$ENVOY_CONFIG" --concurrency 2 --disable-hot-restart \
@@ -182,13 +213,31 @@ Audit: target/debug/laneguard-audit query $RUN_DIR/audit.log --tenant northwind
 Press Ctrl-C to stop.
 EOF
 
-# Run until Ctrl-C, or until one of the processes dies on its own.
-set +e
-wait -n "${PIDS[@]}"
-set -e
-for i in "${!PIDS[@]}"; do
-  if ! kill -0 "${PIDS[$i]}" 2>/dev/null; then
-    echo "run-demo: ${NAMES[$i]} exited unexpectedly; see $RUN_DIR/" >&2
+# Run until Ctrl-C. Envoy or the upstream exiting ends the demo; the rate-limit service
+# exiting does not: Envoy keeps serving with each class's failure mode, and the service is
+# started again.
+delay=$RESTART_DELAY_S
+while true; do
+  sleep 0.5
+  for pid_name in "$ENVOY_PID:envoy" "$UPSTREAM_PID:laneguard-upstream"; do
+    if ! kill -0 "${pid_name%%:*}" 2>/dev/null; then
+      echo "run-demo: ${pid_name#*:} exited unexpectedly; see $RUN_DIR/" >&2
+      exit 1
+    fi
+  done
+  kill -0 "$SERVICE_PID" 2>/dev/null && continue
+  status=0
+  wait "$SERVICE_PID" 2>/dev/null || status=$?
+  echo "run-demo: laneguard-service (pid $SERVICE_PID) exited with status $status at $(date -u +%H:%M:%S)." >&2
+  echo "run-demo: Envoy stays up; each class's failure mode applies (closed: 503, local: served by the workers alone). Restarting the service in ${delay}s." >&2
+  sleep "$delay"
+  start_service
+  if wait_ready laneguard-service "$SERVICE_PID" "$RUN_DIR/service.log" "$SERVICE_READY_BEFORE"; then
+    echo "run-demo: laneguard-service is back (pid $SERVICE_PID) at $(date -u +%H:%M:%S)" >&2
+    delay=$RESTART_DELAY_S
+  else
+    kill -KILL -- "-$SERVICE_PID" 2>/dev/null || true
+    # Failing again at once (a bad flag, a port still held): back off, up to 30 s.
+    delay=$((delay * 2 > 30 ? 30 : (delay * 2 > 0 ? delay * 2 : 1)))
   fi
 done
-exit 1
