@@ -118,6 +118,14 @@ fn allowed_and_limited_responses_carry_the_rate_limit_headers() {
         let ctx = format!("request {i}: {}\n{}", r.describe(), stack.logs());
         assert_eq!(r.status, 200, "{ctx}");
         assert_rate_limit_headers(&r, &ctx);
+        // The values are the policy's: the shared pool is the ceiling less the repair
+        // reserve (120 - 30 a minute), the interactive budget 6 a minute (the tightest).
+        assert_eq!(
+            r.header("ratelimit-policy"),
+            Some(r#""shared";q=90;w=60, "class:interactive";q=6;w=60"#),
+            "{ctx}"
+        );
+        assert_eq!(r.header("x-ratelimit-limit"), Some("6"), "{ctx}");
         remaining.push(
             r.header("x-ratelimit-remaining")
                 .unwrap_or_default()
@@ -125,6 +133,12 @@ fn allowed_and_limited_responses_carry_the_rate_limit_headers() {
                 .unwrap_or(0),
         );
     }
+    assert_eq!(
+        remaining,
+        [2, 1, 0],
+        "X-RateLimit-Remaining over the burst of 3\n{}",
+        stack.logs()
+    );
     assert!(
         remaining.windows(2).all(|w| w[1] < w[0]),
         "X-RateLimit-Remaining did not go down over the burst: {remaining:?}\n{}",
