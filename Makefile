@@ -7,6 +7,7 @@
 #   make bench   laneguard vs Envoy's native filters: docs/benchmarks.md, bench/results/
 #   make bench-accuracy   2 Envoys x 2 workers past a binding limit: docs/accuracy.md
 #   make bench-rtt   open-loop load with a delayed link to the service: bench/results/rtt.json
+#   make bench-replay   laneguard-replay on a million-line trace: bench/results/replay.json
 #   make chaos   the Redis fault suite with longer faults and windows (docs/reliability.md)
 #   make demo-chaos   the demo on Redis, service and Redis killed on a schedule, outcomes per second
 #   make clean   remove build output and demo logs; `make distclean` also removes .venv
@@ -34,10 +35,10 @@ BOOTSTRAP_FLAGS ?= --without-envoy
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: help bootstrap build build-wasm run test lint bench bench-build bench-accuracy bench-rtt chaos demo-chaos clean distclean
+.PHONY: help bootstrap build build-wasm run test lint bench bench-build bench-accuracy bench-rtt bench-replay chaos demo-chaos clean distclean
 
 help:
-	@sed -n '3,12p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
+	@sed -n '3,13p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
 
 bootstrap:
 	@scripts/bootstrap.sh $(BOOTSTRAP_FLAGS)
@@ -46,7 +47,7 @@ build-wasm: bootstrap
 	$(CARGO) build --release --target $(WASM_TARGET) -p laneguard-wasm
 
 build: build-wasm
-	$(CARGO) build -p laneguard-service -p laneguard-upstream
+	$(CARGO) build -p laneguard-service -p laneguard-upstream -p laneguard-replay
 
 # REDIS=redis://127.0.0.1:6379 (or redis-cluster://h:p,h:p,...) keeps the service's buckets
 # in Redis instead of the embedded in-memory store.
@@ -76,15 +77,21 @@ lint: build-wasm
 bench-build: bootstrap
 	@scripts/bootstrap.sh $(BOOTSTRAP_FLAGS) --with-load --with-redis
 	$(CARGO) build --release --target $(WASM_TARGET) -p laneguard-wasm -p laneguard-bench-noop
-	$(CARGO) build --release -p laneguard-service -p laneguard-upstream -p laneguard-rls-load -p laneguard-netbench
+	$(CARGO) build --release -p laneguard-service -p laneguard-upstream -p laneguard-rls-load -p laneguard-netbench -p laneguard-replay
 
 bench: bench-build
 	python3 bench/run.py
 	python3 bench/rtt.py
+	python3 bench/replay.py
 
 # Only the network part of make bench (bench/rtt.py; settings in docs/benchmarks.md).
 bench-rtt: bench-build
 	python3 bench/rtt.py
+
+# laneguard-replay (release) on a million-line generated trace (docs/rollout.md).
+bench-replay: bootstrap
+	$(CARGO) build --release -p laneguard-replay
+	python3 bench/replay.py
 
 bench-accuracy: bench-build
 	python3 bench/accuracy.py

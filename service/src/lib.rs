@@ -22,7 +22,6 @@ pub mod health;
 pub mod limits;
 pub mod logger;
 pub mod metrics;
-pub mod policy_file;
 pub mod report;
 pub mod rls;
 pub mod server;

@@ -111,7 +111,7 @@ pub fn built_binary(name: &str) -> Result<PathBuf> {
     } else {
         Err(Error(format!(
             "{} is missing: the integration tests run the built binaries. Run `make test` \
-             (or `make build`, or `cargo build -p laneguard-service -p laneguard-upstream`) first.",
+             (or `make build`, or `cargo build -p laneguard-service -p laneguard-upstream -p laneguard-replay`) first.",
             path.display()
         )))
     }

@@ -21,10 +21,10 @@
 
 use clap::{Args, Parser, Subcommand};
 use laneguard_core::card::{self, Fields, Inputs, Thresholds};
+use laneguard_core::policy::source::one_policy;
 use laneguard_service::audit::{
     parse_time, query, read_evidence, segments, verify_files, Chain, Filter,
 };
-use laneguard_service::policy_file::one_policy;
 use laneguard_service::report;
 use std::fs::File;
 use std::io::{BufReader, Write};

@@ -15,7 +15,7 @@
 //! `lint --strict`, a warning), 2 a usage or I/O error.
 
 use clap::{Parser, Subcommand, ValueEnum};
-use laneguard_service::policy_file::{one_policy, policies, Found};
+use laneguard_core::policy::source::{one_policy, policies, Found};
 use laneguard_service::report;
 use std::process::ExitCode;
 

@@ -5,6 +5,7 @@
 
 pub mod ops;
 pub mod raw;
+pub mod source;
 pub mod tokens;
 
 use crate::rate::{Rate, Window};

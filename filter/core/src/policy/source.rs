@@ -1,6 +1,6 @@
-//! Reading a policy from a file for the CLIs: a laneguard policy (YAML or JSON), or an Envoy
+//! Finding a policy in a file, for every CLI: a laneguard policy (YAML or JSON), or an Envoy
 //! config whose `envoy.filters.http.wasm` filters with `root_id: laneguard` embed one in
-//! `configuration.value`.
+//! `configuration.value`. Pure: the CLI reads the file and hands over its text.
 
 use serde_yaml::Value;
 
