@@ -34,10 +34,17 @@ impl Request {
         };
         let msg = rls::encode(&svc.domain, sent, plan.cost);
         let now = h.now_ns();
-        let want = shared
-            .table
-            .borrow()
-            .want(&attempt, plan.cost, now, svc.max_lease);
+        // A borrowing attempt asks for no lease: the fast path only ever spends a lease on
+        // the primary attempt, so a lease on the shared pool taken while borrowing would
+        // never be spent and would drain the pool (replay_agrees.rs found it).
+        let want = if borrowing {
+            0
+        } else {
+            shared
+                .table
+                .borrow()
+                .want(&attempt, plan.cost, now, svc.max_lease)
+        };
         let asked_lease = want > 0;
         let want = want.to_string();
         match h.dispatch_grpc(GrpcCall {
