@@ -48,6 +48,7 @@ TOKENS = [
     ("NORTHWIND_RECON", "northwind", "recon", "svc-recon"),
     ("NORTHWIND_SUPPORT", "northwind", "support", "bob-support"),
     ("NORTHWIND_EXPORT", "northwind", "export", "svc-export"),
+    ("NORTHWIND_ASSISTANT", "northwind", "assistant", "svc-assistant"),
     ("ACME_WEB", "acme", "web", "carol"),
 ]
 

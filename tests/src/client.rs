@@ -116,32 +116,41 @@ impl Client {
             req = req.header(*k, *v);
         }
         let start = Instant::now();
-        let mut resp = req
+        let resp = req
             .call()
             .map_err(|e| Error(format!("GET {url} failed after {:?}: {e}", start.elapsed())))?;
-        let status = resp.status().as_u16();
-        let headers = resp
-            .headers()
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.as_str().to_ascii_lowercase(),
-                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                )
-            })
-            .collect();
-        let body = resp.body_mut().read_to_string().map_err(|e| {
+        read_reply("GET", &url, start, resp)
+    }
+
+    /// POST `body` to `path` with extra headers.
+    pub fn post(&self, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Result<Reply> {
+        let url = format!("{}{}", self.base, path);
+        let mut req = self.agent.post(&url);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let start = Instant::now();
+        let resp = req.send(body).map_err(|e| {
             Error(format!(
-                "GET {url}: reading the body failed after {:?}: {e}",
+                "POST {url} failed after {:?}: {e}",
                 start.elapsed()
             ))
         })?;
-        Ok(Reply {
-            status,
-            headers,
-            body,
-            elapsed: start.elapsed(),
-        })
+        read_reply("POST", &url, start, resp)
+    }
+
+    /// POST `body` as a demo identity (`Authorization: Bearer TOKEN`).
+    pub fn post_as(
+        &self,
+        path: &str,
+        token: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Result<Reply> {
+        let auth = format!("Bearer {token}");
+        let mut all: Vec<(&str, &str)> = vec![("authorization", auth.as_str())];
+        all.extend_from_slice(headers);
+        self.post(path, &all, body)
     }
 
     /// GET `path` as a demo identity (`Authorization: Bearer TOKEN`) with extra headers.
@@ -151,4 +160,35 @@ impl Client {
         all.extend_from_slice(headers);
         self.get(path, &all)
     }
+}
+
+fn read_reply(
+    method: &str,
+    url: &str,
+    start: Instant,
+    mut resp: ureq::http::Response<ureq::Body>,
+) -> Result<Reply> {
+    let status = resp.status().as_u16();
+    let headers = resp
+        .headers()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_ascii_lowercase(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let body = resp.body_mut().read_to_string().map_err(|e| {
+        Error(format!(
+            "{method} {url}: reading the body failed after {:?}: {e}",
+            start.elapsed()
+        ))
+    })?;
+    Ok(Reply {
+        status,
+        headers,
+        body,
+        elapsed: start.elapsed(),
+    })
 }

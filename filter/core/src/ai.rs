@@ -22,6 +22,7 @@
 //! bound: bodies are read only up to `tokens.inspect_bytes`.
 
 use crate::engine::{model_buckets, Bucket, BucketKind, Plan};
+use crate::policy::tokens::Tokens;
 use crate::policy::Policy;
 use serde::Deserialize;
 use serde_json::Value;
@@ -498,6 +499,230 @@ impl SseScanner {
             self.event(&event);
         }
         self.usage
+    }
+}
+
+/// The fallback name the `cheaper_model` downgrade reports (`x-laneguard-fallback`, the
+/// audit record's `fallback`).
+pub const CHEAPER_MODEL: &str = "cheaper_model";
+
+/// What the filter keeps of an AI request's body once admitted: enough to re-plan it for a
+/// cheaper model and to read its response.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Inspected {
+    /// The model the request is for (the body's `model`, else the model header).
+    pub model: Option<String>,
+    pub max_tokens: Option<u32>,
+    pub stream: bool,
+    pub purpose: Option<String>,
+}
+
+/// An AI request refused before any bucket is charged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdmitError {
+    /// The body could not be inspected (400).
+    Body(BodyError),
+    /// The body is larger than `tokens.inspect_bytes` (413): it is never buffered further.
+    TooLarge { limit: u32 },
+    /// The reservation cannot fit a bucket's burst (400, naming the bucket).
+    Tokens(TokenReject),
+}
+
+impl AdmitError {
+    pub fn status(&self) -> u32 {
+        match self {
+            AdmitError::TooLarge { .. } => 413,
+            _ => 400,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            AdmitError::Body(e) => e.code(),
+            AdmitError::TooLarge { .. } => "body_too_large",
+            AdmitError::Tokens(_) => TokenReject::CODE,
+        }
+    }
+
+    pub fn detail(&self) -> String {
+        match self {
+            AdmitError::Body(e) => e.detail().to_string(),
+            AdmitError::TooLarge { limit } => format!(
+                "the request body of an AI endpoint is larger than the {limit} bytes the \
+                 gateway inspects (tokens.inspect_bytes)"
+            ),
+            AdmitError::Tokens(t) => t.detail(),
+        }
+    }
+}
+
+/// Whether the filter must read this request's body before deciding it.
+pub fn inspects(policy: &Policy, path: &str) -> bool {
+    policy.tokens.as_ref().is_some_and(|t| t.inspects(path))
+}
+
+/// Whether a body of `len` bytes so far may still be buffered.
+pub fn within_limit(policy: &Policy, len: usize) -> bool {
+    policy
+        .tokens
+        .as_ref()
+        .is_none_or(|t| len <= t.inspect_bytes as usize)
+}
+
+/// From an AI request's plan (made from its headers) and its whole body to the plan to
+/// decide: the body's `model` names the model (it is what the provider serves; the model
+/// header only when the body has none), its `max_tokens` the reservation. The model
+/// buckets are those of that model, and the token buckets are attached
+/// ([`Plan::tokens`]). Returns the plan, what was read, and the model header to set when
+/// the body's model differs from the header's (so routing sees the same model).
+pub fn admit(
+    policy: &Policy,
+    mut plan: Plan,
+    header_model: Option<&str>,
+    purpose: Option<&str>,
+    body: &[u8],
+) -> Result<(Plan, Inspected, Option<String>), AdmitError> {
+    if !within_limit(policy, body.len()) {
+        let limit = policy.tokens.as_ref().map_or(0, |t| t.inspect_bytes);
+        return Err(AdmitError::TooLarge { limit });
+    }
+    let req = parse_request(body).map_err(AdmitError::Body)?;
+    let model = req.model.clone().or(header_model.map(str::to_string));
+    let mut set_header = None;
+    if let (Some(m), true) = (&req.model, req.model.as_deref() != header_model) {
+        plan.buckets.retain(|b| !b.kind.is_model());
+        if let Some(def) = policy.models.as_ref().and_then(|x| x.list.get(m)) {
+            plan.buckets.extend(model_buckets(
+                policy.service.domain.as_str(),
+                def,
+                &plan.tenant,
+            ));
+        }
+        if policy.models.is_some() {
+            set_header = Some(m.clone());
+        }
+    }
+    plan.tokens = token_plan(policy, &plan, model.as_deref(), purpose, req.max_tokens)
+        .map_err(AdmitError::Tokens)?;
+    let inspected = Inspected {
+        model,
+        max_tokens: req.max_tokens,
+        stream: req.stream,
+        purpose: purpose.map(str::to_string),
+    };
+    Ok((plan, inspected, set_header))
+}
+
+/// The `cheaper_model` fallback: `tripped` (a bucket of the request's model) has no room
+/// and the policy names a cheaper model. Returns that model and the request re-planned for
+/// it (its model buckets, request and token, and a reservation re-estimated if it came
+/// from the old model's default); `None` when the fallback does not apply.
+pub fn downgrade(
+    policy: &Policy,
+    plan: &Plan,
+    inspected: &Inspected,
+    tripped: &Bucket,
+) -> Option<(String, Plan)> {
+    if !tripped.kind.is_model() {
+        return None;
+    }
+    let from = inspected.model.as_deref()?;
+    if tripped.label != from {
+        return None;
+    }
+    let to = cheaper(policy, from)?.to_string();
+    let (mut next, tokens) = with_model(
+        policy,
+        plan,
+        plan.tokens.as_ref(),
+        &to,
+        inspected.purpose.as_deref(),
+        inspected.max_tokens,
+    )?;
+    next.tokens = tokens;
+    Some((to, next))
+}
+
+/// Reads the usage of an AI response as it passes (never holding it up): from the usage
+/// header, the final SSE chunk, or the JSON body (a copy of at most `inspect_bytes`).
+#[derive(Debug, Clone)]
+pub enum ResponseReader {
+    /// The usage header was present.
+    Header(Usage),
+    Sse(SseScanner),
+    Json {
+        copy: Vec<u8>,
+        limit: usize,
+        too_large: bool,
+    },
+}
+
+impl ResponseReader {
+    /// `content_type` and `usage_header` (the value of `tokens.usage_header`, if the policy
+    /// names one and the response carries it) from the response headers.
+    pub fn new(
+        tokens: &Tokens,
+        content_type: Option<&str>,
+        usage_header: Option<&str>,
+    ) -> ResponseReader {
+        let limit = tokens.inspect_bytes as usize;
+        if let Some(v) = usage_header {
+            return ResponseReader::Header(usage_from_header(v));
+        }
+        let sse = content_type.is_some_and(|c| {
+            c.split(';')
+                .next()
+                .is_some_and(|m| m.trim().eq_ignore_ascii_case("text/event-stream"))
+        });
+        if sse {
+            ResponseReader::Sse(SseScanner::new(limit))
+        } else {
+            ResponseReader::Json {
+                copy: Vec::new(),
+                limit,
+                too_large: false,
+            }
+        }
+    }
+
+    /// Whether the body must be read at all.
+    pub fn wants_body(&self) -> bool {
+        !matches!(self, ResponseReader::Header(_))
+    }
+
+    /// The next bytes of the response body.
+    pub fn feed(&mut self, chunk: &[u8]) {
+        match self {
+            ResponseReader::Header(_) => {}
+            ResponseReader::Sse(s) => s.feed(chunk),
+            ResponseReader::Json {
+                copy,
+                limit,
+                too_large,
+            } => {
+                if *too_large {
+                    return;
+                }
+                if copy.len() + chunk.len() > *limit {
+                    *too_large = true;
+                    *copy = Vec::new();
+                } else {
+                    copy.extend_from_slice(chunk);
+                }
+            }
+        }
+    }
+
+    /// The response ended: how to settle a reservation of `reserve`.
+    pub fn finish(&mut self, reserve: u32) -> Settle {
+        match self {
+            ResponseReader::Header(u) => settle(reserve, *u),
+            ResponseReader::Sse(s) => settle(reserve, s.finish()),
+            ResponseReader::Json {
+                too_large: true, ..
+            } => Settle::AtReservation(NoUsage::TooLarge),
+            ResponseReader::Json { copy, .. } => settle(reserve, usage_from_json(copy)),
+        }
     }
 }
 

@@ -54,6 +54,22 @@ pub fn choose(ops: &ClassOps, wait_ns: u64, depth: usize) -> Step {
     walk(ops, &ops.fallbacks, wait_ns, depth)
 }
 
+/// [`choose`] for a request's plan. An AI request (token buckets, `crate::ai`) is never
+/// queued: a queued request is paid when it is released, from the root tick, where its
+/// reservation could not be settled against its response; its other fallbacks apply.
+pub fn choose_for(ops: &ClassOps, plan: &Plan, wait_ns: u64, depth: usize) -> Step {
+    if plan.tokens.is_none() {
+        return choose(ops, wait_ns, depth);
+    }
+    let fallbacks: Vec<Fallback> = ops
+        .fallbacks
+        .iter()
+        .copied()
+        .filter(|f| *f != Fallback::Queue)
+        .collect();
+    walk(ops, &fallbacks, wait_ns, depth)
+}
+
 /// The fallback route's own budget had no room: walk the fallbacks listed after
 /// `fallback_route` (a 429 when nothing else applies).
 pub fn choose_after_route(ops: &ClassOps, wait_ns: u64, depth: usize) -> Step {
@@ -145,6 +161,11 @@ impl WaitQueue {
             class,
             ready_at_ns,
         });
+    }
+
+    /// Whether a request is waiting.
+    pub fn contains(&self, context_id: u32) -> bool {
+        self.waiting.iter().any(|w| w.context_id == context_id)
     }
 
     /// Forget a request (its client went away). Returns whether it was waiting.

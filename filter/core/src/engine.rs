@@ -220,10 +220,15 @@ pub struct Plan {
     /// `buckets[0]` when the reserve has no room.
     pub borrow: Option<Bucket>,
     pub failure_mode: FailureMode,
+    /// An AI request's token buckets and reservation (`crate::ai`), set once its body was
+    /// read; `None` for every other request.
+    pub tokens: Option<crate::ai::TokenPlan>,
 }
 
 impl Plan {
-    /// The buckets of the primary attempt, or of the borrowing attempt.
+    /// The buckets of the primary attempt, or of the borrowing attempt: the request
+    /// buckets, then an AI request's token buckets. A token bucket's cost is the
+    /// reservation, not `cost`: charge through [`Plan::costed`].
     pub fn attempt(&self, borrowing: bool) -> Vec<&Bucket> {
         let mut v: Vec<&Bucket> = self.buckets.iter().collect();
         if borrowing {
@@ -231,7 +236,22 @@ impl Plan {
                 *first = b;
             }
         }
+        if let Some(t) = &self.tokens {
+            v.extend(t.buckets.iter());
+        }
         v
+    }
+
+    /// [`Plan::attempt`] with each bucket's cost: `cost` for the request buckets, the
+    /// reservation for the token buckets.
+    pub fn costed(&self, borrowing: bool) -> Vec<(&Bucket, u32)> {
+        let request = self.buckets.len();
+        let reserve = self.tokens.as_ref().map_or(self.cost, |t| t.reserve);
+        self.attempt(borrowing)
+            .into_iter()
+            .enumerate()
+            .map(|(i, b)| (b, if i < request { self.cost } else { reserve }))
+            .collect()
     }
 }
 
@@ -333,6 +353,7 @@ pub fn plan(policy: &Policy, req: &RequestInfo<'_>) -> Result<Plan, Reject> {
         buckets,
         borrow,
         failure_mode: class_def.failure_mode,
+        tokens: None,
     })
 }
 
@@ -705,9 +726,14 @@ impl LocalTable {
     /// and what expires unspent is lost to the window; a reserve is sized to the class's own
     /// rate, so a class sending at its reserved rate would slowly drain its reserve that way
     /// (issue 14, item 1). Requests on a reserve are decided centrally, each paying its cost
-    /// and nothing more.
+    /// and nothing more. Token buckets are never leased either: a token lease would pre-pay
+    /// tokens the way a reserve lease pre-pays requests, and an AI request's settlement
+    /// needs the reservation charged where it can be refunded.
     pub fn want(&self, buckets: &[&Bucket], cost: u32, now_ns: u64, max: u32) -> u32 {
-        if buckets.iter().any(|b| b.kind == BucketKind::Reserve) {
+        if buckets
+            .iter()
+            .any(|b| b.kind == BucketKind::Reserve || b.kind.is_tokens())
+        {
             return 0;
         }
         let rate = buckets
@@ -834,12 +860,23 @@ pub struct Unreported {
 impl Unreported {
     pub fn add(&mut self, buckets: &[&Bucket], cost: u32) {
         for b in buckets {
-            let e = self
-                .hits
-                .entry(b.key.clone())
-                .or_insert_with(|| ((*b).clone(), 0));
-            e.1 = e.1.saturating_add(u64::from(cost));
+            self.add_one(b, cost);
         }
+    }
+
+    /// [`Unreported::add`] with a cost per bucket ([`Plan::costed`]).
+    pub fn add_costs(&mut self, buckets: &[(&Bucket, u32)]) {
+        for (b, cost) in buckets {
+            self.add_one(b, *cost);
+        }
+    }
+
+    fn add_one(&mut self, b: &Bucket, cost: u32) {
+        let e = self
+            .hits
+            .entry(b.key.clone())
+            .or_insert_with(|| (b.clone(), 0));
+        e.1 = e.1.saturating_add(u64::from(cost));
     }
 
     /// Take everything, leaving the ledger empty.
@@ -862,9 +899,8 @@ pub fn with_costs<'a>(
     borrowing: bool,
     extra: &[(&'a Bucket, u32)],
 ) -> Vec<(&'a Bucket, u32)> {
-    plan.attempt(borrowing)
+    plan.costed(borrowing)
         .into_iter()
-        .map(|b| (b, plan.cost))
         .chain(extra.iter().copied())
         .collect()
 }

@@ -72,6 +72,13 @@ pub trait Host {
     #[allow(dead_code)]
     fn remove_request_header(&self, name: &str);
     fn set_response_header(&self, name: &str, value: &str);
+    fn response_header(&self, name: &str) -> Option<String>;
+    /// The buffered request body (`size` bytes from `start`), while the request is held.
+    fn request_body(&self, start: usize, size: usize) -> Option<Vec<u8>>;
+    /// Replace the first `old_size` bytes of the buffered request body with `body`.
+    fn set_request_body(&self, old_size: usize, body: &[u8]) -> Result<(), HostError>;
+    /// The response body chunk being delivered (`size` bytes from `start`).
+    fn response_body(&self, start: usize, size: usize) -> Option<Vec<u8>>;
     /// Answer the request locally; the upstream is not called.
     fn send_reply(&self, status: u32, headers: Vec<(&str, &str)>, body: &[u8]);
     /// Continue the paused current request.

@@ -191,6 +191,96 @@ pub struct Metrics {
     pub buckets: Gauge,
     pub lease_renewals: Counter,
     pub reported_hits: Counter,
+    /// AI requests (token budgets); defined only when the policy has token budgets.
+    pub tokens: TokenCounters,
+}
+
+/// `laneguard.tokens.*`: AI requests, their reservations and settlements.
+#[derive(Default)]
+pub struct TokenCounters {
+    /// AI requests whose body was read.
+    pub requests: Counter,
+    /// Refused before any charge: body not JSON (400), bad `max_tokens` (400), body above
+    /// `tokens.inspect_bytes` (413), reservation no bucket can hold (400).
+    pub bad_body: Counter,
+    pub bad_max_tokens: Counter,
+    pub body_too_large: Counter,
+    pub too_many_tokens: Counter,
+    /// Where each reservation came from.
+    pub estimate_body: Counter,
+    pub estimate_model: Counter,
+    pub estimate_tool: Counter,
+    pub estimate_default: Counter,
+    /// Tokens reserved at admission, refunded at settlement, and charged beyond the
+    /// reservation (the overshoot bound: `laneguard_core::ai`).
+    pub reserved: Counter,
+    pub refunded: Counter,
+    pub over_reservation: Counter,
+    /// Tokens given back to the service (on the sync tick).
+    pub refunds_sent: Counter,
+    /// Settlements, by outcome.
+    pub settled_exact: Counter,
+    pub settled_refund: Counter,
+    pub settled_extra: Counter,
+    pub settled_missing: Counter,
+    pub settled_invalid: Counter,
+    pub settled_too_large: Counter,
+    pub settled_disconnected: Counter,
+    /// Requests sent to a cheaper model.
+    pub cheaper_model: Counter,
+    /// Tokens reserved by requests in flight (not yet settled), summed over workers.
+    pub in_flight_reserved: Gauge,
+}
+
+impl TokenCounters {
+    fn define(h: &dyn Host) -> TokenCounters {
+        let c = |n: &str| Counter::define(h, &format!("laneguard.tokens.{n}"));
+        TokenCounters {
+            requests: c("requests"),
+            bad_body: c("bad_body"),
+            bad_max_tokens: c("bad_max_tokens"),
+            body_too_large: c("body_too_large"),
+            too_many_tokens: c("too_many_tokens"),
+            estimate_body: c("estimate.body"),
+            estimate_model: c("estimate.model"),
+            estimate_tool: c("estimate.tool"),
+            estimate_default: c("estimate.default"),
+            reserved: c("reserved"),
+            refunded: c("refunded"),
+            over_reservation: c("over_reservation"),
+            refunds_sent: c("refunds_sent"),
+            settled_exact: c("settled.exact"),
+            settled_refund: c("settled.refund"),
+            settled_extra: c("settled.extra"),
+            settled_missing: c("settled.missing"),
+            settled_invalid: c("settled.invalid"),
+            settled_too_large: c("settled.too_large"),
+            settled_disconnected: c("settled.disconnected"),
+            cheaper_model: c("cheaper_model"),
+            in_flight_reserved: Gauge::define(h, "laneguard.tokens.in_flight_reserved"),
+        }
+    }
+
+    pub fn estimate(&self, e: laneguard_core::ai::Estimate) -> Counter {
+        use laneguard_core::ai::Estimate;
+        match e {
+            Estimate::Body => self.estimate_body,
+            Estimate::Model => self.estimate_model,
+            Estimate::Tool => self.estimate_tool,
+            Estimate::Default => self.estimate_default,
+        }
+    }
+
+    /// Settled at the reservation, by why.
+    pub fn at_reservation(&self, why: laneguard_core::ai::NoUsage) -> Counter {
+        use laneguard_core::ai::NoUsage;
+        match why {
+            NoUsage::Missing => self.settled_missing,
+            NoUsage::Invalid => self.settled_invalid,
+            NoUsage::TooLarge => self.settled_too_large,
+            NoUsage::Disconnected => self.settled_disconnected,
+        }
+    }
 }
 
 /// The bucket kinds a class can trip, given the policy.
@@ -224,6 +314,22 @@ fn kinds_for(policy: &Policy, class: usize) -> Vec<BucketKind> {
     if policy.models.is_some() {
         kinds.push(BucketKind::Model);
         kinds.push(BucketKind::ModelTotal);
+    }
+    if let Some(t) = &policy.tokens {
+        if t.users.is_some() {
+            kinds.push(BucketKind::UserTokens);
+        }
+        if t.tools.values().any(|x| x.limit.is_some()) {
+            kinds.push(BucketKind::ToolTokens);
+        }
+        if !t.purposes.is_empty() {
+            kinds.push(BucketKind::PurposeTokens);
+        }
+        let models = policy.models.as_ref().map(|m| &m.list);
+        if models.is_some_and(|l| l.values().any(|m| m.tokens.is_some())) {
+            kinds.push(BucketKind::ModelTokens);
+            kinds.push(BucketKind::ModelTotalTokens);
+        }
     }
     kinds
 }
@@ -331,6 +437,11 @@ impl Metrics {
             buckets: g("buckets"),
             lease_renewals: c("lease.renewals"),
             reported_hits: c("reported_hits"),
+            tokens: if policy.tokens.is_some() {
+                TokenCounters::define(h)
+            } else {
+                TokenCounters::default()
+            },
         }
     }
 

@@ -72,6 +72,9 @@ pub struct MockHost {
     pub plugin_config: RefCell<Option<Vec<u8>>>,
     pub tick_period: Cell<Option<Duration>>,
     pub shared: RefCell<HashMap<String, (Vec<u8>, u32)>>,
+    /// The buffered request body, and the response body chunk being delivered.
+    pub request_body: RefCell<Vec<u8>>,
+    pub response_body: RefCell<Vec<u8>>,
     metrics: RefCell<Vec<(String, MetricKind, i64)>>,
 }
 
@@ -159,6 +162,31 @@ impl Host for MockHost {
         let mut hs = self.response_headers.borrow_mut();
         hs.retain(|(k, _)| k != name);
         hs.push((name.to_string(), value.to_string()));
+    }
+
+    fn response_header(&self, name: &str) -> Option<String> {
+        find(&self.response_headers.borrow(), name).map(str::to_string)
+    }
+
+    fn request_body(&self, start: usize, size: usize) -> Option<Vec<u8>> {
+        let b = self.request_body.borrow();
+        let end = start.saturating_add(size).min(b.len());
+        b.get(start.min(end)..end).map(<[u8]>::to_vec)
+    }
+
+    fn set_request_body(&self, old_size: usize, body: &[u8]) -> Result<(), HostError> {
+        let mut b = self.request_body.borrow_mut();
+        let at = old_size.min(b.len());
+        let keep = b.split_off(at);
+        *b = body.to_vec();
+        b.extend_from_slice(&keep);
+        Ok(())
+    }
+
+    fn response_body(&self, start: usize, size: usize) -> Option<Vec<u8>> {
+        let b = self.response_body.borrow();
+        let end = start.saturating_add(size).min(b.len());
+        b.get(start.min(end)..end).map(<[u8]>::to_vec)
     }
 
     fn send_reply(&self, status: u32, headers: Vec<(&str, &str)>, body: &[u8]) {

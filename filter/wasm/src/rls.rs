@@ -1,6 +1,6 @@
 //! The `ShouldRateLimit` wire: build the request for a set of buckets and read the answer.
 
-use laneguard_core::{Bucket, Window};
+use laneguard_core::{Bucket, Plan, Window};
 use laneguard_protos::envoy::extensions::common::ratelimit::v3::{
     rate_limit_descriptor::{Entry, RateLimitOverride},
     RateLimitDescriptor,
@@ -49,13 +49,17 @@ pub fn descriptor(b: &Bucket, hits: Option<u64>) -> RateLimitDescriptor {
     }
 }
 
-/// A decision request: `cost` charged to every bucket, all or nothing.
-pub fn encode(domain: &str, buckets: &[&Bucket], cost: u32) -> Vec<u8> {
-    encode_descriptors(
-        domain,
-        buckets.iter().map(|b| descriptor(b, None)).collect(),
-        cost,
-    )
+/// A decision request for the first `take` buckets of a plan's attempt: every bucket
+/// charged its own cost (the request buckets `plan.cost`, an AI request's token buckets
+/// the reservation).
+pub fn encode_plan(domain: &str, plan: &Plan, borrowing: bool, take: usize) -> Vec<u8> {
+    let descriptors = plan
+        .costed(borrowing)
+        .into_iter()
+        .take(take)
+        .map(|(b, c)| descriptor(b, b.kind.is_tokens().then_some(u64::from(c))))
+        .collect();
+    encode_descriptors(domain, descriptors, plan.cost)
 }
 
 pub fn encode_descriptors(
@@ -75,7 +79,9 @@ pub fn encode_descriptors(
 /// servers that do not grant).
 pub const LEASE_HEADER: &str = "x-laneguard-lease";
 /// gRPC metadata marking a report of hits already admitted: charge them unconditionally.
+/// With the value [`REFUND`], the opposite: give the hits back (token settlements).
 pub const REPORT_HEADER: &str = "x-laneguard-report";
+pub const REFUND: &[u8] = b"refund";
 
 /// `DescriptorStatus.code` of a bucket without room.
 pub const OVER_LIMIT: i32 = Code::OverLimit as i32;

@@ -41,6 +41,10 @@ pub(crate) struct Shared {
     /// What the RLS server's answers have shown it to be (laneguard-service or a standard
     /// server), and so what they may be used for (`laneguard_core::peer`).
     pub peer: Cell<Peer>,
+    /// Tokens reserved and not used (AI settlements), to give back on the sync tick.
+    pub refunds: RefCell<Unreported>,
+    /// Tokens reserved by this worker's AI requests not yet settled.
+    pub tokens_in_flight: Cell<u64>,
 }
 
 impl Shared {
@@ -60,6 +64,8 @@ impl Shared {
             queued: RefCell::new(HashMap::new()),
             audit: RefCell::new(audit::Outbox::new(max_buffer)),
             peer: Cell::new(Peer::default()),
+            refunds: RefCell::new(Unreported::default()),
+            tokens_in_flight: Cell::new(0),
         }
     }
 }
@@ -78,6 +84,7 @@ enum RootCall {
     Release(u32, Box<Queued>),
     Report(Vec<(String, RateLimitDescriptor, u64)>),
     Audit(Vec<String>),
+    Refund(Vec<(Bucket, u64)>),
 }
 
 pub struct Root {
@@ -158,7 +165,7 @@ impl Root {
                 .borrow()
                 .want(&attempt, q.plan.cost, now, svc.max_lease)
                 .to_string();
-            let msg = rls::encode(&svc.domain, &attempt, q.plan.cost);
+            let msg = rls::encode_plan(&svc.domain, &q.plan, q.borrowing, attempt.len());
             let metadata = vec![(rls::LEASE_HEADER, want.as_bytes())];
             if let Err(RootCall::Release(id, q)) = self.dispatch(
                 h,
@@ -352,6 +359,36 @@ impl Root {
         }
     }
 
+    /// Give back the tokens this worker's AI requests reserved and did not use: one call
+    /// per sync tick for all of them (`x-laneguard-report: refund`). A failed call keeps
+    /// them for the next tick.
+    fn refund(&mut self, h: &dyn Host, shared: &Rc<Shared>) {
+        let entries = shared.refunds.borrow_mut().take();
+        if entries.is_empty() {
+            return;
+        }
+        let descriptors = entries
+            .iter()
+            .map(|(b, n)| rls::descriptor(b, Some(*n)))
+            .collect();
+        let msg = rls::encode_descriptors(&shared.policy.service.domain, descriptors, 0);
+        let total: u64 = entries.iter().map(|(_, n)| n).sum();
+        shared.metrics.tokens.refunds_sent.add(h, total);
+        let metadata = vec![(rls::REPORT_HEADER, rls::REFUND)];
+        if let Err(RootCall::Refund(entries)) =
+            self.dispatch(h, shared, &msg, metadata, RootCall::Refund(entries))
+        {
+            Self::keep_refunds(shared, entries);
+        }
+    }
+
+    fn keep_refunds(shared: &Shared, entries: Vec<(Bucket, u64)>) {
+        let mut refunds = shared.refunds.borrow_mut();
+        for (b, n) in entries {
+            refunds.add(&[&b], u32::try_from(n).unwrap_or(u32::MAX));
+        }
+    }
+
     /// An answer to one of the root context's calls.
     pub fn on_grpc_response(
         &mut self,
@@ -390,6 +427,11 @@ impl Root {
             RootCall::Report(entries) => {
                 if verdict.is_none() {
                     reconcile::give_back(h, &entries);
+                }
+            }
+            RootCall::Refund(entries) => {
+                if verdict.is_none() {
+                    Self::keep_refunds(&shared, entries);
                 }
             }
             RootCall::Audit(_) => {}
@@ -445,6 +487,7 @@ impl Root {
         let sync_ticks = u64::from(shared.policy.service.sync_interval_s) * TICKS_PER_SECOND;
         if self.ticks.is_multiple_of(sync_ticks) {
             self.reconcile(h, &shared, now);
+            self.refund(h, &shared);
         }
         self.resume_queued(h, &shared, now);
         self.ship_audit(h, &shared);

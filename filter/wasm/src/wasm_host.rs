@@ -74,6 +74,30 @@ impl Host for ProxyWasmHost {
         let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(value));
     }
 
+    fn response_header(&self, name: &str) -> Option<String> {
+        // Bytes, like the request headers: an upstream's non-UTF-8 value must not panic.
+        hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name)
+            .ok()
+            .flatten()
+            .map(text)
+    }
+
+    fn request_body(&self, start: usize, size: usize) -> Option<Vec<u8>> {
+        hostcalls::get_buffer(BufferType::HttpRequestBody, start, size)
+            .ok()
+            .flatten()
+    }
+
+    fn set_request_body(&self, old_size: usize, body: &[u8]) -> Result<(), HostError> {
+        hostcalls::set_buffer(BufferType::HttpRequestBody, 0, old_size, body).map_err(err)
+    }
+
+    fn response_body(&self, start: usize, size: usize) -> Option<Vec<u8>> {
+        hostcalls::get_buffer(BufferType::HttpResponseBody, start, size)
+            .ok()
+            .flatten()
+    }
+
     fn send_reply(&self, status: u32, headers: Vec<(&str, &str)>, body: &[u8]) {
         if let Err(e) = hostcalls::send_http_response(status, headers, Some(body)) {
             log::warn!("laneguard: cannot send a local reply {status}: {e:?}");
@@ -217,17 +241,42 @@ impl HttpContext for RequestGlue {
     fn on_http_request_headers(
         &mut self,
         _num_headers: usize,
-        _end_of_stream: bool,
+        end_of_stream: bool,
     ) -> proxy_wasm::types::Action {
-        action(self.0.on_request_headers(&ProxyWasmHost))
+        action(self.0.on_request_headers_end(&ProxyWasmHost, end_of_stream))
+    }
+
+    fn on_http_request_body(
+        &mut self,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> proxy_wasm::types::Action {
+        action(
+            self.0
+                .on_request_body(&ProxyWasmHost, body_size, end_of_stream),
+        )
     }
 
     fn on_http_response_headers(
         &mut self,
         _num_headers: usize,
-        _end_of_stream: bool,
+        end_of_stream: bool,
     ) -> proxy_wasm::types::Action {
-        action(self.0.on_response_headers(&ProxyWasmHost))
+        action(
+            self.0
+                .on_response_headers_end(&ProxyWasmHost, end_of_stream),
+        )
+    }
+
+    fn on_http_response_body(
+        &mut self,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> proxy_wasm::types::Action {
+        action(
+            self.0
+                .on_response_body(&ProxyWasmHost, body_size, end_of_stream),
+        )
     }
 }
 

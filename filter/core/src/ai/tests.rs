@@ -343,3 +343,35 @@ proptest! {
         prop_assert!(used_by_admitted <= 800 + excess, "{used_by_admitted} > 800 + {excess}");
     }
 }
+
+#[test]
+fn an_ai_request_is_never_queued() {
+    use crate::degrade::{choose_for, Step};
+    use crate::policy::ops::{ClassOps, FallbackRoute, QueueSettings};
+    use crate::policy::Fallback;
+    let ops = ClassOps {
+        mode: None,
+        fallbacks: vec![Fallback::Queue, Fallback::Reject],
+        queue: QueueSettings {
+            max_wait_ms: 1_000,
+            max_depth: 4,
+        },
+        fallback_route: FallbackRoute {
+            header: "x-laneguard-route".into(),
+            value: "fallback".into(),
+            budget: None,
+        },
+    };
+    let p = policy();
+    let pl = plan(&p, &req(Some("large"))).unwrap();
+    assert_eq!(
+        choose_for(&ops, &pl, 1_000, 0),
+        Step::Queue { wait_ns: 1_000 }
+    );
+    let mut ai = pl.clone();
+    ai.tokens = token_plan(&p, &pl, Some("large"), None, Some(10)).unwrap();
+    assert!(matches!(
+        choose_for(&ops, &ai, 1_000, 0),
+        Step::Reject { .. }
+    ));
+}

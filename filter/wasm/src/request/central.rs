@@ -32,7 +32,7 @@ impl Request {
         } else {
             &attempt[..]
         };
-        let msg = rls::encode(&svc.domain, sent, plan.cost);
+        let msg = rls::encode_plan(&svc.domain, &plan, borrowing, sent.len());
         let now = h.now_ns();
         // A borrowing attempt asks for no lease: the fast path only ever spends a lease on
         // the primary attempt, so a lease on the shared pool taken while borrowing would
@@ -125,7 +125,7 @@ impl Request {
         {
             let mut table = shared.table.borrow_mut();
             if verdict.allowed {
-                table.charge(&attempt, plan.cost, now);
+                table.charge_costs(&plan.costed(borrowing), now);
             }
             apply_statuses(&mut table, &attempt, &verdict.statuses, peer, now);
         }
@@ -146,7 +146,7 @@ impl Request {
         let mut eval = shared
             .table
             .borrow()
-            .evaluate(&attempt, plan.cost, now, 1.0);
+            .evaluate_costs(&plan.costed(borrowing), now, 1.0);
         overlay(&mut eval.levels, &verdict.statuses);
         eval.allowed = false;
         eval.tripped = verdict.tripped.or(eval.tripped).or(Some(0));
@@ -193,11 +193,11 @@ impl Request {
                 shared
                     .table
                     .borrow_mut()
-                    .charge(&plan.attempt(false), plan.cost, now);
+                    .charge_costs(&plan.costed(false), now);
                 shared
                     .unreported
                     .borrow_mut()
-                    .add(&plan.attempt(false), plan.cost);
+                    .add_costs(&plan.costed(false));
                 let levels = shared.table.borrow().levels(&plan.attempt(false), now);
                 self.allow(h, plan, &levels, DecidedBy::Degraded(reason), false, now)
             }
@@ -223,8 +223,10 @@ impl Request {
                 let share = shared.policy.service.local_share;
                 let (eval, borrowed) = shared.table.borrow_mut().decide(plan, now, share);
                 if eval.allowed {
-                    let spent = plan.attempt(borrowed);
-                    shared.unreported.borrow_mut().add(&spent, plan.cost);
+                    shared
+                        .unreported
+                        .borrow_mut()
+                        .add_costs(&plan.costed(borrowed));
                     self.allow(
                         h,
                         plan,

@@ -20,6 +20,7 @@
 //! class (or tenant) is `off` is not limited at all; one whose buckets lack room is judged
 //! under its mode.
 
+mod ai;
 mod central;
 mod local;
 mod outcome;
@@ -97,6 +98,10 @@ pub struct Request {
     /// of a shadow limit, or the fallback route's budget): what to answer once that plan
     /// is decided ([`outcome::Then`]).
     then: Option<outcome::Then>,
+    /// A body follows the request headers.
+    body_follows: bool,
+    /// An AI request (token budgets): its body, reservation and settlement.
+    ai: Option<Box<ai::AiState>>,
 }
 
 impl Request {
@@ -109,6 +114,8 @@ impl Request {
             ctx: Ctx::default(),
             queued: false,
             then: None,
+            body_follows: false,
+            ai: None,
         }
     }
 
@@ -117,7 +124,16 @@ impl Request {
     }
 
     /// The request's headers arrived: decide it, or pause it on a call to the service.
+    /// (Tests; the glue calls [`Request::on_request_headers_end`].)
+    #[cfg(test)]
     pub fn on_request_headers(&mut self, h: &dyn Host) -> Action {
+        self.start(h)
+    }
+
+    /// [`Request::on_request_headers`], saying whether a body follows (an AI request's
+    /// body is read before it is decided).
+    pub fn on_request_headers_end(&mut self, h: &dyn Host, end_of_stream: bool) -> Action {
+        self.body_follows = !end_of_stream;
         self.start(h)
     }
 
@@ -141,10 +157,18 @@ impl Request {
     }
 
     /// The upstream's response headers: add the rate-limit headers of an allowed request.
+    /// (Tests; the glue calls [`Request::on_response_headers_end`].)
+    #[cfg(test)]
     pub fn on_response_headers(&mut self, h: &dyn Host) -> Action {
+        self.on_response_headers_end(h, false)
+    }
+
+    /// [`Request::on_response_headers`], saying whether the response has a body.
+    pub fn on_response_headers_end(&mut self, h: &dyn Host, end_of_stream: bool) -> Action {
         for (k, v) in std::mem::take(&mut self.response_headers) {
             h.set_response_header(k, &v);
         }
+        self.ai_response_headers(h, end_of_stream);
         Action::Continue
     }
 
@@ -161,7 +185,14 @@ impl Request {
                     .refund(&attempt, q.plan.cost, h.now_ns());
             }
         }
+        self.ai_done(h);
         true
+    }
+
+    /// Whether the request is held for its decision (a call to the service, or the queue).
+    fn waiting(&self) -> bool {
+        self.pending.is_some()
+            || (self.queued && self.shared.queue.borrow().contains(self.context_id))
     }
 
     /// Finish a paused request, whatever the outcome.

@@ -62,6 +62,7 @@ impl Request {
             .borrow()
             .add_leases(&mut levels, &plan.attempt(borrowed), now);
         let levels = levels.as_slice();
+        self.reserved(h, plan);
         m.allowed.inc(h);
         if let Some(c) = m.class(plan.class) {
             c.allowed.inc(h);
@@ -334,6 +335,9 @@ impl Request {
         by: DecidedBy,
         borrowing: bool,
     ) -> Action {
+        if let Some(action) = self.try_cheaper(h, plan, eval, tripped, by, borrowing) {
+            return action;
+        }
         let shared = Rc::clone(&self.shared);
         let attempt = plan.attempt(borrowing);
         self.count_limit(h, plan, attempt.get(tripped).map(|b| b.kind), false, by);
@@ -357,16 +361,17 @@ impl Request {
     fn next_step(&self, plan: &Plan, eval: &Evaluation, after_route: bool) -> Step {
         let wait_ns = degrade::wait_ns(&eval.levels);
         let depth = self.shared.queue.borrow().depth(plan.class);
-        let choose = if after_route {
-            degrade::choose_after_route
-        } else {
-            degrade::choose
-        };
         self.shared.policy.ops.class(plan.class).map_or(
             Step::Reject {
                 queue_refused: false,
             },
-            |o| choose(o, wait_ns, depth),
+            |o| {
+                if after_route {
+                    degrade::choose_after_route(o, wait_ns, depth)
+                } else {
+                    degrade::choose_for(o, plan, wait_ns, depth)
+                }
+            },
         )
     }
 
@@ -413,7 +418,7 @@ impl Request {
                 // Reserve the request's place: charge now, go when the charge conforms.
                 let levels = {
                     let mut table = shared.table.borrow_mut();
-                    table.charge(&attempt, plan.cost, now);
+                    table.charge_costs(&plan.costed(borrowing), now);
                     table.levels(&attempt, now)
                 };
                 // Paid when it is released, by a lease or a central decision (the root

@@ -100,6 +100,9 @@ impl Request {
             .watch
             .borrow_mut()
             .note(&plan.tenant, plan.class, now);
+        if laneguard_core::ai::inspects(p, &path) {
+            return self.hold_for_body(h, plan, model, purpose);
+        }
         self.fast_path(h, plan, now)
     }
 }
