@@ -10,6 +10,7 @@
 #   make bench-replay   laneguard-replay on a million-line trace: bench/results/replay.json
 #   make chaos   the Redis fault suite with longer faults and windows (docs/reliability.md)
 #   make demo-chaos   the demo on Redis, service and Redis killed on a schedule, outcomes per second
+#   make fuzz    every fuzz target for FUZZ_SECONDS each (default 60): docs/fuzzing.md
 #   make clean   remove build output and demo logs; `make distclean` also removes .venv
 #
 # ENVOY is the Envoy command. It defaults to the pinned Envoy that scripts/bootstrap.sh
@@ -35,10 +36,10 @@ BOOTSTRAP_FLAGS ?= --without-envoy
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: help bootstrap build build-wasm run test lint bench bench-build bench-accuracy bench-rtt bench-replay chaos demo-chaos clean distclean
+.PHONY: help bootstrap build build-wasm run test lint bench bench-build bench-accuracy bench-rtt bench-replay chaos demo-chaos fuzz clean distclean
 
 help:
-	@sed -n '3,13p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
+	@sed -n '3,14p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
 
 bootstrap:
 	@scripts/bootstrap.sh $(BOOTSTRAP_FLAGS)
@@ -109,6 +110,10 @@ CHAOS_WINDOW_S ?= 30
 chaos: build
 	@scripts/bootstrap.sh $(BOOTSTRAP_FLAGS) --with-redis
 	CHAOS_HOLD_S=$(CHAOS_HOLD_S) CHAOS_WINDOW_S=$(CHAOS_WINDOW_S) $(CARGO) test -p laneguard-tests --test redis_faults -- --nocapture --test-threads 1
+
+# Outside `make test` (which runs each target briefly): FUZZ_SECONDS=N per target.
+fuzz: bootstrap
+	@CARGO=$(CARGO) scripts/fuzz.sh
 
 clean:
 	$(CARGO) clean

@@ -38,6 +38,25 @@ pub enum RequestError {
     UnsupportedUnit { index: usize, unit: Unit },
 }
 
+/// The most of a caller's value an error message repeats. The message travels back in the
+/// `grpc-message` header, and an HTTP/2 client refuses a header block past its limit (16 KiB
+/// by default): echoing a 16 KB value turned a clear INVALID_ARGUMENT into a protocol
+/// error (found by `make fuzz`, target `service_requests`).
+pub const MAX_ECHO_BYTES: usize = 64;
+
+/// `value` as an error message may repeat it: whole, or its first [`MAX_ECHO_BYTES`] and
+/// its length.
+pub fn quoted(value: &str) -> String {
+    if value.len() <= MAX_ECHO_BYTES {
+        return value.to_string();
+    }
+    let mut end = MAX_ECHO_BYTES;
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes)", &value[..end], value.len())
+}
+
 /// The buckets of a request: `plan[i]` is `Some(charge)` for a limited `descriptors[i]`,
 /// `None` for an unlimited one.
 pub fn plan(
@@ -76,7 +95,7 @@ fn plan_descriptor(
                 .parse::<NonZeroU32>()
                 .map_err(|_| RequestError::BadBurst {
                     index,
-                    value: e.value.clone(),
+                    value: quoted(&e.value),
                 })?;
             burst = Some(n);
         } else {

@@ -68,11 +68,14 @@ impl Ask {
                     .map(|t| t.trim().to_string())
                     .map_err(|_| ServiceError::BadMetadata {
                         name,
-                        value: String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                        value: crate::limits::quoted(&String::from_utf8_lossy(v.as_bytes())),
                     })
             })
         };
-        let bad = |name: &'static str, value: String| ServiceError::BadMetadata { name, value };
+        let bad = |name: &'static str, value: String| ServiceError::BadMetadata {
+            name,
+            value: crate::limits::quoted(&value),
+        };
         match text(REPORT_METADATA).transpose()?.as_deref() {
             None | Some("0") => {}
             Some("1") => return Ok(Ask::Report),

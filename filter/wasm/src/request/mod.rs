@@ -216,4 +216,6 @@ pub(crate) fn reply(h: &dyn Host, status: u32, body: &str, headers: &[(&str, Str
 }
 
 #[cfg(test)]
+mod fuzz;
+#[cfg(test)]
 mod tests;
