@@ -13,7 +13,7 @@ Usage: laneguard-service [--listen ADDR] [--config FILE] [--store STORE]
                          [--grants on|off] [--lease-ttl-ms MS] [--redis-timeout-ms MS]
                          [--audit-log FILE] [--audit-rotate-size SIZE] [--audit-rotate-hours H]
                          [--audit-hmac-key-file FILE] [--audit-head-every-s S]
-                         [--metrics-addr ADDR]
+                         [--metrics-addr ADDR] [--policy FILE] [--rlqs-ttl-s S]
 
 Serves envoy.service.ratelimit.v3.RateLimitService and grpc.health.v1.Health over gRPC.
 
@@ -45,6 +45,11 @@ Options:
   --metrics-addr ADDR     serve Prometheus metrics (text format) at http://ADDR/metrics,
                           IP:PORT (PORT may be 0); off unless given. Series:
                           docs/operations.md (Service metrics)
+  --policy FILE           a laneguard policy (or an Envoy YAML embedding one): serve
+                          envoy.service.rate_limit_quota.v3.RateLimitQuotaService (RLQS)
+                          for Envoy's native rate_limit_quota filter (docs/rlqs.md)
+  --rlqs-ttl-s S          how long an RLQS assignment stays valid without a refresh
+                          (Envoy reports every 5 s) [default: 15]
   -h, --help              print this help
   -V, --version           print the version
 
@@ -87,6 +92,10 @@ pub struct Args {
     pub audit_head_every: Duration,
     /// `--metrics-addr`: where to serve `/metrics`; `None`: no metrics endpoint.
     pub metrics_addr: Option<SocketAddr>,
+    /// `--policy FILE`: serve RLQS over this policy.
+    pub policy: Option<PathBuf>,
+    /// `--rlqs-ttl-s`: the assignment TTL, whole seconds.
+    pub rlqs_ttl_s: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,6 +135,8 @@ pub enum CliError {
     BadSize { value: String },
     #[error("{flag} needs --audit-log")]
     NeedsAuditLog { flag: String },
+    #[error("{flag} needs --policy")]
+    NeedsPolicy { flag: String },
     #[error("{flag} given more than once")]
     Repeated { flag: String },
     #[error("unexpected argument `{arg}`")]
@@ -134,7 +145,7 @@ pub enum CliError {
     NotUtf8 { arg: OsString },
 }
 
-const FLAGS: [&str; 12] = [
+const FLAGS: [&str; 14] = [
     "--listen",
     "--config",
     "--store",
@@ -147,6 +158,8 @@ const FLAGS: [&str; 12] = [
     "--audit-hmac-key-file",
     "--audit-head-every-s",
     "--metrics-addr",
+    "--policy",
+    "--rlqs-ttl-s",
 ];
 
 /// Parse the arguments after the program name. Accepts `--flag value` and `--flag=value`.
@@ -185,8 +198,20 @@ where
             return Err(CliError::Repeated { flag });
         }
     }
-    let [listen, config, store, grants, lease_ttl, redis_timeout, audit_log, rotate_size, rotate_hours, hmac_key, head_every, metrics_addr] =
+    let [listen, config, store, grants, lease_ttl, redis_timeout, audit_log, rotate_size, rotate_hours, hmac_key, head_every, metrics_addr, policy, rlqs_ttl] =
         values;
+    if policy.is_none() && rlqs_ttl.is_some() {
+        return Err(CliError::NeedsPolicy {
+            flag: "--rlqs-ttl-s".into(),
+        });
+    }
+    let rlqs_ttl_s = number(
+        "--rlqs-ttl-s",
+        rlqs_ttl,
+        u64::from(laneguard_core::quota::DEFAULT_TTL_S),
+        1,
+        3600,
+    )?;
     if audit_log.is_none() {
         for (flag, v) in [
             ("--audit-rotate-size", &rotate_size),
@@ -248,6 +273,8 @@ where
         audit_hmac_key_file: hmac_key.map(PathBuf::from),
         audit_head_every: Duration::from_secs(head_every),
         metrics_addr,
+        policy: policy.map(PathBuf::from),
+        rlqs_ttl_s: u32::try_from(rlqs_ttl_s).unwrap_or(laneguard_core::quota::DEFAULT_TTL_S),
     }))
 }
 
@@ -330,6 +357,8 @@ mod tests {
             audit_hmac_key_file: None,
             audit_head_every: Duration::from_secs(60),
             metrics_addr: None,
+            policy: None,
+            rlqs_ttl_s: 15,
         };
         f(&mut args);
         Command::Run(args)
@@ -338,6 +367,25 @@ mod tests {
     #[test]
     fn defaults() {
         assert_eq!(p(&[]).unwrap(), defaults_with(|_| {}));
+    }
+
+    #[test]
+    fn policy_and_rlqs_ttl() {
+        assert_eq!(
+            p(&["--policy", "p.yaml", "--rlqs-ttl-s=6"]).unwrap(),
+            defaults_with(|a| {
+                a.policy = Some(PathBuf::from("p.yaml"));
+                a.rlqs_ttl_s = 6;
+            })
+        );
+        assert!(matches!(
+            p(&["--rlqs-ttl-s", "6"]),
+            Err(CliError::NeedsPolicy { .. })
+        ));
+        assert!(matches!(
+            p(&["--policy", "p.yaml", "--rlqs-ttl-s", "0"]),
+            Err(CliError::BadNumber { .. })
+        ));
     }
 
     #[test]

@@ -11,7 +11,9 @@
 //! [`clock`], in memory or in Redis / Redis Cluster (one Lua script per hash slot). A caller
 //! that asks for a lease (`x-laneguard-lease` metadata) gets a pre-paid grant charged in the
 //! same atomic step. [`rls`] turns the outcome into per-descriptor statuses and quotas;
-//! [`server`] puts it on a socket; [`metrics`] counts what happened for Prometheus. The binary (`src/main.rs`) is a thin shell: arguments ([`cli`]), rules
+//! [`server`] puts it on a socket; [`metrics`] counts what happened for Prometheus. With a
+//! policy (`--policy`), [`quota`] also serves RLQS, the protocol of Envoy's native
+//! `rate_limit_quota` filter, over `laneguard_core::quota`. The binary (`src/main.rs`) is a thin shell: arguments ([`cli`]), rules
 //! ([`config`]), logging, signals, the readiness line. Operator docs: `docs/service.md`.
 
 pub mod audit;
@@ -22,6 +24,7 @@ pub mod health;
 pub mod limits;
 pub mod logger;
 pub mod metrics;
+pub mod quota;
 pub mod report;
 pub mod rls;
 pub mod server;

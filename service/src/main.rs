@@ -5,9 +5,11 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use laneguard_core::quota::QuotaSettings;
 use laneguard_service::audit::{AuditLog, AuditOptions, AuditService, Chain};
 use laneguard_service::cli::{self, Args, Command, StoreKind};
 use laneguard_service::metrics::{self, AuditHead};
+use laneguard_service::quota::QuotaService;
 use laneguard_service::{
     logger, server, Config, Grants, MemoryStore, Metrics, Options, RateLimiter, RedisSettings,
     RedisStore, Store, SystemClock,
@@ -105,6 +107,10 @@ async fn run(args: Args) -> Result<(), String> {
         }
         None => None,
     };
+    let quota = match &args.policy {
+        Some(path) => Some(quota_service(path, args.rlqs_ttl_s)?),
+        None => None,
+    };
     let metrics_listener = match args.metrics_addr {
         Some(addr) => Some(
             TcpListener::bind(addr)
@@ -151,7 +157,7 @@ async fn run(args: Args) -> Result<(), String> {
         "serving RLS v3 and gRPC health on {addr} (store: {store_name}, grants: {grants:?})"
     );
 
-    server::serve_with_audit(listener, limiter, audit, shutdown_signal())
+    server::serve_with(listener, limiter, audit, quota, shutdown_signal())
         .await
         .map_err(|e| format!("server failed: {e}"))?;
     log::info!("stopped");
@@ -205,6 +211,30 @@ fn open_audit_log(
         }
     });
     Ok((Arc::clone(&log), AuditService::new(log)))
+}
+
+/// `--policy FILE`: RLQS assignments over this policy (docs/rlqs.md).
+fn quota_service(path: &std::path::Path, ttl_s: u32) -> Result<QuotaService, String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("--policy {}: {e}", path.display()))?;
+    let found = laneguard_core::policy::source::one_policy(&text, None)
+        .map_err(|e| format!("--policy {}: {e}", path.display()))?;
+    let policy = laneguard_core::parse(&found.text)
+        .map_err(|e| format!("--policy {}: {e}", path.display()))?;
+    log::info!(
+        "serving RLQS over the policy in {} ({} classes, assignment TTL {ttl_s} s)",
+        path.display(),
+        policy.classes.len()
+    );
+    let settings = QuotaSettings {
+        ttl_s,
+        ..QuotaSettings::default()
+    };
+    Ok(QuotaService::new(
+        Arc::new(policy),
+        Arc::new(SystemClock),
+        settings,
+    ))
 }
 
 /// Try the Redis store once at startup. A Redis that is not up yet does not stop the service:

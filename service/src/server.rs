@@ -10,7 +10,9 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
 use crate::audit::AuditService;
+use crate::quota::QuotaService;
 use crate::rls::RateLimiter;
+use laneguard_protos::envoy::service::rate_limit_quota::v3::rate_limit_quota_service_server::RateLimitQuotaServiceServer;
 
 /// Serve until `shutdown` resolves, then stop accepting and let in-flight calls finish.
 ///
@@ -38,10 +40,31 @@ pub async fn serve_with_audit<F>(
 where
     F: Future<Output = ()> + Send,
 {
+    serve_with(listener, limiter, audit, None, shutdown).await
+}
+
+/// [`serve_with_audit`], plus RLQS (`envoy.service.rate_limit_quota.v3`) when the service
+/// has a policy (`--policy`). Health answers SERVING for it: its assignments live in memory
+/// and do not depend on the store.
+pub async fn serve_with<F>(
+    listener: TcpListener,
+    limiter: RateLimiter,
+    audit: Option<AuditService>,
+    quota: Option<QuotaService>,
+    shutdown: F,
+) -> Result<(), tonic::transport::Error>
+where
+    F: Future<Output = ()> + Send,
+{
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
         .set_serving::<RateLimitServiceServer<RateLimiter>>()
         .await;
+    if quota.is_some() {
+        reporter
+            .set_serving::<RateLimitQuotaServiceServer<QuotaService>>()
+            .await;
+    }
     tokio::spawn(crate::health::follow_store(
         reporter,
         limiter.store(),
@@ -52,6 +75,7 @@ where
         .add_service(health)
         .add_service(RateLimitServiceServer::new(limiter))
         .add_optional_service(audit.map(AuditService::server))
+        .add_optional_service(quota.map(QuotaService::server))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }

@@ -269,16 +269,44 @@ impl NativeStack {
         service_args: &[&str],
         edit: impl FnOnce(&mut serde_yaml::Value) -> Result<()>,
     ) -> Result<NativeStack> {
-        let upstream = Upstream::start(&dir)?;
-        let service = Service::start(&dir, service_args)?;
-        let mut cfg = config::load("envoy/native-ratelimit.yaml")?;
-        config::set_admin_port(&mut cfg, 0)?;
-        config::set_all_listener_ports(&mut cfg, 0)?;
+        let cfg = config::load("envoy/native-ratelimit.yaml")?;
         let rls = config::http_filter(&cfg, "envoy.filters.http.ratelimit")?["typed_config"]
             ["rate_limit_service"]["grpc_service"]["envoy_grpc"]["cluster_name"]
             .as_str()
             .ok_or_else(|| Error::new("native-ratelimit.yaml names no rate-limit cluster"))?
             .to_string();
+        NativeStack::start_config(dir, cfg, &rls, service_args, edit)
+    }
+
+    /// Envoy's native `envoy.filters.http.rate_limit_quota` (`envoy/rlqs.yaml`), with
+    /// laneguard-service as its RLQS server (`service_args` should include `--policy`).
+    pub fn start_rlqs(
+        dir: RunDir,
+        service_args: &[&str],
+        edit: impl FnOnce(&mut serde_yaml::Value) -> Result<()>,
+    ) -> Result<NativeStack> {
+        let cfg = config::load("envoy/rlqs.yaml")?;
+        let rlqs = config::http_filter(&cfg, "envoy.filters.http.rate_limit_quota")?
+            ["typed_config"]["rlqs_server"]["envoy_grpc"]["cluster_name"]
+            .as_str()
+            .ok_or_else(|| Error::new("rlqs.yaml names no RLQS cluster"))?
+            .to_string();
+        NativeStack::start_config(dir, cfg, &rlqs, service_args, edit)
+    }
+
+    /// `cfg` with its admin and listener ports made ephemeral, the cluster named `rls`
+    /// pointed at a new laneguard-service and every other cluster at a new upstream.
+    pub fn start_config(
+        dir: RunDir,
+        mut cfg: serde_yaml::Value,
+        rls: &str,
+        service_args: &[&str],
+        edit: impl FnOnce(&mut serde_yaml::Value) -> Result<()>,
+    ) -> Result<NativeStack> {
+        let upstream = Upstream::start(&dir)?;
+        let service = Service::start(&dir, service_args)?;
+        config::set_admin_port(&mut cfg, 0)?;
+        config::set_all_listener_ports(&mut cfg, 0)?;
         for cluster in config::cluster_names(&cfg) {
             let port = if cluster == rls {
                 service.port()
@@ -291,7 +319,7 @@ impl NativeStack {
         let listener = config::listener_names(&cfg)
             .into_iter()
             .next()
-            .ok_or_else(|| Error::new("native-ratelimit.yaml has no listener"))?;
+            .ok_or_else(|| Error::new("the Envoy config has no listener"))?;
         let envoy = Envoy::start_in(dir, &cfg, EnvoyOptions::default())?;
         let client = Client::new(format!("http://127.0.0.1:{}", envoy.port(&listener)?));
         Ok(NativeStack {

@@ -916,4 +916,4 @@ fn scaled(rate: &Rate, share: f64) -> Rate {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -7,7 +7,8 @@
 //! ([`headers`]) and the one bucket-key codec ([`key`]) that every store uses. Operability
 //! lives here too: rollout modes and near misses ([`rollout`]), graceful degradation before
 //! the 429 ([`degrade`]) and audit records ([`audit`]). AI traffic's token quotas, reserved at
-//! admission and settled from the response, are in [`ai`]. The offline replay ([`replay`]) drives the same decision
+//! admission and settled from the response, are in [`ai`]. The assignments of the RLQS server
+//! (Envoy's native quota filter) are in [`quota`]. The offline replay ([`replay`]) drives the same decision
 //! code with a recorded trace and a virtual clock.
 //!
 //! It knows nothing of proxy-wasm, tokio or Redis, and time is always an argument
@@ -27,6 +28,7 @@ pub mod lint;
 pub mod map;
 pub mod peer;
 pub mod policy;
+pub mod quota;
 pub mod rate;
 pub mod replay;
 pub mod rollout;

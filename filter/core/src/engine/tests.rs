@@ -6,7 +6,7 @@ const S: u64 = 1_000_000_000;
 
 /// A small map in per-second rates: ceiling 20/s (burst 20), repair reserve 5/s (burst 5),
 /// recovery reserve 3/s (burst 3), so the shared pool is 12/s (burst 12).
-const POLICY: &str = r#"
+pub(crate) const POLICY: &str = r#"
 version: 1
 classification: { default_class: interactive }
 classes:
