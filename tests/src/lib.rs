@@ -19,6 +19,7 @@ pub mod config;
 pub mod envoy;
 pub mod health;
 pub mod process;
+pub mod prometheus;
 pub mod redis;
 pub mod rundir;
 pub mod scrape;

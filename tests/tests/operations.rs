@@ -497,12 +497,14 @@ fn prometheus_shows_the_stats_and_random_tenants_add_no_series() {
         "laneguard_allowed",
         "laneguard_limited",
         "laneguard_shadow_limited",
-        "laneguard_class_interactive_allowed",
-        "laneguard_class_interactive_budget_model_total_limited",
-        "laneguard_class_interactive_fallback_reject",
-        "laneguard_class_repair_near_miss",
-        "laneguard_collision_repair_interactive",
-        "laneguard_tenant_acme_limited",
+        // Labelled by envoy/demo/envoy.yaml's stats_config.stats_tags.
+        r#"laneguard_class_allowed{class="interactive"}"#,
+        r#"laneguard_class_budget_limited{class="interactive",budget="model_total"}"#,
+        r#"laneguard_class_fallback{class="interactive",fallback="reject"}"#,
+        r#"laneguard_class_near_miss{class="repair"}"#,
+        r#"laneguard_collision{class="repair",rival="interactive"}"#,
+        r#"laneguard_tenant_limited{tenant="acme"}"#,
+        r#"laneguard_fallback{fallback="reject"}"#,
         "laneguard_forged_class",
         "laneguard_service_error_timeout",
         "laneguard_audit_dropped",
@@ -543,4 +545,65 @@ fn prometheus_shows_the_stats_and_random_tenants_add_no_series() {
         !after.iter().any(|s| s.contains("rnd")),
         "a tenant id appears in a series name\n{ctx}"
     );
+
+    // The Grafana dashboard is valid JSON, and every series its queries name is in this
+    // scrape (names without labels; histograms by their _bucket series).
+    let names: std::collections::BTreeSet<&str> = after
+        .iter()
+        .map(|s| s.split('{').next().unwrap_or(s))
+        .collect();
+    let path = laneguard_tests::repo_root().join("deploy/grafana/laneguard.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let exprs: Vec<String> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .map(|t| t["expr"].as_str().unwrap().to_string())
+        .collect();
+    assert!(exprs.len() >= 10, "{exprs:?}");
+    for expr in &exprs {
+        let series = promql_series(expr);
+        assert!(!series.is_empty(), "no series in {expr}");
+        for name in series {
+            assert!(
+                names.contains(name.as_str()),
+                "the dashboard queries {name} ({expr}), which the scrape does not have"
+            );
+        }
+    }
+}
+
+/// The series names a PromQL expression reads: identifiers starting with `laneguard_` or
+/// `envoy_`, outside label matchers and `by (...)` groupings.
+fn promql_series(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut depth_braces = 0;
+    let mut word = String::new();
+    let mut after_by = false;
+    let mut in_by = false;
+    for ch in expr.chars().chain(std::iter::once(' ')) {
+        if ch.is_ascii_alphanumeric() || ch == '_' || ch == ':' {
+            word.push(ch);
+            continue;
+        }
+        if !word.is_empty() {
+            let is_series = word.starts_with("laneguard_") || word.starts_with("envoy_");
+            if depth_braces == 0 && !in_by && is_series {
+                out.push(word.clone());
+            }
+            after_by = word == "by" || word == "without";
+            word.clear();
+        }
+        match ch {
+            '{' => depth_braces += 1,
+            '}' => depth_braces -= 1,
+            '(' if after_by => in_by = true,
+            ')' if in_by => in_by = false,
+            c if !c.is_whitespace() => after_by = false,
+            _ => {}
+        }
+    }
+    out
 }

@@ -138,42 +138,62 @@ fn metric_name(class: &str) -> String {
         .collect()
 }
 
-/// Read the `laneguard_*` counters of a Prometheus text scrape. Series with labels are summed.
+/// Read the `laneguard_*` counters of a Prometheus text scrape. Both forms are read: the flat
+/// names (`laneguard_class_repair_near_miss`) of an Envoy without tag extraction, and the
+/// labelled ones (`laneguard_class_near_miss{class="repair"}`) of `envoy/demo/envoy.yaml`'s
+/// `stats_config.stats_tags`. Series of one name and label set are summed.
 pub fn parse_stats(text: &str, policy: &Policy) -> Stats {
-    let mut values: BTreeMap<String, u64> = BTreeMap::new();
+    // (name, labels sorted) -> value.
+    let mut values: BTreeMap<(String, Vec<(String, String)>), u64> = BTreeMap::new();
     for line in text.lines() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let Some((name, value)) = line.rsplit_once(' ') else {
+        let Some((series, value)) = line.rsplit_once(' ') else {
             continue;
         };
-        let name = name.split('{').next().unwrap_or(name).trim();
+        let (name, labels) = match series.split_once('{') {
+            Some((n, rest)) => (n.trim(), prom_labels(rest.trim_end_matches('}'))),
+            None => (series.trim(), Vec::new()),
+        };
         let Ok(v) = value.trim().parse::<f64>() else {
             continue;
         };
         if v.is_finite() && v >= 0.0 {
-            *values.entry(name.to_string()).or_default() += v as u64;
+            *values.entry((name.to_string(), labels)).or_default() += v as u64;
         }
     }
-    let get = |n: &str| values.get(n).copied().unwrap_or(0);
+    let get = |n: &str, labels: &[(&str, &str)]| {
+        let mut key: Vec<(String, String)> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        key.sort();
+        values.get(&(n.to_string(), key)).copied()
+    };
+    let flat = |n: &str| get(n, &[]).unwrap_or(0);
     let mut stats = Stats {
-        forged_class: get("laneguard_forged_class"),
-        audit_dropped: get("laneguard_audit_dropped"),
+        forged_class: flat("laneguard_forged_class"),
+        audit_dropped: flat("laneguard_audit_dropped"),
         ..Stats::default()
     };
     for c in &policy.classes {
         let p = format!("laneguard_class_{}", metric_name(&c.name));
+        let class = |metric: &str| {
+            get(&format!("{p}_{metric}"), &[])
+                .or_else(|| get(&format!("laneguard_class_{metric}"), &[("class", &c.name)]))
+                .unwrap_or(0)
+        };
         stats.classes.insert(
             c.name.clone(),
             ClassStats {
-                allowed: get(&format!("{p}_allowed")),
-                limited: get(&format!("{p}_limited")),
-                shadow_limited: get(&format!("{p}_shadow_limited")),
-                near_miss: get(&format!("{p}_near_miss")),
-                degraded: get(&format!("{p}_degraded")),
-                forged: get(&format!("{p}_forged")),
+                allowed: class("allowed"),
+                limited: class("limited"),
+                shadow_limited: class("shadow_limited"),
+                near_miss: class("near_miss"),
+                degraded: class("degraded"),
+                forged: class("forged"),
             },
         );
         for o in &policy.classes {
@@ -182,14 +202,31 @@ pub fn parse_stats(text: &str, policy: &Policy) -> Stats {
                 metric_name(&c.name),
                 metric_name(&o.name)
             );
-            if let Some(v) = values.get(&n) {
-                stats
-                    .collisions
-                    .insert(format!("{}/{}", c.name, o.name), *v);
+            let v = get(&n, &[]).or_else(|| {
+                get(
+                    "laneguard_collision",
+                    &[("class", &c.name), ("rival", &o.name)],
+                )
+            });
+            if let Some(v) = v {
+                stats.collisions.insert(format!("{}/{}", c.name, o.name), v);
             }
         }
     }
     stats
+}
+
+/// `a="x",b="y"` (Prometheus text format; values here never contain quotes), sorted.
+fn prom_labels(text: &str) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = text
+        .split(',')
+        .filter_map(|pair| {
+            let (k, v) = pair.split_once('=')?;
+            Some((k.trim().to_string(), v.trim().trim_matches('"').to_string()))
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 /// Thresholds of the checks.
@@ -1232,5 +1269,21 @@ tenants:
         );
         assert_eq!(shared.counts["squeezes_with_rival_active"], 3);
         assert!(c.integrity.iter().any(|i| i.contains("dropped 4")));
+    }
+
+    #[test]
+    fn stats_read_the_labelled_series_too() {
+        let p = parse(POLICY).unwrap();
+        let scrape = "laneguard_class_shadow_limited{class=\"repair\"} 7\n\
+                      laneguard_class_shadow_limited{class=\"web\"} 1\n\
+                      laneguard_class_budget_shadow_limited{class=\"repair\",budget=\"reserve\"} 5\n\
+                      laneguard_class_near_miss{class=\"repair\"} 2\n\
+                      laneguard_collision{class=\"repair\",rival=\"web\"} 3\n\
+                      laneguard_audit_dropped{} 4\n";
+        let stats = parse_stats(scrape, &p);
+        assert_eq!(stats.classes["repair"].shadow_limited, 7);
+        assert_eq!(stats.classes["repair"].near_miss, 2);
+        assert_eq!(stats.collisions["repair/web"], 3);
+        assert_eq!(stats.audit_dropped, 4);
     }
 }

@@ -1,6 +1,8 @@
 //! Envoy stats. Every series is defined once per VM in `on_configure`; Envoy shows them with
 //! the prefix `wasmcustom.` (e.g. `wasmcustom.laneguard.forged_class`, and
-//! `envoy_wasmcustom_laneguard_forged_class` on `/stats/prometheus`).
+//! `laneguard_forged_class` on `/stats/prometheus`). The names are built so that the
+//! `stats_config.stats_tags` of `envoy/demo/envoy.yaml` can cut class, budget, fallback,
+//! named tenant and rival out as labels (`docs/operations.md`): keep that in step.
 //!
 //! Cardinality is fixed by the policy, never by traffic: series are per class, per bucket
 //! kind a class can touch, per pair of classes (collisions), and per tenant *named in the
