@@ -57,9 +57,10 @@ run: build
 	REDIS="$(REDIS)" scripts/run-demo.sh
 
 # The integration tests start Envoy with $ENVOY (exported above), and the store tests start
-# their own redis-server, which bootstrap installs when it is missing.
+# their own redis-server, which bootstrap installs when it is missing (and h2load, for the
+# audit flood test).
 test: build
-	@scripts/bootstrap.sh $(BOOTSTRAP_FLAGS) --with-redis
+	@scripts/bootstrap.sh $(BOOTSTRAP_FLAGS) --with-redis --with-load
 	@CARGO=$(CARGO) scripts/cargo-test-summary.sh
 
 # Not in `make test`: it installs Debian's prometheus package (apt) and runs the one test

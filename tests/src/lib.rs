@@ -18,6 +18,7 @@ pub mod client;
 pub mod config;
 pub mod envoy;
 pub mod health;
+pub mod load;
 pub mod process;
 pub mod prometheus;
 pub mod redis;

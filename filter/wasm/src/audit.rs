@@ -2,10 +2,15 @@
 //! and to the service's hash-chained log in batches from the root tick.
 //!
 //! Shipping never delays a request: a request only pushes its record into this worker's
-//! [`Outbox`]. The outbox is bounded (`audit.max_buffer`): when the service is unreachable
-//! and it fills, new records are dropped and counted (`laneguard.audit.dropped`); the
-//! access log still has them. One batch is in flight at a time, and after a failure the
-//! outbox waits (1 s, doubling up to 30 s) before it tries again.
+//! [`Outbox`]. One batch is in flight at a time, and it carries the whole backlog (up to
+//! `audit.max_batch` records and [`MAX_BATCH_BYTES`]); when it is answered and more records
+//! wait, the next batch goes out at once, not on the next tick. So the shipping rate follows
+//! the flood: a batch per round trip to the service, each as large as what came in
+//! meanwhile (issue 14 item 4: a fixed 100 records per 100 ms tick dropped most records of
+//! a flood). The outbox is bounded (`audit.max_buffer`): when the service is unreachable (or
+//! slower than the flood) and it fills, new records are dropped and counted
+//! (`laneguard.audit.dropped`); the access log still has them. After a failure the outbox
+//! waits (1 s, doubling up to 30 s) before it tries again.
 
 use crate::host::Host;
 use crate::root::Shared;
@@ -21,6 +26,8 @@ pub const TIMEOUT_MS: u64 = 2_000;
 pub const FILTER_STATE: &str = "laneguard_audit";
 /// A status for a call that could not even be dispatched.
 pub const DISPATCH_FAILED: u32 = u32::MAX;
+/// Bytes of records per call, well under the service's 4 MiB gRPC message limit.
+pub const MAX_BATCH_BYTES: usize = 512 * 1024;
 const GRPC_UNIMPLEMENTED: u32 = 12;
 const FIRST_BACKOFF_TICKS: u32 = 10;
 const MAX_BACKOFF_TICKS: u32 = 300;
@@ -61,7 +68,9 @@ impl Outbox {
         true
     }
 
-    /// The next batch to send, if it is time. Called once per tick.
+    /// The next batch to send, if one may go: the oldest records, at most `max_batch` of
+    /// them and [`MAX_BATCH_BYTES`] (at least one). Called once per tick, and again when a
+    /// batch was answered; a tick spends one tick of the back-off after a failure.
     pub fn next_batch(&mut self, ship: bool, max_batch: usize) -> Option<Vec<String>> {
         if !ship || self.in_flight || self.records.is_empty() {
             return None;
@@ -70,7 +79,17 @@ impl Outbox {
             self.cooldown -= 1;
             return None;
         }
-        let n = max_batch.max(1).min(self.records.len());
+        let mut bytes = 0;
+        let n = self
+            .records
+            .iter()
+            .take(max_batch.max(1))
+            .take_while(|r| {
+                bytes += r.len();
+                bytes <= MAX_BATCH_BYTES
+            })
+            .count()
+            .max(1);
         self.in_flight = true;
         Some(self.records.drain(..n).collect())
     }
@@ -174,5 +193,24 @@ mod tests {
             Some(vec!["r1".into(), "r2".into(), "r3".into()])
         );
         assert_eq!(Outbox::new(3).next_batch(false, 1), None);
+    }
+
+    #[test]
+    fn a_batch_is_the_backlog_up_to_the_record_and_byte_bounds() {
+        let mut o = Outbox::new(10_000);
+        let record = "r".repeat(1000);
+        for _ in 0..2000 {
+            assert!(o.push(record.clone()));
+        }
+        let b = o.next_batch(true, 5000).unwrap();
+        assert_eq!(b.len(), MAX_BATCH_BYTES / 1000, "bounded by bytes");
+        o.in_flight = false;
+        assert_eq!(o.next_batch(true, 10).unwrap().len(), 10, "by records");
+        o.in_flight = false;
+        // One record larger than the byte bound still goes, alone.
+        let mut big = Outbox::new(3);
+        big.push("x".repeat(MAX_BATCH_BYTES + 1));
+        big.push("y".into());
+        assert_eq!(big.next_batch(true, 10).unwrap().len(), 1);
     }
 }

@@ -235,7 +235,8 @@ impl Root {
         let _ = h.set_effective_context(self.id);
     }
 
-    /// Ship one batch of audit records, if any wait and no batch is in flight.
+    /// Ship one batch of audit records, if any wait, no batch is in flight and no back-off
+    /// is running (after a failure, [`audit::shipped`] sets one, counted in ticks).
     fn ship_audit(&mut self, h: &dyn Host, shared: &Shared) {
         let audit = &shared.policy.ops.audit;
         let next = shared
@@ -411,6 +412,12 @@ impl Root {
         };
         if let RootCall::Audit(records) = call {
             audit::shipped(h, &shared, records, status_code, body.as_deref());
+            // More records came in while this batch was in flight: send them now, so the
+            // shipping rate follows the flood rather than the tick. (After a failure the
+            // back-off runs on the tick.)
+            if status_code == 0 {
+                self.ship_audit(h, &shared);
+            }
             return;
         }
         let verdict = body.and_then(|b| rls::decode(&b).ok());

@@ -130,13 +130,14 @@ pub struct AuditSettings {
     pub cluster: String,
     /// Records one worker holds while the service is unreachable; more are dropped and counted.
     pub max_buffer: u32,
-    /// Records per call.
+    /// At most this many records per call; each call carries the whole backlog up to it
+    /// (and up to the filter's byte bound per call).
     pub max_batch: u32,
 }
 
 pub const DEFAULT_NEAR_MISS_PCT: u8 = 90;
 pub const DEFAULT_AUDIT_BUFFER: u32 = 1_000;
-pub const DEFAULT_AUDIT_BATCH: u32 = 100;
+pub const DEFAULT_AUDIT_BATCH: u32 = 1_000;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Operations {
@@ -411,10 +412,10 @@ pub(super) fn validate(
         ));
     }
     let max_batch = audit.max_batch.unwrap_or(DEFAULT_AUDIT_BATCH);
-    if !(1..=1_000).contains(&max_batch) {
+    if !(1..=100_000).contains(&max_batch) {
         return Err(PolicyError::new(
             "audit.max_batch",
-            "must be between 1 and 1000",
+            "must be between 1 and 100000",
         ));
     }
 

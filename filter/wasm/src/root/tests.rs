@@ -169,6 +169,47 @@ fn audit_records_are_shipped_in_batches_from_the_tick() {
 }
 
 #[test]
+fn an_audit_backlog_ships_whole_and_the_next_batch_goes_out_on_the_answer() {
+    // Issue 14 item 4: a fixed 100 records per 100 ms tick lost most records of a flood.
+    let (h, mut root) = configured(POLICY);
+    for id in 0..250 {
+        refused_centrally(&h, &root, 10 + id, "batch", 2_000);
+    }
+    let before = h.call_count();
+    tick(&h, &mut root, 1);
+    let first = h.last_call().unwrap();
+    assert_eq!(h.call_count(), before + 1, "one batch in flight");
+    let batch = AppendRequest::decode(first.message.as_slice()).unwrap();
+    assert_eq!(batch.records.len(), 250, "the whole backlog in one call");
+    // More refusals while it is in flight: they go out as soon as the answer is in,
+    // without waiting for the next tick.
+    for id in 0..40 {
+        refused_centrally(&h, &root, 1_000 + id, "batch", 2_000);
+    }
+    let ok = |n| {
+        AppendResponse {
+            appended: n,
+            rejected: 0,
+        }
+        .encode_to_vec()
+    };
+    let calls = h.call_count();
+    answer_root(&h, &mut root, &first, 0, Some(ok(250)));
+    assert_eq!(
+        h.call_count(),
+        calls + 1,
+        "the rest is shipped on the answer"
+    );
+    let second = h.last_call().unwrap();
+    let batch = AppendRequest::decode(second.message.as_slice()).unwrap();
+    assert_eq!(batch.records.len(), 40);
+    answer_root(&h, &mut root, &second, 0, Some(ok(40)));
+    assert_eq!(h.call_count(), calls + 1, "nothing left: no call");
+    assert_eq!(h.metric("laneguard.audit.shipped"), 290);
+    assert_eq!(h.metric("laneguard.audit.dropped"), 0);
+}
+
+#[test]
 fn audit_shipping_retries_after_a_failure_and_gives_up_on_unimplemented() {
     let (h, mut root) = configured(POLICY);
     refused_centrally(&h, &root, 2, "batch", 2_000);
