@@ -304,3 +304,63 @@ fn unusable_policies_and_traces_are_refused_with_exit_2() {
     let (code, _, err) = replay(&["--policy", LAYERED, "--trace", TRACE, "--format", "yaml"]);
     assert_eq!(code, 2, "{err}");
 }
+
+/// `laneguard-audit card --trace`: a trace replayed as a would-have-been-throttled phase is
+/// the card's evidence (policy `tests/policies/valid/card.yaml`: repair's reserve has a
+/// burst of 3, so the 4th+ quick repair requests squeeze it).
+#[test]
+fn the_card_reads_a_trace_as_shadow_evidence() {
+    let dir = RunDir::new("replay-card").unwrap();
+    let line = |s: u64, principal: &str| {
+        format!(
+            r#"{{"ts": {}, "tenant": "northwind", "principal": "{principal}", "method": "GET", "path": "/orders/1"}}"#,
+            1_795_500_000 + s
+        )
+    };
+    let card = |name: &str, recon: usize| {
+        let trace = dir.file(name);
+        let mut lines = vec!["# card trace".to_string(), line(0, "web")];
+        lines.extend((0..recon).map(|_| line(1, "recon")));
+        std::fs::write(&trace, lines.join("\n") + "\n").unwrap();
+        let policy = repo_root().join("tests/policies/valid/card.yaml");
+        let out = Command::new(built_binary("laneguard-audit").unwrap())
+            .args(["card", "--policy", policy.to_str().unwrap()])
+            .args(["--trace", trace.to_str().unwrap(), "--json"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v
+    };
+    let squeezed = card("squeezed.jsonl", 6);
+    let starvation = &squeezed["evidence"][0];
+    assert_eq!(starvation["name"], "no protected workflow starvation");
+    assert_eq!(starvation["verdict"], "FAIL", "{starvation}");
+    assert_eq!(
+        u(&starvation["counts"]["shadow_limited"]),
+        3,
+        "{starvation}"
+    );
+    let named: Vec<&str> = starvation["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap())
+        .collect();
+    assert_eq!(named, ["trace line 6", "trace line 7", "trace line 8"]);
+    assert_eq!(squeezed["ready_to_enforce"], false);
+    let notes = squeezed["notes"].to_string();
+    assert!(notes.contains("7 requests replayed"), "{notes}");
+
+    let clean = card("clean.jsonl", 2);
+    assert_eq!(
+        clean["evidence"][0]["verdict"], "PASS",
+        "{}",
+        clean["evidence"][0]
+    );
+    assert_eq!(u(&clean["evidence"][0]["counts"]["shadow_limited"]), 0);
+}

@@ -5,7 +5,7 @@
 //! laneguard-audit verify [--expect-head HASH] [--hmac-key-file KEY] FILE...
 //! laneguard-audit query FILE [--tenant T] [--bucket B] [--caller C] [--event E]
 //!                            [--since TIME] [--until TIME]
-//! laneguard-audit card --policy FILE --audit LOG [--stats SCRAPE] [--owner TEAM]
+//! laneguard-audit card --policy FILE (--audit LOG | --trace TRACE)... [--stats SCRAPE] [--owner TEAM]
 //!                      [--change NAME] [--goal GOAL] [--html | --json] [--strict]
 //! ```
 //!
@@ -22,6 +22,8 @@
 use clap::{Args, Parser, Subcommand};
 use laneguard_core::card::{self, Fields, Inputs, Thresholds};
 use laneguard_core::policy::source::one_policy;
+use laneguard_core::replay::trace::Reader;
+use laneguard_core::replay::trace_evidence;
 use laneguard_service::audit::{
     parse_time, query, read_evidence, segments, verify_files, Chain, Filter,
 };
@@ -98,8 +100,13 @@ struct CardArgs {
     listener: Option<String>,
     /// The audit records: the service's hash-chained log, bare records (JSONL), or an Envoy
     /// access log with an `audit=` field.
+    #[arg(long, required_unless_present = "trace")]
+    audit: Option<String>,
+    /// A recorded trace (JSONL, or the demo's access log) replayed against the policy as a
+    /// would-have-been-throttled phase: what it would have refused are records named
+    /// `trace line N`, and its first and last request widen the covered period.
     #[arg(long)]
-    audit: String,
+    trace: Option<String>,
     /// A Prometheus scrape of Envoy (`/stats/prometheus`): exact per-class counters.
     #[arg(long)]
     stats: Option<String>,
@@ -160,27 +167,45 @@ fn run_card(a: CardArgs) -> Result<ExitCode, ExitCode> {
         eprintln!("laneguard-audit: {}: invalid policy: {e}", a.policy);
         ExitCode::from(2)
     })?;
-    let evidence = read_evidence(&read(&a.audit)?);
+    let mut evidence = match &a.audit {
+        Some(path) => read_evidence(&read(path)?),
+        None => Default::default(),
+    };
+    let mut notes: Vec<String> = evidence
+        .chain
+        .iter()
+        .map(|c| format!("hash chain verified: {} lines, head {}", c.records, c.head))
+        .collect();
     let stats = match &a.stats {
         Some(path) => Some(card::parse_stats(&read(path)?, &policy)),
         None => None,
     };
-    let observed = match (a.observed_since, a.observed_until) {
+    let mut observed = match (a.observed_since, a.observed_until) {
         (Some(s), Some(u)) => Some((s, u)),
         (Some(s), None) => Some((s, s)),
         (None, Some(u)) => Some((u, u)),
         (None, None) => None,
     };
+    if let Some(path) = &a.trace {
+        let reader = Reader::new(open(path)?);
+        let t = trace_evidence(&policy, path, reader).map_err(|e| {
+            eprintln!("laneguard-audit: {path}: {e}");
+            ExitCode::from(2)
+        })?;
+        evidence.records.extend(t.records);
+        evidence.problems.extend(t.problems);
+        notes.push(t.note);
+        observed = match (observed, t.observed) {
+            (Some((a, b)), Some((c, d))) => Some((a.min(c), b.max(d))),
+            (x, y) => x.or(y),
+        };
+    }
     let inputs = Inputs {
         policy: &policy,
         records: &evidence.records,
         stats: stats.as_ref(),
         integrity: evidence.problems,
-        notes: evidence
-            .chain
-            .iter()
-            .map(|c| format!("hash chain verified: {} lines, head {}", c.records, c.head))
-            .collect(),
+        notes,
         observed,
         fields: Fields {
             change: a.change,

@@ -117,6 +117,7 @@ fn run(cli: &Cli) -> Result<ExitCode, Fail> {
         watch,
         reorder_ns: cli.reorder_s.saturating_mul(1_000_000_000),
         step_s: cli.step_s,
+        evidence: false,
     };
     let input: Box<dyn BufRead> = if cli.trace == "-" {
         Box::new(BufReader::new(std::io::stdin().lock()))

@@ -22,6 +22,7 @@
 pub mod trace;
 
 use crate::audit::rfc3339_ms;
+use crate::card::EvidenceRecord;
 use crate::degrade::{self, Step, WaitQueue};
 use crate::engine::{plan, BucketKind, LocalTable, Reject};
 use crate::policy::{ClassId, Mode, Policy};
@@ -46,6 +47,9 @@ pub struct Options {
     pub reorder_ns: u64,
     /// The step of the time series, in seconds (at least 1).
     pub step_s: u64,
+    /// Keep one audit-style record per replayed request ([`Report::evidence`]), for the
+    /// review card (`laneguard-audit card --trace`). Off by default: it holds the whole trace.
+    pub evidence: bool,
 }
 
 impl Default for Options {
@@ -54,6 +58,7 @@ impl Default for Options {
             watch: Vec::new(),
             reorder_ns: 60 * S,
             step_s: 10,
+            evidence: false,
         }
     }
 }
@@ -170,6 +175,20 @@ pub struct Replay<'p> {
     default_tenants: BTreeMap<String, Seen>,
     summary: TraceSummary,
     bad_examples: Vec<String>,
+    /// What the request being decided did, for its evidence record.
+    detail: Detail,
+    evidence: Vec<EvidenceRecord>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Detail {
+    tenant: String,
+    class: ClassId,
+    class_name: String,
+    forged: bool,
+    lane_window_ns: u64,
+    bucket: Option<String>,
+    near: bool,
 }
 
 /// One step of the time series of a class (all tenants).
@@ -222,6 +241,8 @@ impl<'p> Replay<'p> {
             default_tenants: BTreeMap::new(),
             summary: TraceSummary::default(),
             bad_examples: Vec::new(),
+            detail: Detail::default(),
+            evidence: Vec::new(),
             opts: Options {
                 step_s: opts.step_s.max(1),
                 ..opts
@@ -267,6 +288,60 @@ impl<'p> Replay<'p> {
 
     /// Decide one request at its time (or at the clock's, if it arrived too late).
     pub fn decide(&mut self, r: &TraceRequest) -> Outcome {
+        let outcome = self.decide_one(r);
+        if self.opts.evidence {
+            self.record(r, outcome);
+        }
+        outcome
+    }
+
+    /// The request as a shadow-phase audit record ([`crate::card::EvidenceRecord`]): the
+    /// replay enforces nothing, so what it would have refused is `shadow_limited` (and
+    /// `degraded` where a fallback would have served it), with the status the caller got
+    /// left at 200.
+    fn record(&mut self, r: &TraceRequest, outcome: Outcome) {
+        let mut events = match outcome {
+            Outcome::Rejected(_) => return,
+            Outcome::Admitted => Vec::new(),
+            Outcome::Limited | Outcome::ShadowLimited => vec!["shadow_limited".to_string()],
+            Outcome::Queued | Outcome::Rerouted => {
+                vec!["shadow_limited".to_string(), "degraded".to_string()]
+            }
+        };
+        let d = std::mem::take(&mut self.detail);
+        if d.near {
+            events.push("near_miss".into());
+        }
+        if d.forged {
+            events.push("forged_class".into());
+        }
+        let active_classes = if events.is_empty() {
+            Vec::new()
+        } else {
+            self.watch
+                .active_with(&d.tenant, d.class, self.now_ns, d.lane_window_ns)
+                .into_iter()
+                .filter_map(|id| self.policy.classes.get(id).map(|c| c.name.clone()))
+                .collect()
+        };
+        self.evidence.push(EvidenceRecord {
+            id: format!("trace line {}", r.line),
+            request_id: r.request_id.clone(),
+            time_ns: Some(self.now_ns),
+            events,
+            tenant: d.tenant,
+            principal: r.principal.clone(),
+            declared: r.class.clone(),
+            granted: d.class_name,
+            forged: d.forged,
+            bucket: d.bucket,
+            mode: "shadow".into(),
+            status: 200,
+            active_classes,
+        });
+    }
+
+    fn decide_one(&mut self, r: &TraceRequest) -> Outcome {
         if r.ts_ns < self.now_ns {
             self.summary.late += 1;
         }
@@ -299,6 +374,15 @@ impl<'p> Replay<'p> {
         let class_name = plan.class_name.clone();
         let tenant = plan.tenant.clone();
         let watched = self.watched.get(class).copied().unwrap_or(false);
+        if self.opts.evidence {
+            self.detail = Detail {
+                tenant: tenant.clone(),
+                class,
+                class_name: class_name.clone(),
+                forged: plan.forged,
+                ..Detail::default()
+            };
+        }
         {
             let c = self.class_acc(&tenant, &class_name);
             c.offered += 1;
@@ -324,6 +408,7 @@ impl<'p> Replay<'p> {
         let lane_window = lane.map_or(60 * S, |b| b.rate.window.nanos());
         let reserve = lane.is_some_and(|b| b.kind == BucketKind::Reserve);
         let pct = policy.ops.near_miss_pct;
+        self.detail.lane_window_ns = lane_window;
 
         if eval.allowed {
             self.table.charge(&attempt, plan.cost, now);
@@ -343,6 +428,7 @@ impl<'p> Replay<'p> {
                         .iter()
                         .any(|l| rollout::used_pct(l) >= u32::from(pct))
             };
+            self.detail.near = near;
             let first =
                 near && reserve && self.watch.first_squeeze(&tenant, class, now, lane_window);
             let c = self.class_acc(&tenant, &class_name);
@@ -370,6 +456,9 @@ impl<'p> Replay<'p> {
             .levels
             .get(tripped)
             .map_or_else(|| "unknown".to_string(), |l| l.name.clone());
+        if self.opts.evidence {
+            self.detail.bucket = Some(bucket.clone());
+        }
         if reserve {
             // As in the filter: a squeeze of a protected lane uses up the window's first.
             self.watch.first_squeeze(&tenant, class, now, lane_window);
@@ -709,6 +798,7 @@ impl<'p> Replay<'p> {
             overlap_windows,
             warnings,
             series,
+            evidence: self.evidence,
         }
     }
 }
@@ -742,6 +832,9 @@ pub struct Report {
     /// Not in the JSON (it would dwarf it): the HTML report plots it.
     #[serde(skip)]
     pub series: Series,
+    /// One record per replayed request, with [`Options::evidence`]; not in the JSON.
+    #[serde(skip)]
+    pub evidence: Vec<EvidenceRecord>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -865,6 +958,72 @@ pub struct Warning {
     pub requests: u64,
     pub first_line: u64,
     pub message: String,
+}
+
+/// A trace as the review card's evidence (`laneguard-audit card --trace`).
+#[derive(Debug, Clone, Default)]
+pub struct TraceEvidence {
+    /// One record per replayed request, named `trace line N` ([`Options::evidence`]).
+    pub records: Vec<EvidenceRecord>,
+    /// The first and the last request's time: the period the trace observed.
+    pub observed: Option<(u64, u64)>,
+    /// Lines that are not records (the first 20, then how many more).
+    pub problems: Vec<String>,
+    /// What the evidence is, for the card's notes.
+    pub note: String,
+}
+
+/// Replay a trace against `policy` as a would-have-been-throttled phase: nothing is
+/// enforced, so every request the policy would have refused is a `shadow_limited` record.
+/// An I/O error ends the trace and is returned.
+pub fn trace_evidence<R: std::io::BufRead>(
+    policy: &Policy,
+    label: &str,
+    reader: trace::Reader<R>,
+) -> Result<TraceEvidence, std::io::Error> {
+    let opts = Options {
+        evidence: true,
+        ..Options::default()
+    };
+    let mut replay = Replay::new(policy, label, opts);
+    let mut problems = Vec::new();
+    let mut malformed = 0usize;
+    for item in reader {
+        match item {
+            trace::Item::Request(r) => replay.push(r),
+            trace::Item::Bad(e) => {
+                if e.kind == LineErrorKind::Malformed {
+                    malformed += 1;
+                    if problems.len() < MAX_BAD_EXAMPLES {
+                        problems.push(format!("trace {label}: {e}"));
+                    }
+                }
+                replay.bad_line(&e);
+            }
+            trace::Item::Io(e) => return Err(e),
+        }
+    }
+    if malformed > MAX_BAD_EXAMPLES {
+        problems.push(format!(
+            "trace {label}: {} more malformed lines",
+            malformed - MAX_BAD_EXAMPLES
+        ));
+    }
+    let report = replay.finish();
+    let t = &report.trace;
+    let observed = (t.replayed > 0).then_some((t.from_ns, t.to_ns));
+    let note = format!(
+        "trace {label}: {} requests replayed against the policy (exact central accounting) as a would-have-been-throttled phase, {} .. {}",
+        t.replayed,
+        t.from.as_deref().unwrap_or("-"),
+        t.to.as_deref().unwrap_or("-")
+    );
+    Ok(TraceEvidence {
+        records: report.evidence,
+        observed,
+        problems,
+        note,
+    })
 }
 
 #[cfg(test)]
