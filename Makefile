@@ -12,6 +12,7 @@
 #   make chaos   the Redis fault suite with longer faults and windows (docs/reliability.md)
 #   make demo-chaos   the demo on Redis, service and Redis killed on a schedule, outcomes per second
 #   make fuzz    every fuzz target for FUZZ_SECONDS each (default 60): docs/fuzzing.md
+#   make soak    10 minutes of mixed traffic with a service restart; memory at start and end
 #   make clean   remove build output and demo logs; `make distclean` also removes .venv
 #
 # ENVOY is the Envoy command. It defaults to the pinned Envoy that scripts/bootstrap.sh
@@ -37,10 +38,10 @@ BOOTSTRAP_FLAGS ?= --without-envoy
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: help bootstrap build build-wasm run test test-prometheus lint bench bench-build bench-accuracy bench-rtt bench-replay chaos demo-chaos fuzz clean distclean
+.PHONY: help bootstrap build build-wasm run test test-prometheus lint bench bench-build bench-accuracy bench-rtt bench-replay chaos demo-chaos fuzz soak clean distclean
 
 help:
-	@sed -n '3,15p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
+	@sed -n '3,16p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
 
 bootstrap:
 	@scripts/bootstrap.sh $(BOOTSTRAP_FLAGS)
@@ -104,6 +105,12 @@ bench-replay: bootstrap
 
 bench-accuracy: bench-build
 	python3 bench/accuracy.py
+
+# tests/tests/soak.rs (ignored by make test): SOAK_SECONDS of mixed traffic on the Redis store.
+SOAK_SECONDS ?= 600
+soak: build
+	@scripts/bootstrap.sh $(BOOTSTRAP_FLAGS) --with-redis
+	SOAK_SECONDS=$(SOAK_SECONDS) $(CARGO) test -p laneguard-tests --test soak -- --ignored --nocapture
 
 # The demo (scripts/run-demo.sh) on a Redis of its own while scripts/demo-chaos.sh kills and
 # restarts the service and Redis on a schedule (CHAOS_DEMO_SECONDS, default 90).

@@ -327,6 +327,12 @@ impl Envoy {
         &self.listeners
     }
 
+    /// The process id of the child started (Envoy, or a wrapper such as func-e that runs
+    /// Envoy in the same process group, whose id this is).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// A client for the admin API.
     pub fn admin(&self) -> &Client {
         &self.admin

@@ -208,6 +208,11 @@ impl Service {
         self.child.as_mut().is_some_and(ReadyChild::is_running)
     }
 
+    /// The running service's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.child.id())
+    }
+
     /// `http://IP:PORT/metrics` of a service started with `--metrics-addr`, from the
     /// `LANEGUARD_METRICS addr=...` line it printed before READY.
     pub fn metrics_url(&self) -> Result<String> {
