@@ -20,6 +20,9 @@ usage:
   mint-tokens.py --check    exit 1 if tokens.env or the JWKS in envoy.yaml are stale
   mint-tokens.py --new-key  generate a new demo key, rewrite the key file, tokens.env and
                             the JWKS line in envoy.yaml
+  mint-tokens.py --mint TENANT PRINCIPAL SUB
+                            print one token for these claims (any string, JSON-escaped in
+                            the token); writes nothing. The tests use it for odd identities.
 """
 
 import argparse
@@ -192,7 +195,13 @@ def main() -> int:
                       help="exit 1 if tokens.env or the JWKS in envoy.yaml are stale")
     mode.add_argument("--new-key", action="store_true",
                       help="generate a new demo key and rewrite everything that depends on it")
+    mode.add_argument("--mint", nargs=3, metavar=("TENANT", "PRINCIPAL", "SUB"),
+                      help="print one token for these claims and write nothing")
     args = parser.parse_args()
+
+    if args.mint:
+        print(mint(load_key(), *args.mint))
+        return 0
 
     if args.new_key:
         jwk = new_key()

@@ -150,6 +150,26 @@ pub fn token(name: &str) -> Result<String> {
         .context(|| format!("envoy/demo/tokens.env has no {name}"))
 }
 
+/// A demo token for any claims, minted with the demo key (`envoy/demo/mint-tokens.py
+/// --mint`): for identities the committed tokens do not cover (another tenant, a user id
+/// with `|`, spaces or non-ASCII, a claim with control characters).
+pub fn mint_token(tenant: &str, principal: &str, sub: &str) -> Result<String> {
+    let script = repo_root().join("envoy/demo/mint-tokens.py");
+    let out = std::process::Command::new("python3")
+        .arg(&script)
+        .args(["--mint", tenant, principal, sub])
+        .output()
+        .context(|| format!("running {} --mint", script.display()))?;
+    if !out.status.success() {
+        return Err(Error(format!(
+            "{} --mint {tenant:?} {principal:?} {sub:?} failed: {}",
+            script.display(),
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
 fn parse_env(text: &str) -> std::collections::HashMap<String, String> {
     text.lines()
         .map(str::trim)

@@ -117,6 +117,13 @@ impl ReadyChild {
             .and_then(|a| a.trim().parse().ok())
     }
 
+    /// Send the process a signal (SIGSTOP/SIGCONT to hang and resume it).
+    pub fn signal(&self, signal: nix::sys::signal::Signal) -> Result<()> {
+        let pid = i32::try_from(self.child.id()).context(|| "pid out of range".to_string())?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal)
+            .context(|| format!("sending {signal} to {}", self.name))
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
@@ -196,6 +203,23 @@ impl Service {
     /// [`Service::restart`] only by convention.
     pub fn stop(&mut self) {
         self.child = None;
+    }
+
+    /// Hang the service (SIGSTOP): it keeps its port and connections but answers nothing,
+    /// as a service stuck in a long pause would, until [`Service::resume`].
+    pub fn pause(&self) -> Result<()> {
+        self.running()?.signal(nix::sys::signal::Signal::SIGSTOP)
+    }
+
+    /// Resume a paused service (SIGCONT).
+    pub fn resume(&self) -> Result<()> {
+        self.running()?.signal(nix::sys::signal::Signal::SIGCONT)
+    }
+
+    fn running(&self) -> Result<&ReadyChild> {
+        self.child
+            .as_ref()
+            .context(|| "the service is stopped".to_string())
     }
 
     /// Start it again on the same port, so Envoy's cluster reaches it again.

@@ -226,6 +226,13 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Whether the request's lane is a protected class's reserve (not the shared pool).
+    pub fn on_reserve(&self) -> bool {
+        self.buckets
+            .first()
+            .is_some_and(|b| b.kind == BucketKind::Reserve)
+    }
+
     /// The buckets of the primary attempt, or of the borrowing attempt: the request
     /// buckets, then an AI request's token buckets. A token bucket's cost is the
     /// reservation, not `cost`: charge through [`Plan::costed`].
@@ -257,11 +264,25 @@ impl Plan {
 
 const MAX_IDENTITY_LEN: usize = 128;
 
+/// The longest user id accepted, in bytes (UTF-8).
+pub const MAX_USER_LEN: usize = 256;
+
+/// Tenant and principal names: the policy names them, so they stay strict.
 fn valid_identity(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= MAX_IDENTITY_LEN
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'@' | b'-'))
+}
+
+/// A user id is opaque: identity providers issue subjects such as `auth0|5f7c`,
+/// `google-oauth2|1234`, an e-mail address with `+`, a display name with spaces or
+/// non-ASCII letters (issue 14, item 6). Any text is accepted up to [`MAX_USER_LEN`] bytes,
+/// except control characters, which no provider issues and which would only serve to
+/// forge log lines. The bucket key escapes it ([`key::encode`]), so it can never be
+/// confused with another user or bucket.
+fn valid_user(s: &str) -> bool {
+    s.len() <= MAX_USER_LEN && !s.chars().any(char::is_control)
 }
 
 /// Work out which buckets a request touches and at what cost.
@@ -275,7 +296,7 @@ pub fn plan(policy: &Policy, req: &RequestInfo<'_>) -> Result<Plan, Reject> {
     }
     let user = match req.user {
         Some(u) if !u.is_empty() => {
-            if !valid_identity(u) {
+            if !valid_user(u) {
                 return Err(Reject::InvalidIdentity);
             }
             Some(u)
@@ -745,6 +766,18 @@ impl LocalTable {
         rate.saturating_add(cost).clamp(1, max.max(1))
     }
 
+    /// [`LocalTable::want`] for one attempt of a plan. A protected class is never leased,
+    /// not even on its borrowing attempt: the fast path spends leases only on the primary
+    /// attempt (the reserve, which holds none), so a lease on the shared pool bought while
+    /// borrowing could never be spent by the class, and it would expire unspent, pre-paid
+    /// out of the shared pool (issue 14, item 1). A borrowing request pays exactly its cost.
+    pub fn want_for(&self, plan: &Plan, borrowing: bool, now_ns: u64, max: u32) -> u32 {
+        if plan.on_reserve() {
+            return 0;
+        }
+        self.want(&plan.attempt(borrowing), plan.cost, now_ns, max)
+    }
+
     /// Whether the lease on these buckets is running low (a quarter of the last grant or
     /// less, or gone within the next `horizon_ns`) and no renewal is in flight. Marks the
     /// buckets as renewing when it says yes, so one renewal is asked at a time.
@@ -847,6 +880,26 @@ impl LocalTable {
             self.buckets.remove(&k);
         }
     }
+}
+
+/// Whether a hit admitted without the service goes into the ledger ([`Unreported`]) to be
+/// reported. `service_may_have_counted`: the call reached the service and may have been
+/// charged there (a timeout, an answer that could not be read), as opposed to a call that
+/// certainly was not (a dispatch failure, a refused connection, an error status).
+///
+/// A hung service (a long GC pause, SIGSTOP) works through its backlog of calls when it
+/// resumes, although every caller gave up on them, and charges them. Reporting those hits as
+/// well counted each twice and put a protected reserve into debt, starving a lane that had
+/// stayed within it (issue 14, item 2). So a request on a reserve whose call may have been
+/// counted is not reported (none of its buckets: the reserve and its user, tool or purpose
+/// buckets, which the same call charged): a reserve is sized to its class's own rate, and
+/// the worst case of not reporting (the service really never saw the call) is that the
+/// protected class may use those few units again, bounded by what it was admitted during
+/// the outage. Unprotected requests are reported as before: the tenant's ceiling errs on
+/// the side of counting. A hit that borrowed the shared pool locally (`borrowed`) is
+/// reported: the call the service may have counted was for the reserve, not for the pool.
+pub fn report_unanswered(plan: &Plan, borrowed: bool, service_may_have_counted: bool) -> bool {
+    !(service_may_have_counted && plan.on_reserve() && !borrowed)
 }
 
 /// Hits this worker admitted without the service (fail-open or local degraded decisions),

@@ -202,6 +202,67 @@ fn identity_outcomes() {
     );
 }
 
+/// Issue 14, item 6: real identity providers issue subjects with `|`, `+`, spaces and
+/// non-ASCII; they made every request 400. A user id is opaque (bounded, escaped in keys);
+/// tenants and principals stay strict.
+#[test]
+fn user_ids_are_opaque_and_escaped_in_keys() {
+    let p = policy();
+    let ids = [
+        "auth0|5f7c",
+        "google-oauth2|1234+5",
+        "ana+billing@example.com",
+        "Ana María",
+        "用户-42",
+        "a:b=c{d}%",
+    ];
+    let mut keys = std::collections::HashSet::new();
+    for id in ids {
+        let mut r = req("nw", "erp", None);
+        r.user = Some(id);
+        let plan = plan(&p, &r).unwrap_or_else(|e| panic!("{id:?} refused: {e:?}"));
+        assert_eq!(plan.user.as_deref(), Some(id));
+        let user = plan
+            .buckets
+            .iter()
+            .find(|b| b.kind == BucketKind::User)
+            .expect("the test policy has a user limit");
+        assert_eq!(user.label, id);
+        let (_, entries) = crate::key::decode(&user.key).expect("the key decodes");
+        assert!(entries.contains(&("user".to_string(), id.to_string())));
+        assert!(
+            user.key.is_ascii() && !user.key.contains(' '),
+            "escaped: {}",
+            user.key
+        );
+        assert!(keys.insert(user.key.clone()), "{id:?} collides");
+    }
+    let at_bound = "é".repeat(MAX_USER_LEN / 2);
+    let mut r = req("nw", "erp", None);
+    r.user = Some(&at_bound);
+    assert!(
+        plan(&p, &r).is_ok(),
+        "{} bytes is the bound",
+        at_bound.len()
+    );
+    let over = format!("{at_bound}x");
+    r.user = Some(&over);
+    assert_eq!(plan(&p, &r), Err(Reject::InvalidIdentity), "over the bound");
+    for bad in ["line\nbreak", "tab\there", "nul\u{0}"] {
+        r.user = Some(bad);
+        assert_eq!(plan(&p, &r), Err(Reject::InvalidIdentity), "{bad:?}");
+    }
+    // Tenants and principals stay strict.
+    assert_eq!(
+        plan(&p, &req("auth0|x", "erp", None)),
+        Err(Reject::InvalidIdentity)
+    );
+    assert_eq!(
+        plan(&p, &req("nw", "e rp", None)),
+        Err(Reject::InvalidIdentity)
+    );
+}
+
 #[test]
 fn weighted_cost_and_tool_bucket() {
     let p = policy();
@@ -510,7 +571,8 @@ fn levels_count_unspent_leases_as_remaining() {
 
 /// Issue 14, item 1: a lease on a reserve is pre-paid and, for a class sending slowly,
 /// expires unspent, so a class at its reserved rate drained its own reserve. A plan on a
-/// reserve asks for no lease; its borrowing attempt (the shared pool) still may.
+/// reserve asks for no lease, not even on its borrowing attempt (the shared pool): the fast
+/// path never spends a lease there, so it would expire unspent out of the shared pool.
 #[test]
 fn reserves_are_never_leased() {
     let p = policy();
@@ -522,4 +584,42 @@ fn reserves_are_never_leased() {
         t.charge(&primary, 1, 100 * S + i * (S / 100));
     }
     assert_eq!(t.want(&primary, 1, 100 * S + S / 2, 50), 0);
+    assert_eq!(t.want_for(&plan, false, 100 * S + S / 2, 50), 0);
+    let borrowing = plan.attempt(true);
+    assert_eq!(borrowing[0].kind, BucketKind::Shared);
+    for i in 0..30 {
+        t.charge(&borrowing, 1, 100 * S + i * (S / 100));
+    }
+    assert_eq!(
+        t.want_for(&plan, true, 100 * S + S / 2, 50),
+        0,
+        "the borrowing attempt of a protected class asks for no lease"
+    );
+    let unprotected = super::plan(&p, &req("nw", "erp", None)).unwrap();
+    assert!(!unprotected.on_reserve());
+    assert!(t.want_for(&unprotected, false, 100 * S + S / 2, 50) >= 1);
+}
+
+/// Issue 14, item 2: a hung service charges its backlog when it resumes; reporting the same
+/// hits again put the reserve into debt. A reserve's hits are not reported when the call
+/// may have been counted; everything else is.
+#[test]
+fn degraded_hits_on_a_reserve_are_not_reported_twice() {
+    let p = policy();
+    let protected = plan(&p, &req("nw", "recon", None)).unwrap();
+    let unprotected = plan(&p, &req("nw", "erp", None)).unwrap();
+    assert!(
+        !report_unanswered(&protected, false, true),
+        "timed out: maybe counted"
+    );
+    assert!(
+        report_unanswered(&protected, false, false),
+        "never reached the service"
+    );
+    assert!(
+        report_unanswered(&protected, true, true),
+        "borrowed the pool locally: the service saw only the reserve"
+    );
+    assert!(report_unanswered(&unprotected, false, true));
+    assert!(report_unanswered(&unprotected, false, false));
 }

@@ -34,17 +34,11 @@ impl Request {
         };
         let msg = rls::encode_plan(&svc.domain, &plan, borrowing, sent.len());
         let now = h.now_ns();
-        // A borrowing attempt asks for no lease: the fast path only ever spends a lease on
-        // the primary attempt, so a lease on the shared pool taken while borrowing would
-        // never be spent and would drain the pool (replay_agrees.rs found it).
-        let want = if borrowing {
-            0
-        } else {
-            shared
-                .table
-                .borrow()
-                .want(&attempt, plan.cost, now, svc.max_lease)
-        };
+        // No lease on a reserve, nor on a borrowing attempt (`LocalTable::want_for`).
+        let want = shared
+            .table
+            .borrow()
+            .want_for(&plan, borrowing, now, svc.max_lease);
         let asked_lease = want > 0;
         let want = want.to_string();
         match h.dispatch_grpc(GrpcCall {
@@ -188,16 +182,23 @@ impl Request {
     ) -> Action {
         let shared = Rc::clone(&self.shared);
         let now = h.now_ns();
+        // The call may have reached the service (which may then have charged it) only when
+        // it timed out or its answer was unreadable.
+        let maybe_counted = matches!(reason, "timeout" | "bad_response");
+        let report =
+            |borrowed| laneguard_core::engine::report_unanswered(plan, borrowed, maybe_counted);
         match plan.failure_mode {
             FailureMode::Open => {
                 shared
                     .table
                     .borrow_mut()
                     .charge_costs(&plan.costed(false), now);
-                shared
-                    .unreported
-                    .borrow_mut()
-                    .add_costs(&plan.costed(false));
+                if report(false) {
+                    shared
+                        .unreported
+                        .borrow_mut()
+                        .add_costs(&plan.costed(false));
+                }
                 let levels = shared.table.borrow().levels(&plan.attempt(false), now);
                 self.allow(h, plan, &levels, DecidedBy::Degraded(reason), false, now)
             }
@@ -223,10 +224,12 @@ impl Request {
                 let share = shared.policy.service.local_share;
                 let (eval, borrowed) = shared.table.borrow_mut().decide(plan, now, share);
                 if eval.allowed {
-                    shared
-                        .unreported
-                        .borrow_mut()
-                        .add_costs(&plan.costed(borrowed));
+                    if report(borrowed) {
+                        shared
+                            .unreported
+                            .borrow_mut()
+                            .add_costs(&plan.costed(borrowed));
+                    }
                     self.allow(
                         h,
                         plan,

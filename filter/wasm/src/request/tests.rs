@@ -707,3 +707,21 @@ fn header_values_that_were_not_utf8_are_a_bad_identity_or_a_forged_class() {
         Some("web")
     );
 }
+
+/// Issue 14, item 1: a protected class asks for no lease, on its reserve or when it
+/// borrows the shared pool (a lease there could never be spent by the class, and would
+/// expire unspent out of the shared pool).
+#[test]
+fn a_protected_class_asks_for_no_lease_even_when_it_borrows() {
+    let (h, root) = configured(POLICY);
+    let (mut req, _) = start(&h, &root, 2, &headers("repair"));
+    let lease = |h: &MockHost| h.last_call().unwrap().metadata_value("x-laneguard-lease");
+    assert_eq!(lease(&h).as_deref(), Some("0"), "the reserve is not leased");
+    reserve_empty(&h, &mut req);
+    assert_eq!(h.call_count(), 2, "a second, borrowing call");
+    assert_eq!(
+        lease(&h).as_deref(),
+        Some("0"),
+        "the borrowing attempt asks for no lease"
+    );
+}
