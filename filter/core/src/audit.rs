@@ -159,21 +159,24 @@ impl Record {
         path: DecisionPath,
         levels: Vec<BucketLevel>,
     ) -> Record {
+        // Every value a client controls is bounded (`logsafe`): a record must never carry
+        // a 50 kB header into the audit log.
+        let clip = |s: &str| crate::logsafe::clip(s).into_owned();
         Record {
             time: rfc3339_ms(now_ns),
             events,
             tenant: plan.tenant.clone(),
             principal: plan.principal.clone(),
-            user: plan.user.clone(),
-            request_id: caller.request_id.map(str::to_string),
+            user: plan.user.as_deref().map(clip),
+            request_id: caller.request_id.map(clip),
             class: ClassRecord {
-                declared: plan.declared_class.clone(),
+                declared: plan.declared_class.as_deref().map(clip),
                 granted: plan.class_name.clone(),
                 forged: plan.forged,
             },
             request: RequestRecord {
-                method: caller.method.to_string(),
-                path: caller.path.split('?').next().unwrap_or("").to_string(),
+                method: clip(caller.method),
+                path: clip(caller.path.split('?').next().unwrap_or("")),
                 family: plan.family.clone(),
                 cost: plan.cost,
             },
@@ -383,16 +386,65 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_limited_record_answers_the_four_questions() {
-        let p = parse(
+    fn web_policy() -> crate::policy::Policy {
+        parse(
             r#"
 version: 1
 classes: [{ name: web, consequence: time_sensitive, budget: { per_minute: 6, burst: 1 } }]
 tenants: { default: { ceiling: { per_minute: 60, burst: 10 } } }
 "#,
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    /// Issue 14, items 7 and 9: a record carries every client-declared value bounded, and
+    /// stays one line whatever the values hold.
+    #[test]
+    fn records_bound_declared_values_and_stay_one_line() {
+        let p = web_policy();
+        let huge = "x".repeat(50_000);
+        let path = format!("/orders/{huge}");
+        let info = RequestInfo {
+            tenant: Some("northwind"),
+            principal: Some("web"),
+            user: Some("Ana\u{2028}María"),
+            declared_class: Some(&huge),
+            method: "GET",
+            path: &path,
+            ..Default::default()
+        };
+        let pl = plan(&p, &info).unwrap();
+        let caller = Caller {
+            request_id: Some(&huge),
+            method: "GET",
+            path: &path,
+        };
+        let r = Record::new(
+            0,
+            vec![Event::ForgedClass],
+            &pl,
+            &caller,
+            Mode::Enforce,
+            DecisionPath::Local,
+            Vec::new(),
+        );
+        let json = r.to_json();
+        assert!(
+            json.len() < 5 * crate::logsafe::MAX_LOGGED_BYTES,
+            "{}",
+            json.len()
+        );
+        assert!(!json.contains('\n'));
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let declared = v["class"]["declared"].as_str().unwrap();
+        assert!(declared.ends_with(crate::logsafe::CLIPPED) && declared.len() <= 256);
+        assert!(v["request_id"].as_str().unwrap().len() <= 256);
+        assert!(v["request"]["path"].as_str().unwrap().len() <= 256);
+    }
+
+    #[test]
+    fn a_limited_record_answers_the_four_questions() {
+        let p = web_policy();
         let info = RequestInfo {
             tenant: Some("northwind"),
             principal: Some("web"),

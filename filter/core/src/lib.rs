@@ -6,9 +6,10 @@
 //! touches, including reserved lanes and borrowing ([`engine`]), response headers
 //! ([`headers`]) and the one bucket-key codec ([`key`]) that every store uses. Operability
 //! lives here too: rollout modes and near misses ([`rollout`]), graceful degradation before
-//! the 429 ([`degrade`]) and audit records ([`audit`]). AI traffic's token quotas, reserved at
-//! admission and settled from the response, are in [`ai`]. The assignments of the RLQS server
-//! (Envoy's native quota filter) are in [`quota`]. The offline replay ([`replay`]) drives the same decision
+//! the 429 ([`degrade`]) and audit records ([`audit`]); client-controlled text is bounded and
+//! escaped before it reaches a log or a record ([`logsafe`]). AI traffic's token quotas,
+//! reserved at admission and settled from the response, are in [`ai`]. The assignments of the
+//! RLQS server (Envoy's native quota filter) are in [`quota`]. The offline replay ([`replay`]) drives the same decision
 //! code with a recorded trace and a virtual clock.
 //!
 //! It knows nothing of proxy-wasm, tokio or Redis, and time is always an argument
@@ -25,6 +26,7 @@ pub mod gcra;
 pub mod headers;
 pub mod key;
 pub mod lint;
+pub mod logsafe;
 pub mod map;
 pub mod peer;
 pub mod policy;

@@ -24,6 +24,10 @@ pub const TIMEOUT_MS: u64 = 2_000;
 /// The filter-state key: Envoy stores it as `wasm.laneguard_audit`, which the access log
 /// prints with `%FILTER_STATE(wasm.laneguard_audit:PLAIN)%`.
 pub const FILTER_STATE: &str = "laneguard_audit";
+/// The caller's fields for the access log (`tenant=.. principal=.. user=.. declared=..
+/// request_id=..`, `laneguard_core::logsafe::caller_fields`), printed with
+/// `%FILTER_STATE(wasm.laneguard_caller:PLAIN)%`.
+pub const CALLER_STATE: &str = "laneguard_caller";
 /// A status for a call that could not even be dispatched.
 pub const DISPATCH_FAILED: u32 = u32::MAX;
 /// Bytes of records per call, well under the service's 4 MiB gRPC message limit.

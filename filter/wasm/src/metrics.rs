@@ -161,6 +161,9 @@ pub struct Metrics {
     pub forged_class: Counter,
     pub missing_identity: Counter,
     pub invalid_identity: Counter,
+    /// Client-declared values (class, user, purpose, model, path, method, request id) longer
+    /// than `logsafe::MAX_LOGGED_BYTES`, clipped in logs and records.
+    pub oversized_declared: Counter,
     pub decided_local: Counter,
     pub decided_central: Counter,
     pub degraded: Counter,
@@ -414,6 +417,7 @@ impl Metrics {
             forged_class: c("forged_class"),
             missing_identity: c("missing_identity"),
             invalid_identity: c("invalid_identity"),
+            oversized_declared: c("oversized_declared"),
             decided_local: c("decided.local"),
             decided_central: c("decided.central"),
             degraded: c("degraded"),

@@ -10,7 +10,8 @@
 //!   missing value.
 //! - **Envoy's access log in the demo's format** (`envoy/demo/envoy.yaml`):
 //!   `[START_TIME] "METHOD PATH" CODE FLAGS tenant=.. principal=.. user=.. declared=..
-//!   class=.. ... audit=...`. The declared class is `declared=` when the line has it, else the
+//!   class=.. ... audit=...`, the caller fields `%XX`-escaped by the filter
+//!   (`crate::logsafe::word`) and decoded here. The declared class is `declared=` when the line has it, else the
 //!   class laneguard granted (`class=`). A line whose tenant or principal is `-` never
 //!   reached laneguard (Envoy's authentication refused it): it is reported as
 //!   [`LineErrorKind::NoIdentity`], not as malformed.
@@ -253,22 +254,28 @@ fn parse_access_log(line: u64, t: &str) -> Result<TraceRequest, LineError> {
             ),
         });
     };
+    // The filter escapes its caller fields (`crate::logsafe::word`): decode them back.
+    let decode = |v: &str| {
+        crate::logsafe::unword(v)
+            .ok_or_else(|| bad(&format!("`{v}` is not a valid escaped access-log value")))
+    };
+    let (tenant, principal) = (decode(tenant)?, decode(principal)?);
     let class = field(&fields, "declared").or_else(|| field(&fields, "class"));
-    let own = |k: &str| field(&fields, k).map(str::to_string);
+    let own = |k: &str| field(&fields, k).map(decode).transpose();
     Ok(TraceRequest {
         line,
         ts_ns,
-        tenant: tenant.to_string(),
-        principal: principal.to_string(),
-        user: own("user"),
-        class: class.map(str::to_string),
+        tenant,
+        principal,
+        user: own("user")?,
+        class: class.map(decode).transpose()?,
         method: method.to_string(),
         path: path.to_string(),
-        purpose: own("purpose"),
-        model: own("model"),
+        purpose: own("purpose")?,
+        model: own("model")?,
         cost: None,
         status: Some(status),
-        request_id: own("request_id"),
+        request_id: own("request_id")?,
     })
 }
 
@@ -435,6 +442,22 @@ mod tests {
         assert_eq!((r.method.as_str(), r.path.as_str()), ("GET", "/orders/1"));
         assert_eq!(r.status, Some(429));
         assert_eq!(r.request_id.as_deref(), Some("abc-1"));
+    }
+
+    /// The filter's caller fields are escaped (issue 14, item 9): the reader decodes them,
+    /// so a user id with a space or `|` replays as itself.
+    #[test]
+    fn access_log_fields_escaped_by_the_filter_are_decoded() {
+        let line = r#"[2026-11-18T11:06:40.250Z] "GET /orders/1" 200 - tenant=northwind principal=web user=Ana%20Mar%C3%ADa declared=auth0|x%25 request_id=r%0A class=interactive audit=-"#;
+        let r = parse_line(1, line).unwrap().unwrap();
+        assert_eq!(r.user.as_deref(), Some("Ana María"));
+        assert_eq!(r.class.as_deref(), Some("auth0|x%"));
+        assert_eq!(r.request_id.as_deref(), Some("r\n"));
+        let bad = line.replace("%20", "%2");
+        assert_eq!(
+            parse_line(1, &bad).unwrap_err().kind,
+            LineErrorKind::Malformed
+        );
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! Phase 1: from the request's headers to a plan, under the rollout's scope.
 
 use super::{DecidedBy, Request};
+use crate::audit;
 use crate::host::{Action, Host};
 use laneguard_core::audit::Event;
 use laneguard_core::headers::error_body;
-use laneguard_core::rollout;
+use laneguard_core::{logsafe, rollout};
 use laneguard_core::{plan, Mode, RequestInfo};
 use std::rc::Rc;
 
@@ -42,6 +43,19 @@ impl Request {
         };
         self.ctx.method.clone_from(&method);
         self.ctx.path.clone_from(&path);
+        // The access log's caller fields, bounded and escaped, for every request the filter
+        // sees (refused ones too): the raw headers could forge a line (issue 14, items 7, 9).
+        let request_id = header("x-request-id");
+        let oversized = logsafe::oversized_values(&info, request_id.as_deref());
+        if oversized > 0 {
+            shared
+                .metrics
+                .oversized_declared
+                .add(h, u64::from(oversized));
+        }
+        let fields = logsafe::caller_fields(&info, request_id.as_deref());
+        // A missing access-log field must never fail the request.
+        let _ = h.set_filter_state(audit::CALLER_STATE, fields.as_bytes());
         let mut plan = match plan(p, &info) {
             Ok(plan) => plan,
             Err(reject) => {
@@ -69,7 +83,7 @@ impl Request {
                 "laneguard: forged class: tenant={} principal={} declared={:?} granted={}",
                 plan.tenant,
                 plan.principal,
-                plan.declared_class.as_deref().unwrap_or(""),
+                logsafe::clip(plan.declared_class.as_deref().unwrap_or("")),
                 plan.class_name
             );
         }
