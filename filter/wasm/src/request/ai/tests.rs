@@ -334,8 +334,7 @@ fn a_full_model_falls_back_to_the_cheaper_one() {
     let audit = String::from_utf8(
         h.filter_state
             .borrow()
-            .values()
-            .next()
+            .get(crate::audit::FILTER_STATE)
             .cloned()
             .unwrap_or_default(),
     )
