@@ -54,31 +54,31 @@ pub fn choose(ops: &ClassOps, wait_ns: u64, depth: usize) -> Step {
     walk(ops, &ops.fallbacks, wait_ns, depth)
 }
 
-/// [`choose`] for a request's plan. An AI request (token buckets, `crate::ai`) is never
-/// queued: a queued request is paid when it is released, from the root tick, where its
-/// reservation could not be settled against its response; its other fallbacks apply.
+/// [`choose`] for a request's plan: the fallbacks it may use ([`usable`]).
 pub fn choose_for(ops: &ClassOps, plan: &Plan, wait_ns: u64, depth: usize) -> Step {
-    if plan.tokens.is_none() {
-        return choose(ops, wait_ns, depth);
-    }
-    let fallbacks: Vec<Fallback> = ops
-        .fallbacks
-        .iter()
-        .copied()
-        .filter(|f| *f != Fallback::Queue)
-        .collect();
-    walk(ops, &fallbacks, wait_ns, depth)
+    walk(ops, &usable(ops, plan), wait_ns, depth)
 }
 
-/// The fallback route's own budget had no room: walk the fallbacks listed after
-/// `fallback_route` (a 429 when nothing else applies).
-pub fn choose_after_route(ops: &ClassOps, wait_ns: u64, depth: usize) -> Step {
-    let rest = ops
-        .fallbacks
+/// The fallback route's own budget had no room: walk the fallbacks the request may use
+/// that are listed after `fallback_route` (a 429 when nothing else applies).
+pub fn choose_after_route(ops: &ClassOps, plan: &Plan, wait_ns: u64, depth: usize) -> Step {
+    let fallbacks = usable(ops, plan);
+    let rest = fallbacks
         .iter()
         .position(|f| *f == Fallback::FallbackRoute)
-        .map_or(&ops.fallbacks[..0], |i| &ops.fallbacks[i + 1..]);
+        .map_or(&fallbacks[..0], |i| &fallbacks[i + 1..]);
     walk(ops, rest, wait_ns, depth)
+}
+
+/// The class's fallbacks, in order, that apply to this request. An AI request (token
+/// buckets, `crate::ai`) is never queued: a queued request is paid when it is released,
+/// from the root tick, where its reservation could not be settled against its response.
+fn usable(ops: &ClassOps, plan: &Plan) -> Vec<Fallback> {
+    ops.fallbacks
+        .iter()
+        .copied()
+        .filter(|f| !(*f == Fallback::Queue && plan.tokens.is_some()))
+        .collect()
 }
 
 /// What a request sent to its class's fallback route is charged to: the route's own bucket
@@ -236,13 +236,14 @@ mod tests {
         );
         assert_eq!(choose(&ops(&[FallbackRoute, Reject]), 0, 0), Step::Route);
         // The route's budget is full: what follows it.
+        let pl = plain_plan();
         let q = ops(&[FallbackRoute, Queue, Reject]);
         assert_eq!(
-            choose_after_route(&q, 500 * MS, 0),
+            choose_after_route(&q, &pl, 500 * MS, 0),
             Step::Queue { wait_ns: 500 * MS }
         );
         assert_eq!(
-            choose_after_route(&ops(&[FallbackRoute, Reject]), 0, 0),
+            choose_after_route(&ops(&[FallbackRoute, Reject]), &pl, 0, 0),
             Step::Reject {
                 queue_refused: false
             }
@@ -262,6 +263,20 @@ principals:
 tenants:
   default: { ceiling: { per_minute: 100, burst: 20 } }
 "#;
+
+    /// A request of ROUTE_POLICY's web class (no token buckets).
+    fn plain_plan() -> Plan {
+        use crate::engine::{plan, RequestInfo};
+        let p = crate::policy::parse(ROUTE_POLICY).unwrap();
+        let req = RequestInfo {
+            tenant: Some("t"),
+            principal: Some("b"),
+            method: "GET",
+            path: "/",
+            ..RequestInfo::default()
+        };
+        plan(&p, &req).unwrap()
+    }
 
     #[test]
     fn the_fallback_route_is_charged_to_its_own_bounded_bucket() {

@@ -346,7 +346,7 @@ proptest! {
 
 #[test]
 fn an_ai_request_is_never_queued() {
-    use crate::degrade::{choose_for, Step};
+    use crate::degrade::{choose_after_route, choose_for, Step};
     use crate::policy::ops::{ClassOps, FallbackRoute, QueueSettings};
     use crate::policy::Fallback;
     let ops = ClassOps {
@@ -374,4 +374,20 @@ fn an_ai_request_is_never_queued() {
         choose_for(&ops, &ai, 1_000, 0),
         Step::Reject { .. }
     ));
+    // Nor after the fallback route's own budget had no room.
+    let ops = ClassOps {
+        fallbacks: vec![Fallback::FallbackRoute, Fallback::Queue, Fallback::Reject],
+        ..ops
+    };
+    assert_eq!(choose_for(&ops, &ai, 1_000, 0), Step::Route);
+    assert_eq!(
+        choose_after_route(&ops, &pl, 1_000, 0),
+        Step::Queue { wait_ns: 1_000 }
+    );
+    assert_eq!(
+        choose_after_route(&ops, &ai, 1_000, 0),
+        Step::Reject {
+            queue_refused: false
+        }
+    );
 }

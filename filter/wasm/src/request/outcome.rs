@@ -367,7 +367,7 @@ impl Request {
             },
             |o| {
                 if after_route {
-                    degrade::choose_after_route(o, wait_ns, depth)
+                    degrade::choose_after_route(o, plan, wait_ns, depth)
                 } else {
                     degrade::choose_for(o, plan, wait_ns, depth)
                 }
