@@ -25,7 +25,7 @@ use laneguard_service::store::Charge;
 use laneguard_service::{
     server, ManualClock, Options, RateLimiter, RedisSettings, RedisStore, Store, StoreError,
 };
-use support::{RedisCluster, RedisServer};
+use support::{RedisCluster, RedisServer, Shape};
 use tokio::net::TcpListener;
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -113,7 +113,7 @@ const HEALTH_WITHIN: Duration = Duration::from_secs(10);
 
 #[tokio::test]
 async fn health_is_not_serving_while_redis_is_down_or_paused() {
-    let mut redis = RedisServer::start();
+    let mut redis = RedisServer::start_scratch().unwrap();
     let store = Arc::new(RedisStore::standalone(&redis.url(), settings()).unwrap());
     let channel = serve_channel(store).await;
     let mut rls = RateLimitServiceClient::new(channel.clone());
@@ -125,16 +125,15 @@ async fn health_is_not_serving_while_redis_is_down_or_paused() {
     redis.stop();
     health_becomes(&mut hc, ServingStatus::NotServing, HEALTH_WITHIN).await;
     assert_eq!(call(&mut rls, "acme").await.0, tonic::Code::Unavailable);
-    redis.restart();
+    redis.restart().unwrap();
     health_becomes(&mut hc, ServingStatus::Serving, HEALTH_WITHIN).await;
     assert_eq!(call(&mut rls, "acme").await.0, tonic::Code::Ok);
 
     // Paused (SIGSTOP) past the store timeout: the port accepts, nothing answers.
-    let pid = redis.pid();
-    RedisServer::signal(pid, "STOP");
+    redis.pause().unwrap();
     health_becomes(&mut hc, ServingStatus::NotServing, HEALTH_WITHIN).await;
     let (code, took) = call(&mut rls, "acme").await;
-    RedisServer::signal(pid, "CONT");
+    redis.resume().unwrap();
     assert_eq!(code, tonic::Code::Unavailable);
     assert!(took < Duration::from_secs(2), "took {took:?}");
     health_becomes(&mut hc, ServingStatus::Serving, HEALTH_WITHIN).await;
@@ -194,7 +193,7 @@ async fn call(
 
 #[tokio::test]
 async fn redis_down_is_unavailable_quickly_and_the_service_recovers() {
-    let mut redis = RedisServer::start();
+    let mut redis = RedisServer::start_scratch().unwrap();
     let store = Arc::new(RedisStore::standalone(&redis.url(), settings()).unwrap());
     let mut client = serve(store).await;
     assert_eq!(call(&mut client, "acme").await.0, tonic::Code::Ok);
@@ -206,7 +205,7 @@ async fn redis_down_is_unavailable_quickly_and_the_service_recovers() {
         assert!(took < Duration::from_secs(1), "took {took:?}");
     }
 
-    redis.restart();
+    redis.restart().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let (code, took) = call(&mut client, "acme").await;
@@ -248,9 +247,7 @@ async fn redis_that_never_answers_times_out() {
 async fn corrupt_state_is_internal() {
     let redis = support::shared_redis();
     let key = key::encode("failures", &[("tenant", "mangled"), ("bucket", "shared")]);
-    redis
-        .command::<()>(redis::cmd("SET").arg(&key).arg("not-a-timestamp"))
-        .unwrap();
+    redis.cli(&["SET", &key, "not-a-timestamp"]).unwrap();
     let store = Arc::new(RedisStore::standalone(&redis.url(), settings()).unwrap());
     let charge = Charge {
         key: key.clone(),
@@ -272,7 +269,7 @@ async fn corrupt_state_is_internal() {
 
 #[tokio::test]
 async fn cluster_primary_down_is_unavailable_quickly() {
-    let cluster = RedisCluster::start();
+    let cluster = RedisCluster::start_scratch(Shape::primaries(3)).unwrap();
     let store = Arc::new(RedisStore::from_spec(&cluster.spec(), settings()).unwrap());
     let mut client = serve(store).await;
     // Tenants spread over the three primaries.
@@ -301,7 +298,7 @@ async fn cluster_primary_down_is_unavailable_quickly() {
 
 #[tokio::test]
 async fn health_is_not_serving_while_a_cluster_primary_is_down() {
-    let cluster = RedisCluster::start();
+    let cluster = RedisCluster::start_scratch(Shape::primaries(3)).unwrap();
     let store = Arc::new(RedisStore::from_spec(&cluster.spec(), settings()).unwrap());
     let channel = serve_channel(store).await;
     let mut hc = HealthClient::new(channel);

@@ -33,7 +33,7 @@ pub use client::{Client, Reply};
 pub use config::{demo_config, demo_policy, DemoPorts};
 pub use envoy::{Envoy, EnvoyFailure, EnvoyOptions};
 pub use process::{BlackHole, Service, Upstream};
-pub use redis::{RedisCluster, RedisServer};
+pub use redis::{RedisCluster, RedisServer, Shape};
 pub use rundir::RunDir;
 pub use scrape::Scrape;
 

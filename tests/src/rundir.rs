@@ -51,6 +51,12 @@ impl RunDir {
     }
 }
 
+impl AsRef<Path> for RunDir {
+    fn as_ref(&self) -> &Path {
+        self.path()
+    }
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
         let keep = std::thread::panicking() || std::env::var_os("LANEGUARD_KEEP_LOGS").is_some();

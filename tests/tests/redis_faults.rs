@@ -20,7 +20,7 @@
 use laneguard_tests::chaos::{drift_pct, Load, Recorded};
 use laneguard_tests::traffic::Stream;
 use laneguard_tests::{
-    health, test_policy, token, EnvoyOptions, RedisCluster, RedisServer, RunDir, Stack,
+    health, test_policy, token, EnvoyOptions, RedisCluster, RedisServer, RunDir, Shape, Stack,
 };
 use std::net::SocketAddr;
 use std::sync::Mutex;
@@ -308,7 +308,7 @@ fn redis_paused_past_its_timeout() {
 fn cluster_primary_killed_replica_promoted() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = RunDir::new("fault-cluster").unwrap();
-    let cluster = Mutex::new(RedisCluster::start(&dir, 3).unwrap());
+    let cluster = Mutex::new(RedisCluster::start(&dir, Shape::with_replicas(3)).unwrap());
     let spec = cluster.lock().unwrap().spec();
     let stack = start("fault-cluster-stack", &spec);
     let (rec, t) = scenario(
