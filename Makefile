@@ -6,7 +6,8 @@
 #   make lint    rustfmt, clippy (host and wasm32-wasip1), envoy --mode validate on envoy/
 #   make build   the Wasm filter (release) and the service and upstream binaries
 #   make bench   laneguard vs Envoy's native filters: docs/benchmarks.md, bench/results/
-#   make bench-accuracy   2 Envoys x 2 workers past a binding limit: docs/accuracy.md
+#   make bench-accuracy   2 Envoys x 2 workers past a binding limit (docs/accuracy.md), then a
+#                 fleet on Redis Cluster (4 Envoys, 3 services, kills; docs/benchmarks.md)
 #   make bench-rtt   open-loop load with a delayed link to the service: bench/results/rtt.json
 #   make bench-replay   laneguard-replay on a million-line trace: bench/results/replay.json
 #   make chaos   the Redis fault suite with longer faults and windows (docs/reliability.md)
@@ -41,7 +42,7 @@ endif
 .PHONY: help bootstrap build build-wasm run test test-prometheus lint bench bench-build bench-accuracy bench-rtt bench-replay chaos demo-chaos fuzz soak clean distclean
 
 help:
-	@sed -n '3,16p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
+	@sed -n '3,17p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
 
 bootstrap:
 	@scripts/bootstrap.sh $(BOOTSTRAP_FLAGS)
@@ -87,7 +88,7 @@ lint: build-wasm
 bench-build: bootstrap
 	@scripts/bootstrap.sh $(BOOTSTRAP_FLAGS) --with-load --with-redis
 	$(CARGO) build --release --target $(WASM_TARGET) -p laneguard-wasm -p laneguard-bench-noop
-	$(CARGO) build --release -p laneguard-service -p laneguard-upstream -p laneguard-rls-load -p laneguard-netbench -p laneguard-replay
+	$(CARGO) build --release -p laneguard-service -p laneguard-upstream -p laneguard-rls-load -p laneguard-netbench -p laneguard-replay -p laneguard-redis-harness
 
 bench: bench-build
 	python3 bench/run.py

@@ -20,6 +20,10 @@ over the same window, per 1,000 requests served.
 The last line printed is, exactly:
   accuracy error_pct=<signed float> rpcs_per_1000=<float>
 for the grants-on run. Settings (environment): see SETTINGS below.
+
+Then the fleet part (bench/accuracy_cluster.py, ACC_CLUSTER=1 by default): 4 Envoys, 3
+service replicas, a Redis Cluster, a 1 ms link; its line comes last:
+  accuracy_cluster error_pct=<signed float> rpcs_per_1000=<float>
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import accuracy_cluster  # noqa: E402
 from benchlib import (  # noqa: E402
     BENCH, LANEGUARD_WASM, RESULTS, ROOT, BenchError, Envoy, env_float, env_int,
     envoy_config, git_state, log, machine_description, policy_json, replace_between,
@@ -254,7 +259,28 @@ def main() -> int:
         print(f"bench-accuracy: {e}", file=sys.stderr)
         return 1
     w = runs[0]["window"]
-    print(f"accuracy error_pct={w['error_pct']:.3f} rpcs_per_1000={w['rpcs_per_1000']:.3f}")
+    print(f"accuracy error_pct={w['error_pct']:.3f} rpcs_per_1000={w['rpcs_per_1000']:.3f}",
+          flush=True)
+    return cluster_part(machine)
+
+
+def cluster_part(machine: dict) -> int:
+    """The Redis Cluster fleet run (bench/accuracy_cluster.py), unless ACC_CLUSTER=0."""
+    try:
+        r = accuracy_cluster.run()
+        if r is None:
+            return 0
+        (RESULTS / "accuracy_cluster.json").write_text(json.dumps(r, indent=1) + "\n")
+        accuracy_cluster.write_latest(r)
+        doc = accuracy_cluster.DOC
+        doc.write_text(replace_between(doc.read_text(), "accuracy_cluster",
+                                       accuracy_cluster.doc_section(r, machine, git_state())))
+    except BenchError as e:
+        print(f"bench-accuracy (cluster): {e}", file=sys.stderr)
+        return 1
+    w = r["steady"]["window"]
+    print(f"accuracy_cluster error_pct={w['error_pct']:.3f} "
+          f"rpcs_per_1000={w['rpcs_per_1000']:.3f}")
     return 0
 
 

@@ -656,6 +656,9 @@ def write_outputs(full: dict) -> None:
         latest = [{k: r.get(k) for k in ("name", "rps", "p50_us", "p99_us", "p999_us",
                                           "rpcs_per_1000")}
                   for r in main["summary"] if r["name"] in CONFIGS]
+        # Rows other benchmarks add (make bench-accuracy's accuracy_cluster) stay.
+        if LATEST.exists():
+            latest += [r for r in json.loads(LATEST.read_text()) if r.get("name") not in CONFIGS]
         LATEST.write_text(json.dumps(latest, indent=2) + "\n")
     plots(full)
     doc = DOC.read_text()

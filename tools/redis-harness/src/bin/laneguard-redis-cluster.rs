@@ -27,7 +27,7 @@ use laneguard_redis_harness::{Error, RedisCluster, Result, Shape};
 #[derive(Parser, Debug)]
 #[command(about = "A Redis Cluster on ephemeral loopback ports, for benchmarks")]
 struct Args {
-    /// Where the nodes keep their logs and data.
+    /// Where the nodes keep their logs and data (emptied first).
     #[arg(long)]
     dir: PathBuf,
     #[arg(long, default_value_t = 3)]
@@ -101,6 +101,11 @@ fn start_front(cmd: &str, port: u16) -> Result<(Front, u16)> {
 }
 
 fn run(args: &Args) -> Result<()> {
+    // A fresh directory: a node that finds an old nodes.conf rejoins that old cluster.
+    if args.dir.exists() {
+        std::fs::remove_dir_all(&args.dir)
+            .map_err(|e| Error(format!("removing {}: {e}", args.dir.display())))?;
+    }
     std::fs::create_dir_all(&args.dir)
         .map_err(|e| Error(format!("creating {}: {e}", args.dir.display())))?;
     let shape = Shape {
