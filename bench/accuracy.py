@@ -38,9 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import accuracy_cluster  # noqa: E402
 from benchlib import (  # noqa: E402
-    BENCH, LANEGUARD_WASM, RESULTS, ROOT, BenchError, Envoy, env_float, env_int,
-    envoy_config, git_state, log, machine_description, policy_json, replace_between,
-    require, service_flags, start_service, start_upstream, taskset, wasm_filter,
+    BENCH, LANEGUARD_WASM, RESULTS, ROOT, BenchError, Envoy, envoy_config, fleet_stats, git_state, log, machine_description, policy_json, replace_between,
+    require, service_flags, setting_of, start_service, start_upstream, taskset, wasm_filter,
     wasm_fingerprint,
 )
 
@@ -63,8 +62,7 @@ STATS = (r"^http\.bench\.downstream_rq_(total|2xx|4xx|5xx)$"
 
 
 def setting(name: str) -> float:
-    default, _ = SETTINGS[name]
-    return env_float(name, default) if isinstance(default, float) else env_int(name, default)
+    return setting_of(SETTINGS, name)
 
 
 def policy() -> str:
@@ -79,14 +77,7 @@ def policy() -> str:
 
 def snapshot(envoys: list[Envoy]) -> dict:
     """Counters summed over every Envoy, stamped with the mid-point of the sampling."""
-    t0 = time.monotonic()
-    total: dict[str, int] = {}
-    for e in envoys:
-        for k, v in e.stats(STATS).items():
-            total[k] = total.get(k, 0) + v
-    t1 = time.monotonic()
-    total["_t"] = (t0 + t1) / 2
-    return total
+    return fleet_stats(envoys, STATS)
 
 
 def window(a: dict, b: dict, rate: float) -> dict:

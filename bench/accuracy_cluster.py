@@ -36,8 +36,8 @@ import urllib.request
 from pathlib import Path
 
 from benchlib import (
-    LANEGUARD_WASM, RELEASE, RESULTS, ROOT, BenchError, Binary, Envoy, Proc, env_float, env_int,
-    envoy_config, log, require, start_service, start_upstream, wasm_filter,
+    LANEGUARD_WASM, RELEASE, RESULTS, ROOT, BenchError, Binary, Envoy, Proc, envoy_config,
+    fleet_stats, log, require, setting_of, start_service, start_upstream, wasm_filter,
 )
 
 SETTINGS = {
@@ -64,8 +64,7 @@ STATS = (r"^http\.bench\.downstream_rq_(total|2xx|4xx|5xx)$"
 
 
 def setting(name: str):
-    default, _ = SETTINGS[name]
-    return env_float(name, default) if isinstance(default, float) else env_int(name, default)
+    return setting_of(SETTINGS, name)
 
 
 def policy() -> str:
@@ -247,14 +246,9 @@ class Protected:
 
 
 def snapshot(envoys: list[Envoy], cluster: Cluster | None = None) -> dict:
-    t0 = time.monotonic()
-    total: dict = {}
-    for e in envoys:
-        for k, v in e.stats(STATS).items():
-            total[k] = total.get(k, 0) + v
+    total = fleet_stats(envoys, STATS)
     if cluster is not None:
         total["_redis_commands"] = cluster.commands()
-    total["_t"] = (t0 + time.monotonic()) / 2
     return total
 
 

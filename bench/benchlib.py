@@ -67,6 +67,13 @@ def env_float(name: str, default: float) -> float:
         raise BenchError(f"{name}={raw!r} is not a number") from e
 
 
+def setting_of(settings: dict, name: str):
+    """The environment's value of a benchmark setting `name`, whose (default, help) is in
+    `settings`; the default's type (int or float) is the setting's type."""
+    default, _ = settings[name]
+    return env_float(name, default) if isinstance(default, float) else env_int(name, default)
+
+
 def median(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
@@ -372,6 +379,18 @@ class Envoy(Proc):
 
     def memory(self) -> dict:
         return json.loads(http_get(f"http://{self.admin}/memory"))
+
+
+def fleet_stats(envoys: list[Envoy], pattern: str) -> dict:
+    """Counters matching `pattern` summed over every Envoy, stamped (`_t`) with the
+    mid-point of the sampling."""
+    t0 = time.monotonic()
+    total: dict = {}
+    for e in envoys:
+        for k, v in e.stats(pattern).items():
+            total[k] = total.get(k, 0) + v
+    total["_t"] = (t0 + time.monotonic()) / 2
+    return total
 
 
 def render(template: str, **fields) -> str:
