@@ -8,11 +8,11 @@
 //! decrement admitted without the service), and a refund joins this worker's refunds, sent
 //! on the same tick (`x-laneguard-report: refund`, `crate::root`).
 
-use super::{DecidedBy, Request};
+use super::outcome::Verdict;
+use super::Request;
 use crate::host::{Action, Host};
 use laneguard_core::ai::{self, Inspected, NoUsage, ResponseReader, Settle};
 use laneguard_core::audit::Event;
-use laneguard_core::engine::Evaluation;
 use laneguard_core::headers::error_body;
 use laneguard_core::{Bucket, Plan};
 use std::rc::Rc;
@@ -146,19 +146,12 @@ impl Request {
     /// the policy names a cheaper one. Rewrites the request (model header, body `model`),
     /// records the fallback, and decides the request again on the cheaper model's buckets.
     /// `None` when the fallback does not apply.
-    pub(super) fn try_cheaper(
-        &mut self,
-        h: &dyn Host,
-        plan: &Plan,
-        eval: &Evaluation,
-        tripped: usize,
-        by: DecidedBy,
-        borrowing: bool,
-    ) -> Option<Action> {
+    pub(super) fn try_cheaper(&mut self, h: &dyn Host, v: Verdict<'_>) -> Option<Action> {
+        let Verdict { plan, eval, by, .. } = v;
         let shared = Rc::clone(&self.shared);
         let st = self.ai.as_ref()?;
-        let attempt = plan.attempt(borrowing);
-        let bucket = attempt.get(tripped)?;
+        let attempt = v.attempt();
+        let bucket = v.tripped_bucket()?;
         let (to, next) = ai::downgrade(&shared.policy, plan, &st.inspected, bucket)?;
         let from = st.inspected.model.clone().unwrap_or_default();
         let body_len = st.body_len;
@@ -183,7 +176,7 @@ impl Request {
             &attempt,
             by,
         );
-        rec.bucket = eval.levels.get(tripped).map(|l| l.name.clone());
+        rec.bucket = v.bucket_name();
         rec.fallback = Some(ai::CHEAPER_MODEL);
         self.emit(h, rec);
         log::info!(

@@ -10,7 +10,7 @@ use laneguard_core::audit::{Caller, Event, Record};
 use laneguard_core::degrade::{self, Step};
 use laneguard_core::engine::{Evaluation, Level};
 use laneguard_core::headers::{limited_body, rate_limit_headers};
-use laneguard_core::rollout::{self, Verdict};
+use laneguard_core::rollout;
 use laneguard_core::{Bucket, BucketKind, Plan};
 use std::rc::Rc;
 
@@ -20,6 +20,59 @@ pub(super) struct Limited {
     eval: Evaluation,
     tripped: usize,
     borrowing: bool,
+}
+
+impl Limited {
+    /// The verdict again, as decided by the second decision's path.
+    fn verdict(&self, by: DecidedBy) -> Verdict<'_> {
+        Verdict {
+            plan: &self.plan,
+            eval: &self.eval,
+            tripped: self.tripped,
+            by,
+            borrowing: self.borrowing,
+        }
+    }
+}
+
+/// A limited request as judged: its plan, the evaluation, the bucket that tripped (an
+/// index into the attempt), the path that decided, and whether it was the borrowing
+/// attempt. Every outcome of a limit (shadow, enforce, cheaper model, the fallbacks)
+/// starts from one.
+#[derive(Clone, Copy)]
+pub(super) struct Verdict<'a> {
+    pub(super) plan: &'a Plan,
+    pub(super) eval: &'a Evaluation,
+    pub(super) tripped: usize,
+    pub(super) by: DecidedBy,
+    pub(super) borrowing: bool,
+}
+
+impl<'a> Verdict<'a> {
+    /// The buckets the decision drew on (the borrow in the lane's place when borrowing).
+    pub(super) fn attempt(&self) -> Vec<&'a Bucket> {
+        self.plan.attempt(self.borrowing)
+    }
+
+    /// The bucket that tripped, when known.
+    pub(super) fn tripped_bucket(&self) -> Option<&'a Bucket> {
+        self.attempt().get(self.tripped).copied()
+    }
+
+    /// The tripped bucket's name as the evaluation reports it.
+    pub(super) fn bucket_name(&self) -> Option<String> {
+        self.eval.levels.get(self.tripped).map(|l| l.name.clone())
+    }
+
+    /// Kept for a second decision (see [`Then`]).
+    fn limited(&self) -> Limited {
+        Limited {
+            plan: self.plan.clone(),
+            eval: self.eval.clone(),
+            tripped: self.tripped,
+            borrowing: self.borrowing,
+        }
+    }
 }
 
 /// What a second decision is for, and what its outcome means. The second plan is decided
@@ -46,12 +99,8 @@ impl Request {
         now: u64,
     ) -> Action {
         match self.then.take() {
-            Some(Then::Shadow(l)) => {
-                return self.shadow(h, &l.plan, &l.eval, l.tripped, by, l.borrowing)
-            }
-            Some(Then::Route(l)) => {
-                return self.finish(h, Step::Route, &l.plan, &l.eval, l.tripped, by, l.borrowing)
-            }
+            Some(Then::Shadow(l)) => return self.shadow(h, l.verdict(by)),
+            Some(Then::Route(l)) => return self.finish(h, Step::Route, l.verdict(by)),
             None => {}
         }
         let shared = Rc::clone(&self.shared);
@@ -206,7 +255,7 @@ impl Request {
             Some(Then::Route(l)) => {
                 // The fallback route's own budget has no room: the fallbacks after it.
                 let step = self.next_step(&l.plan, &l.eval, true);
-                return self.finish(h, step, &l.plan, &l.eval, l.tripped, by, l.borrowing);
+                return self.finish(h, step, l.verdict(by));
             }
             // The enforced part of a shadow limit has no room: judged as itself below.
             Some(Then::Shadow(_)) => true,
@@ -221,9 +270,15 @@ impl Request {
             plan.family.as_deref(),
             &room,
         );
-        let tripped = j.bucket.or(eval.tripped).unwrap_or(0);
+        let v = Verdict {
+            plan,
+            eval,
+            tripped: j.bucket.or(eval.tripped).unwrap_or(0),
+            by,
+            borrowing,
+        };
         match j.verdict {
-            Verdict::ShadowLimit => {
+            rollout::Verdict::ShadowLimit => {
                 // A shadow rule never weakens an enforced one: an enforced request still
                 // pays every enforced bucket, and is limited when one of them has no room.
                 let part = (!paying_part)
@@ -231,19 +286,14 @@ impl Request {
                     .flatten();
                 match part {
                     Some(part) => {
-                        self.then = Some(Then::Shadow(Limited {
-                            plan: plan.clone(),
-                            eval: eval.clone(),
-                            tripped,
-                            borrowing,
-                        }));
+                        self.then = Some(Then::Shadow(v.limited()));
                         self.decide_again(h, part, by)
                     }
-                    None => self.shadow(h, plan, eval, tripped, by, borrowing),
+                    None => self.shadow(h, v),
                 }
             }
             // `Allow` cannot happen for an evaluation without room; refuse rather than guess.
-            Verdict::Limit | Verdict::Allow => self.enforce(h, plan, eval, tripped, by, borrowing),
+            rollout::Verdict::Limit | rollout::Verdict::Allow => self.enforce(h, v),
         }
     }
 
@@ -288,18 +338,11 @@ impl Request {
     }
 
     /// Would have been limited: let it through, with the headers and a record.
-    fn shadow(
-        &mut self,
-        h: &dyn Host,
-        plan: &Plan,
-        eval: &Evaluation,
-        tripped: usize,
-        by: DecidedBy,
-        borrowing: bool,
-    ) -> Action {
-        let attempt = plan.attempt(borrowing);
-        self.count_limit(h, plan, attempt.get(tripped).map(|b| b.kind), true, by);
-        let bucket = eval.levels.get(tripped).map(|l| l.name.clone());
+    fn shadow(&mut self, h: &dyn Host, v: Verdict<'_>) -> Action {
+        let Verdict { plan, eval, by, .. } = v;
+        let attempt = v.attempt();
+        self.count_limit(h, plan, v.tripped_bucket().map(|b| b.kind), true, by);
+        let bucket = v.bucket_name();
         let (_, active) = self.squeeze(h, plan);
         let mut headers = rate_limit_headers(&eval.levels, self.shared.policy.draft03_headers);
         headers.push((
@@ -326,34 +369,21 @@ impl Request {
     }
 
     /// Limited: the class's fallbacks, in order, before the 429.
-    fn enforce(
-        &mut self,
-        h: &dyn Host,
-        plan: &Plan,
-        eval: &Evaluation,
-        tripped: usize,
-        by: DecidedBy,
-        borrowing: bool,
-    ) -> Action {
-        if let Some(action) = self.try_cheaper(h, plan, eval, tripped, by, borrowing) {
+    fn enforce(&mut self, h: &dyn Host, v: Verdict<'_>) -> Action {
+        if let Some(action) = self.try_cheaper(h, v) {
             return action;
         }
+        let Verdict { plan, eval, by, .. } = v;
         let shared = Rc::clone(&self.shared);
-        let attempt = plan.attempt(borrowing);
-        self.count_limit(h, plan, attempt.get(tripped).map(|b| b.kind), false, by);
+        self.count_limit(h, plan, v.tripped_bucket().map(|b| b.kind), false, by);
         let step = self.next_step(plan, eval, false);
         if step == Step::Route {
             // The fallback route has its own budget: pay it first (see [`Then::Route`]).
             let route = degrade::route_plan(&shared.policy, plan);
-            self.then = Some(Then::Route(Limited {
-                plan: plan.clone(),
-                eval: eval.clone(),
-                tripped,
-                borrowing,
-            }));
+            self.then = Some(Then::Route(v.limited()));
             return self.decide_again(h, route, by);
         }
-        self.finish(h, step, plan, eval, tripped, by, borrowing)
+        self.finish(h, step, v)
     }
 
     /// The class's fallback for a limited request: the first that applies, or (once the
@@ -376,20 +406,17 @@ impl Request {
     }
 
     /// Carry out the fallback chosen for a limited request: queue, route, or 429.
-    #[allow(clippy::too_many_arguments)]
-    fn finish(
-        &mut self,
-        h: &dyn Host,
-        step: Step,
-        plan: &Plan,
-        eval: &Evaluation,
-        tripped: usize,
-        by: DecidedBy,
-        borrowing: bool,
-    ) -> Action {
+    fn finish(&mut self, h: &dyn Host, step: Step, v: Verdict<'_>) -> Action {
+        let Verdict {
+            plan,
+            eval,
+            by,
+            borrowing,
+            ..
+        } = v;
         let shared = Rc::clone(&self.shared);
         let m = &shared.metrics;
-        let attempt = plan.attempt(borrowing);
+        let attempt = v.attempt();
         let (_, active) = self.squeeze(h, plan);
         let now = h.now_ns();
         let ops = shared.policy.ops.class(plan.class);
@@ -398,7 +425,7 @@ impl Request {
         if let Some(c) = m.class(plan.class) {
             c.fallback.get(fallback).inc(h);
         }
-        let bucket = eval.levels.get(tripped).map(|l| l.name.clone());
+        let bucket = v.bucket_name();
         let mut events = vec![Event::Limited];
         if !matches!(step, Step::Reject { .. }) {
             events.push(Event::Degraded);
