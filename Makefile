@@ -14,6 +14,7 @@
 #   make demo-chaos   the demo on Redis, service and Redis killed on a schedule, outcomes per second
 #   make fuzz    every fuzz target for FUZZ_SECONDS each (default 60): docs/fuzzing.md
 #   make soak    10 minutes of mixed traffic with a service restart; memory at start and end
+#   make soak-tenants   1,000,000 random tenants: VM memory and shared-data keys stay bounded
 #   make clean   remove build output and demo logs; `make distclean` also removes .venv
 #
 # ENVOY is the Envoy command. It defaults to the pinned Envoy that scripts/bootstrap.sh
@@ -39,7 +40,7 @@ BOOTSTRAP_FLAGS ?= --without-envoy
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: help bootstrap build build-wasm run test test-prometheus lint bench bench-build bench-accuracy bench-rtt bench-replay chaos demo-chaos fuzz soak clean distclean
+.PHONY: help bootstrap build build-wasm run test test-prometheus lint bench bench-build bench-accuracy bench-rtt bench-replay chaos demo-chaos fuzz soak soak-tenants clean distclean
 
 help:
 	@sed -n '3,17p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
@@ -111,7 +112,13 @@ bench-accuracy: bench-build
 SOAK_SECONDS ?= 600
 soak: build
 	@scripts/bootstrap.sh $(BOOTSTRAP_FLAGS) --with-redis
-	SOAK_SECONDS=$(SOAK_SECONDS) $(CARGO) test -p laneguard-tests --test soak -- --ignored --nocapture
+	SOAK_SECONDS=$(SOAK_SECONDS) $(CARGO) test -p laneguard-tests --test soak soak_mixed -- --ignored --nocapture
+
+# The other ignored test of tests/tests/soak.rs: TENANTS distinct random tenants, half with
+# the service up, half with it down (docs/reliability.md).
+TENANTS ?= 1000000
+soak-tenants: build
+	TENANTS=$(TENANTS) $(CARGO) test -p laneguard-tests --test soak a_million_tenants -- --ignored --nocapture
 
 # The demo (scripts/run-demo.sh) on a Redis of its own while scripts/demo-chaos.sh kills and
 # restarts the service and Redis on a schedule (CHAOS_DEMO_SECONDS, default 90).

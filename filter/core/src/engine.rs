@@ -517,8 +517,23 @@ impl LocalBucket {
 pub struct LocalTable {
     buckets: HashMap<String, LocalBucket>,
     max_buckets: usize,
+    /// Live buckets evicted at the cap since the last [`LocalTable::take_evicted`].
+    evicted: u64,
 }
 
+/// The default cap on one worker's table (`service.max_buckets`). At about 200 bytes a
+/// bucket (key, state, map slot) it is about 20 MB of a VM's memory.
+///
+/// The eviction rule ([`LocalTable::new`]): when a new bucket would pass the cap, buckets
+/// that carry no state (full again, no lease, no renewal, no hold) are pruned first; if the
+/// table is still full, a batch of a sixteenth of the cap is evicted, the buckets closest to
+/// full first (lowest GCRA theoretical arrival time: the least state lost). An evicted
+/// bucket is as if new. While the service answers that costs calls, never over-admission:
+/// the mirror only refuses on evidence, a new bucket's next request is decided centrally,
+/// and a lease it held is forgotten (pre-paid, so at worst under-admission). While the
+/// service is down (`local` failure mode) an evicted bucket starts full again: at most one
+/// more burst at `service.local_share`, reported when the service is back. Each eviction is
+/// counted ([`LocalTable::take_evicted`], stat `buckets.evicted`).
 pub const DEFAULT_MAX_BUCKETS: usize = 100_000;
 
 /// How long a worker refuses locally after the service reported a bucket empty, at least.
@@ -541,6 +556,7 @@ impl LocalTable {
         LocalTable {
             buckets: HashMap::new(),
             max_buckets: max_buckets.max(1),
+            evicted: 0,
         }
     }
 
@@ -550,6 +566,17 @@ impl LocalTable {
 
     pub fn is_empty(&self) -> bool {
         self.buckets.is_empty()
+    }
+
+    /// The cap on [`LocalTable::len`].
+    pub fn max_buckets(&self) -> usize {
+        self.max_buckets
+    }
+
+    /// Live buckets evicted at the cap since the last call (pruned idle ones not counted:
+    /// they carried no state).
+    pub fn take_evicted(&mut self) -> u64 {
+        std::mem::take(&mut self.evicted)
     }
 
     fn state(&self, key: &str) -> Gcra {
@@ -877,7 +904,9 @@ impl LocalTable {
             by_tat.select_nth_unstable(batch - 1);
         }
         for (_, k) in by_tat.into_iter().take(batch) {
-            self.buckets.remove(&k);
+            if self.buckets.remove(&k).is_some() {
+                self.evicted = self.evicted.saturating_add(1);
+            }
         }
     }
 }

@@ -32,6 +32,7 @@ pub mod peer;
 pub mod policy;
 pub mod quota;
 pub mod rate;
+pub mod reconnect;
 pub mod replay;
 pub mod rollout;
 

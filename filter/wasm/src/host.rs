@@ -114,3 +114,15 @@ pub trait Host {
     fn define_metric(&self, kind: MetricKind, name: &str) -> Result<u32, HostError>;
     fn increment_metric(&self, id: u32, delta: i64) -> Result<(), HostError>;
 }
+
+/// This VM's linear memory in bytes (WebAssembly pages of 64 KiB); 0 off wasm32 (tests).
+pub fn vm_memory_bytes() -> u64 {
+    #[cfg(target_arch = "wasm32")]
+    {
+        (core::arch::wasm32::memory_size(0) as u64).saturating_mul(65_536)
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        0
+    }
+}

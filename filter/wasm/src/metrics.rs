@@ -194,8 +194,22 @@ pub struct Metrics {
     /// Hits admitted without the service, not yet reported.
     pub unreported_hits: Gauge,
     pub buckets: Gauge,
+    /// Live buckets evicted from this worker's table at its cap (`service.max_buckets`).
+    pub buckets_evicted: Counter,
+    /// Hits admitted without the service and forgotten: the VM's published ledger was at
+    /// its cap (`reconcile::MAX_LEDGER_ENTRIES` buckets) during an outage.
+    pub unreported_dropped: Counter,
+    /// Shared-data keys of this filter in this Envoy and the bytes of their values
+    /// (`reconcile::footprint`; the same figure in every VM): keys never carry a tenant.
+    pub shared_data_keys: Gauge,
+    pub shared_data_bytes: Gauge,
+    /// This VM's linear memory (WebAssembly pages times 64 KiB; it only grows).
+    pub vm_memory_bytes: Gauge,
     pub lease_renewals: Counter,
     pub reported_hits: Counter,
+    /// Of `reported_hits`, those sent as soon as the service answered again after failing,
+    /// rather than on the sync tick (`laneguard_core::reconnect`).
+    pub reported_on_reconnect: Counter,
     /// AI requests (token budgets); defined only when the policy has token budgets.
     pub tokens: TokenCounters,
 }
@@ -441,8 +455,14 @@ impl Metrics {
             lease_outstanding: g("lease.outstanding"),
             unreported_hits: g("unreported_hits"),
             buckets: g("buckets"),
+            buckets_evicted: c("buckets.evicted"),
+            unreported_dropped: c("unreported_dropped"),
+            shared_data_keys: g("shared_data.keys"),
+            shared_data_bytes: g("shared_data.bytes"),
+            vm_memory_bytes: g("vm.memory_bytes"),
             lease_renewals: c("lease.renewals"),
             reported_hits: c("reported_hits"),
+            reported_on_reconnect: c("reported_on_reconnect"),
             tokens: if policy.tokens.is_some() {
                 TokenCounters::define(h)
             } else {

@@ -2,11 +2,20 @@
 //!
 //! Hits a worker admitted without the service (fail-open, or local decisions in degraded
 //! mode) must reach the service so its accounting converges. Every worker VM publishes its
-//! own ledger under its own keys (`laneguard/unreported/<vm>/<bucket key>`), so no two
-//! workers ever write the same key; a shared index lists those keys. Every VM's root ticks,
-//! so the VMs elect one reporter with a lease in shared data (`laneguard/reconciler`,
-//! `"<vm id> <expiry ns>"`, taken with compare-and-swap). The reporter drains each key with
-//! CAS (so a concurrent publish is never lost) and sends the hits with `hits_addend`.
+//! own ledger under one key of its own (`laneguard/unreported/<vm>`: every bucket's hits and
+//! descriptor in one value), so no two workers ever write the same key; a shared index
+//! lists those keys. Every VM's root ticks, so the VMs elect one reporter with a lease in
+//! shared data (`laneguard/reconciler`, `"<vm id> <expiry ns>"`, taken with
+//! compare-and-swap). The reporter drains each ledger with CAS (so a concurrent publish is
+//! never lost) and sends the hits with `hits_addend`.
+//!
+//! proxy-wasm has no delete: a shared-data key, once written, lives as long as the Envoy.
+//! So keys never carry a tenant, user or bucket: there are two fixed keys plus one per VM
+//! ever started (workers times configuration loads), whatever the traffic. A drained ledger
+//! is written back empty, so its bytes go back to a few; while the service is down a ledger
+//! holds at most [`MAX_LEDGER_ENTRIES`] buckets (beyond that the buckets with the fewest
+//! hits are forgotten, counted in `unreported_dropped`). [`footprint`] counts the keys and
+//! their bytes (stats `shared_data.keys`, `shared_data.bytes`).
 //!
 //! proxy-wasm has no atomic create-if-absent (CAS with no token is an unconditional write),
 //! so the two shared keys are seeded at VM start when absent, and a worker only creates
@@ -16,10 +25,13 @@ use crate::host::{Host, SharedDataError};
 use laneguard_core::Bucket;
 use laneguard_protos::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use laneguard_protos::prost::Message;
+use std::collections::HashMap;
 
 const INDEX: &str = "laneguard/unreported/index";
 const LEADER: &str = "laneguard/reconciler";
 const CAS_TRIES: usize = 8;
+/// The most buckets one VM's published ledger holds (the default `service.max_buckets`).
+pub const MAX_LEDGER_ENTRIES: usize = 100_000;
 
 /// Seed the shared keys if no VM has yet (see the module doc).
 pub fn seed(h: &dyn Host) {
@@ -30,39 +42,89 @@ pub fn seed(h: &dyn Host) {
     }
 }
 
-fn encode_entry(hits: u64, descriptor: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(8 + descriptor.len());
-    v.extend_from_slice(&hits.to_le_bytes());
-    v.extend_from_slice(descriptor);
+/// This VM's ledger key.
+fn ledger_key(vm: u64) -> String {
+    format!("laneguard/unreported/{vm:016x}")
+}
+
+/// A ledger: (hits, encoded descriptor) per bucket, in a value of
+/// `[hits u64 LE][descriptor length u32 LE][descriptor]...`.
+type Ledger = Vec<(u64, Vec<u8>)>;
+
+fn encode_ledger(entries: &Ledger) -> Vec<u8> {
+    let mut v = Vec::with_capacity(entries.iter().map(|(_, d)| 12 + d.len()).sum());
+    for (hits, d) in entries {
+        v.extend_from_slice(&hits.to_le_bytes());
+        v.extend_from_slice(&u32::try_from(d.len()).unwrap_or(u32::MAX).to_le_bytes());
+        v.extend_from_slice(d);
+    }
     v
 }
 
-fn decode_entry(bytes: &[u8]) -> Option<(u64, &[u8])> {
-    let (head, rest) = bytes.split_at_checked(8)?;
-    let hits = u64::from_le_bytes(head.try_into().ok()?);
-    Some((hits, rest))
+/// Decode a ledger; a damaged tail is dropped (it cannot be attributed).
+fn decode_ledger(mut bytes: &[u8]) -> Ledger {
+    let mut out = Vec::new();
+    while let Some((head, rest)) = bytes.split_at_checked(12) {
+        let (h8, l4) = head.split_at(8);
+        let (Ok(h8), Ok(l4)) = (<[u8; 8]>::try_from(h8), <[u8; 4]>::try_from(l4)) else {
+            break;
+        };
+        let len = u32::from_le_bytes(l4) as usize;
+        let Some((d, rest)) = rest.split_at_checked(len) else {
+            break;
+        };
+        out.push((u64::from_le_bytes(h8), d.to_vec()));
+        bytes = rest;
+    }
+    out
 }
 
-/// Add `hits` to a shared key with CAS. Returns false if it could not (the caller keeps
-/// the hits for the next round).
-fn add(h: &dyn Host, key: &str, hits: u64, descriptor: &[u8]) -> bool {
-    for _ in 0..CAS_TRIES {
-        let (current, cas) = match h.get_shared_data(key) {
-            Ok(x) => x,
-            Err(_) => return false,
-        };
-        let (have, desc) = match current.as_deref().and_then(decode_entry) {
-            Some((h, d)) => (h, d.to_vec()),
-            None => (0, descriptor.to_vec()),
-        };
-        let value = encode_entry(have.saturating_add(hits), &desc);
-        match h.set_shared_data(key, &value, cas) {
-            Ok(()) => return true,
-            Err(SharedDataError::CasMismatch) => continue,
-            Err(_) => return false,
+/// Merge `add` into `ledger` (by descriptor), keeping at most [`MAX_LEDGER_ENTRIES`]: beyond
+/// that the entries with the fewest hits go. Returns how many hits were dropped.
+fn merge(ledger: &mut Ledger, add: &[(u64, Vec<u8>)]) -> u64 {
+    let mut at: HashMap<Vec<u8>, usize> = ledger
+        .iter()
+        .enumerate()
+        .map(|(i, (_, d))| (d.clone(), i))
+        .collect();
+    for (hits, d) in add {
+        match at.get(d) {
+            Some(&i) => {
+                if let Some(e) = ledger.get_mut(i) {
+                    e.0 = e.0.saturating_add(*hits);
+                }
+            }
+            None => {
+                at.insert(d.clone(), ledger.len());
+                ledger.push((*hits, d.clone()));
+            }
         }
     }
-    false
+    if ledger.len() <= MAX_LEDGER_ENTRIES {
+        return 0;
+    }
+    ledger.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+    ledger
+        .split_off(MAX_LEDGER_ENTRIES)
+        .iter()
+        .map(|(h, _)| *h)
+        .sum()
+}
+
+/// Merge entries into a ledger key with CAS. `Err` when it could not (the caller keeps
+/// them); `Ok(dropped hits)`.
+fn add(h: &dyn Host, key: &str, entries: &[(u64, Vec<u8>)]) -> Result<u64, ()> {
+    for _ in 0..CAS_TRIES {
+        let (current, cas) = h.get_shared_data(key).map_err(|_| ())?;
+        let mut ledger = current.as_deref().map(decode_ledger).unwrap_or_default();
+        let dropped = merge(&mut ledger, entries);
+        match h.set_shared_data(key, &encode_ledger(&ledger), cas) {
+            Ok(()) => return Ok(dropped),
+            Err(SharedDataError::CasMismatch) => continue,
+            Err(_) => return Err(()),
+        }
+    }
+    Err(())
 }
 
 fn index_keys(h: &dyn Host) -> Option<(Vec<String>, Option<u32>)> {
@@ -97,17 +159,60 @@ fn index_add(h: &dyn Host, key: &str) -> bool {
     false
 }
 
-/// Publish this worker's unreported hits. Returns what could not be published.
-pub fn publish(h: &dyn Host, vm: u64, hits: Vec<(Bucket, u64)>) -> Vec<(Bucket, u64)> {
-    let mut failed = Vec::new();
-    for (bucket, n) in hits {
-        let key = format!("laneguard/unreported/{vm:016x}/{}", bucket.key);
-        let descriptor = crate::rls::descriptor(&bucket, None).encode_to_vec();
-        if !(index_add(h, &key) && add(h, &key, n, &descriptor)) {
-            failed.push((bucket, n));
+/// What [`publish`] did.
+#[derive(Debug, Default)]
+pub struct Published {
+    /// Hits that could not be published: the caller keeps them for the next round.
+    pub failed: Vec<(Bucket, u64)>,
+    /// Hits forgotten because the ledger was at [`MAX_LEDGER_ENTRIES`].
+    pub dropped: u64,
+}
+
+/// Publish this worker's unreported hits into its ledger key.
+pub fn publish(h: &dyn Host, vm: u64, hits: Vec<(Bucket, u64)>) -> Published {
+    let key = ledger_key(vm);
+    let entries: Ledger = hits
+        .iter()
+        .map(|(b, n)| (*n, crate::rls::descriptor(b, None).encode_to_vec()))
+        .collect();
+    if !index_add(h, &key) {
+        return Published {
+            failed: hits,
+            dropped: 0,
+        };
+    }
+    match add(h, &key, &entries) {
+        Ok(dropped) => Published {
+            failed: Vec::new(),
+            dropped,
+        },
+        Err(()) => Published {
+            failed: hits,
+            dropped: 0,
+        },
+    }
+}
+
+/// Shared data this filter holds in this Envoy: (keys, bytes of their values). Keys: the
+/// index, the reporter lease and every VM's ledger the index lists.
+pub fn footprint(h: &dyn Host) -> (u64, u64) {
+    let size = |k: &str| match h.get_shared_data(k) {
+        Ok((Some(v), _)) => Some(v.len() as u64),
+        _ => None,
+    };
+    let mut keys = 0;
+    let mut bytes = 0;
+    let ledgers = index_keys(h).map(|(k, _)| k).unwrap_or_default();
+    for k in [INDEX, LEADER]
+        .into_iter()
+        .chain(ledgers.iter().map(String::as_str))
+    {
+        if let Some(n) = size(k) {
+            keys += 1;
+            bytes += n;
         }
     }
-    failed
+    (keys, bytes)
 }
 
 /// Take or renew the reporter lease. Exactly one VM holds it at a time (CAS); it expires
@@ -132,8 +237,8 @@ pub fn lead(h: &dyn Host, vm: u64, now_ns: u64, ttl_ns: u64) -> bool {
     h.set_shared_data(LEADER, claim.as_bytes(), cas).is_ok()
 }
 
-/// Drain every published ledger entry (CAS to zero). Returns the descriptors with the
-/// hits to report, and the shared keys they came from (to give them back on failure).
+/// Drain every published ledger (CAS to empty). Returns the descriptors with the hits to
+/// report and the ledger key each came from (to give them back on failure).
 pub fn drain(h: &dyn Host) -> Vec<(String, RateLimitDescriptor, u64)> {
     let mut out = Vec::new();
     let Some((keys, _)) = index_keys(h) else {
@@ -144,18 +249,18 @@ pub fn drain(h: &dyn Host) -> Vec<(String, RateLimitDescriptor, u64)> {
             let Ok((Some(value), cas)) = h.get_shared_data(&key) else {
                 break;
             };
-            let Some((hits, desc)) = decode_entry(&value) else {
-                break;
-            };
-            if hits == 0 {
+            if value.is_empty() {
                 break;
             }
-            let Ok(descriptor) = RateLimitDescriptor::decode(desc) else {
-                break;
-            };
-            match h.set_shared_data(&key, &encode_entry(0, desc), cas) {
+            match h.set_shared_data(&key, b"", cas) {
                 Ok(()) => {
-                    out.push((key.clone(), descriptor, hits));
+                    for (hits, d) in decode_ledger(&value) {
+                        if let (true, Ok(descriptor)) =
+                            (hits > 0, RateLimitDescriptor::decode(&d[..]))
+                        {
+                            out.push((key.clone(), descriptor, hits));
+                        }
+                    }
                     break;
                 }
                 Err(SharedDataError::CasMismatch) => continue,
@@ -168,9 +273,54 @@ pub fn drain(h: &dyn Host) -> Vec<(String, RateLimitDescriptor, u64)> {
 
 /// A report failed: put the hits back where they came from.
 pub fn give_back(h: &dyn Host, entries: &[(String, RateLimitDescriptor, u64)]) {
+    let mut by_key: HashMap<&str, Ledger> = HashMap::new();
     for (key, descriptor, hits) in entries {
-        if !add(h, key, *hits, &descriptor.encode_to_vec()) {
-            log::warn!("laneguard: lost {hits} unreported hits for {key}");
+        by_key
+            .entry(key.as_str())
+            .or_default()
+            .push((*hits, descriptor.encode_to_vec()));
+    }
+    for (key, ledger) in by_key {
+        match add(h, key, &ledger) {
+            Ok(0) => {}
+            Ok(dropped) => {
+                log::warn!("laneguard: ledger full, {dropped} unreported hits forgotten")
+            }
+            Err(()) => {
+                let lost: u64 = ledger.iter().map(|(n, _)| n).sum();
+                log::warn!("laneguard: lost {lost} unreported hits for {key}");
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ledger_round_trips_and_merges_by_descriptor() {
+        let mut l: Ledger = vec![(3, b"a".to_vec()), (1, b"bb".to_vec())];
+        let bytes = encode_ledger(&l);
+        assert_eq!(decode_ledger(&bytes), l);
+        assert_eq!(merge(&mut l, &[(2, b"a".to_vec()), (5, b"".to_vec())]), 0);
+        assert_eq!(
+            l,
+            vec![(5, b"a".to_vec()), (1, b"bb".to_vec()), (5, Vec::new())]
+        );
+        // A damaged tail is dropped, the whole entries before it kept.
+        let bytes = encode_ledger(&l);
+        assert_eq!(decode_ledger(&bytes[..bytes.len() - 1]).len(), 2);
+        assert!(decode_ledger(b"short").is_empty());
+    }
+
+    #[test]
+    fn a_full_ledger_forgets_the_buckets_with_the_fewest_hits() {
+        let mut l: Ledger = (0..MAX_LEDGER_ENTRIES as u64)
+            .map(|i| (i + 10, i.to_le_bytes().to_vec()))
+            .collect();
+        let dropped = merge(&mut l, &[(1, b"new-a".to_vec()), (2, b"new-b".to_vec())]);
+        assert_eq!(dropped, 3, "the two newcomers had the fewest hits");
+        assert_eq!(l.len(), MAX_LEDGER_ENTRIES);
     }
 }

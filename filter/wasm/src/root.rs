@@ -11,6 +11,7 @@ use crate::{audit, reconcile, rls};
 use laneguard_core::degrade::WaitQueue;
 use laneguard_core::headers::{error_body, limited_body};
 use laneguard_core::peer::Peer;
+use laneguard_core::reconnect::{Due, ReportTrigger};
 use laneguard_core::rollout::{Watch, DEFAULT_WATCH_TENANTS};
 use laneguard_core::{Bucket, FailureMode, LocalTable, Plan, Policy, Unreported};
 use laneguard_protos::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
@@ -45,6 +46,9 @@ pub(crate) struct Shared {
     pub refunds: RefCell<Unreported>,
     /// Tokens reserved by this worker's AI requests not yet settled.
     pub tokens_in_flight: Cell<u64>,
+    /// Whether the service answers; its first answer after a failure makes the report of
+    /// the hits admitted without it due at once (`laneguard_core::reconnect`).
+    pub reporting: RefCell<ReportTrigger>,
 }
 
 impl Shared {
@@ -53,9 +57,10 @@ impl Shared {
         let metrics = Metrics::define(h, &policy);
         let classes = policy.classes.len();
         let max_buffer = policy.ops.audit.max_buffer as usize;
+        let max_buckets = policy.service.max_buckets as usize;
         Shared {
             policy,
-            table: RefCell::new(LocalTable::default()),
+            table: RefCell::new(LocalTable::new(max_buckets)),
             metrics,
             renewals: RefCell::new(Vec::new()),
             unreported: RefCell::new(Unreported::default()),
@@ -66,6 +71,17 @@ impl Shared {
             peer: Cell::new(Peer::default()),
             refunds: RefCell::new(Unreported::default()),
             tokens_in_flight: Cell::new(0),
+            reporting: RefCell::new(ReportTrigger::default()),
+        }
+    }
+
+    /// A call to the service got a usable answer (`answered`) or none.
+    pub fn service_answered(&self, answered: bool) {
+        let mut r = self.reporting.borrow_mut();
+        if answered {
+            r.answered();
+        } else {
+            r.failed();
         }
     }
 }
@@ -103,6 +119,8 @@ pub(crate) const TICK: Duration = Duration::from_millis(100);
 const TICKS_PER_SECOND: u64 = 10;
 /// Prune idle buckets every this many ticks.
 const PRUNE_EVERY: u64 = 50;
+/// The most descriptors in one report call (about 100 KB).
+const REPORT_BATCH: usize = 1_000;
 /// Ask for a renewal when the lease would run out within this horizon.
 pub(crate) const RENEW_HORIZON_NS: u64 = 300_000_000;
 
@@ -290,6 +308,7 @@ impl Root {
             }
             Err(_) => {
                 shared.metrics.service_error_dispatch.inc(h);
+                shared.service_answered(false);
                 Err(call)
             }
         }
@@ -317,10 +336,16 @@ impl Root {
         }
     }
 
-    fn reconcile(&mut self, h: &dyn Host, shared: &Rc<Shared>, now: u64) {
+    /// Report the hits admitted without the service: this VM publishes its ledger in shared
+    /// data, and the reporter (one per Envoy) drains every VM's and sends them. When this VM
+    /// saw the service answer again after failing (`due` is [`Due::Reconnected`]) it drains
+    /// and sends at once, reporter or not (a drain is CAS to zero, so no hit is sent twice).
+    fn reconcile(&mut self, h: &dyn Host, shared: &Rc<Shared>, now: u64, due: Due) {
         let mine = shared.unreported.borrow_mut().take();
         if !mine.is_empty() {
-            for (bucket, hits) in reconcile::publish(h, self.vm, mine) {
+            let published = reconcile::publish(h, self.vm, mine);
+            shared.metrics.unreported_dropped.add(h, published.dropped);
+            for (bucket, hits) in published.failed {
                 shared
                     .unreported
                     .borrow_mut()
@@ -328,35 +353,43 @@ impl Root {
             }
         }
         let interval_ns = u64::from(shared.policy.service.sync_interval_s) * 1_000_000_000;
-        if !reconcile::lead(h, self.vm, now, interval_ns.saturating_mul(3)) {
+        let reconnected = due == Due::Reconnected;
+        if !reconnected && !reconcile::lead(h, self.vm, now, interval_ns.saturating_mul(3)) {
             return;
         }
         let entries = reconcile::drain(h);
         if entries.is_empty() {
             return;
         }
-        let descriptors = entries
-            .iter()
-            .map(|(_, d, hits)| RateLimitDescriptor {
-                hits_addend: Some(*hits),
-                ..d.clone()
-            })
-            .collect();
-        let msg = rls::encode_descriptors(&shared.policy.service.domain, descriptors, 0);
         let total: u64 = entries.iter().map(|(_, _, h)| h).sum();
         log::info!("laneguard: reporting {total} hits admitted without the service");
         shared.metrics.reported_hits.add(h, total);
-        if self
-            .dispatch(
-                h,
-                shared,
-                &msg,
-                vec![(rls::REPORT_HEADER, b"1")],
-                RootCall::Report(entries.clone()),
-            )
-            .is_err()
-        {
-            reconcile::give_back(h, &entries);
+        if reconnected {
+            shared.metrics.reported_on_reconnect.add(h, total);
+        }
+        // In calls of at most REPORT_BATCH descriptors: a ledger after a long outage may hold
+        // many buckets, and the service refuses a request over 4 MiB.
+        for batch in entries.chunks(REPORT_BATCH) {
+            let descriptors = batch
+                .iter()
+                .map(|(_, d, hits)| RateLimitDescriptor {
+                    hits_addend: Some(*hits),
+                    ..d.clone()
+                })
+                .collect();
+            let msg = rls::encode_descriptors(&shared.policy.service.domain, descriptors, 0);
+            if self
+                .dispatch(
+                    h,
+                    shared,
+                    &msg,
+                    vec![(rls::REPORT_HEADER, b"1")],
+                    RootCall::Report(batch.to_vec()),
+                )
+                .is_err()
+            {
+                reconcile::give_back(h, batch);
+            }
         }
     }
 
@@ -421,6 +454,7 @@ impl Root {
             return;
         }
         let verdict = body.and_then(|b| rls::decode(&b).ok());
+        shared.service_answered(verdict.is_some());
         match call {
             RootCall::Release(id, q) => self.released(h, &shared, id, &q, verdict, now),
             RootCall::Renew(buckets) => {
@@ -492,18 +526,27 @@ impl Root {
         let now = h.now_ns();
         self.renew(h, &shared, now);
         let sync_ticks = u64::from(shared.policy.service.sync_interval_s) * TICKS_PER_SECOND;
-        if self.ticks.is_multiple_of(sync_ticks) {
-            self.reconcile(h, &shared, now);
+        let sync_tick = self.ticks.is_multiple_of(sync_ticks);
+        let due = shared.reporting.borrow_mut().take(sync_tick);
+        if due != Due::No {
+            self.reconcile(h, &shared, now, due);
+        }
+        if sync_tick {
             self.refund(h, &shared);
         }
         self.resume_queued(h, &shared, now);
         self.ship_audit(h, &shared);
         if self.ticks.is_multiple_of(PRUNE_EVERY) {
             shared.table.borrow_mut().prune(now);
+            let (keys, bytes) = reconcile::footprint(h);
+            shared.metrics.shared_data_keys.set(h, keys);
+            shared.metrics.shared_data_bytes.set(h, bytes);
         }
         if self.ticks.is_multiple_of(TICKS_PER_SECOND) {
-            let table = shared.table.borrow();
+            let mut table = shared.table.borrow_mut();
             let m = &shared.metrics;
+            m.buckets_evicted.add(h, table.take_evicted());
+            m.vm_memory_bytes.set(h, crate::host::vm_memory_bytes());
             m.lease_outstanding.set(h, table.outstanding_lease(now));
             m.buckets.set(h, table.len() as u64);
             m.unreported_hits.set(h, shared.unreported.borrow().total());

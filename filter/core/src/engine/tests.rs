@@ -623,3 +623,55 @@ fn degraded_hits_on_a_reserve_are_not_reported_twice() {
     assert!(report_unanswered(&unprotected, false, true));
     assert!(report_unanswered(&unprotected, false, false));
 }
+
+#[test]
+fn at_the_cap_idle_buckets_are_pruned_first_and_live_evictions_are_counted() {
+    let p = policy();
+    let mut t = LocalTable::new(160);
+    assert_eq!(t.max_buckets(), 160);
+    // Tenants whose buckets are full again by the time the next ones come: pruned, not
+    // evicted (they carried no state).
+    for i in 0..1000u64 {
+        let plan = plan(&p, &req(&format!("idle{i}"), "erp", None)).unwrap();
+        t.decide(&plan, 100 * S + i * 10 * S, 1.0);
+        assert!(t.len() <= 160);
+    }
+    assert_eq!(t.take_evicted(), 0, "idle buckets are pruned, not counted");
+    // Live tenants (each with debt) past the cap: a batch of the fullest is evicted and
+    // counted, the table never passes its cap.
+    let now = 20_000 * S;
+    let mut evicted = 0;
+    for i in 0..1000u64 {
+        let plan = plan(&p, &req(&format!("live{i}"), "erp", None)).unwrap();
+        t.decide(&plan, now + i * 1_000, 1.0);
+        assert!(t.len() <= 160, "{} buckets", t.len());
+        evicted += t.take_evicted();
+    }
+    let buckets_per_plan = plan(&p, &req("live0", "erp", None))
+        .unwrap()
+        .attempt(false)
+        .len() as u64;
+    assert!(evicted > 0);
+    assert_eq!(
+        evicted + t.len() as u64,
+        1000 * buckets_per_plan,
+        "every bucket is either still in the table or counted as evicted"
+    );
+    assert_eq!(t.take_evicted(), 0, "taken");
+}
+
+#[test]
+fn the_table_cap_is_a_policy_setting_with_bounds_that_name_the_field() {
+    assert_eq!(policy().service.max_buckets as usize, DEFAULT_MAX_BUCKETS);
+    let with = |n: &str| {
+        parse(&POLICY.replace(
+            "version: 1\n",
+            &format!("version: 1\nservice: {{ max_buckets: {n} }}\n"),
+        ))
+    };
+    assert_eq!(with("2000").unwrap().service.max_buckets, 2000);
+    for bad in ["99", "1000001"] {
+        let e = with(bad).unwrap_err().to_string();
+        assert!(e.contains("service.max_buckets"), "{bad}: {e}");
+    }
+}

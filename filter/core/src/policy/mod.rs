@@ -160,6 +160,9 @@ pub struct Service {
     pub sync_interval_s: u32,
     /// The most capacity a worker asks the service to lease it for one bucket at a time.
     pub max_lease: u32,
+    /// The most buckets one worker's local table holds ([`crate::LocalTable`]): at the cap,
+    /// idle buckets are pruned, then the fullest live ones evicted.
+    pub max_buckets: u32,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -208,6 +211,9 @@ impl Policy {
 pub const DEFAULT_TIMEOUT_MS: u32 = 200;
 pub const DEFAULT_SYNC_INTERVAL_S: u32 = 10;
 pub const DEFAULT_MAX_LEASE: u32 = 1_000;
+/// Bounds on `service.max_buckets` (default [`crate::engine::DEFAULT_MAX_BUCKETS`]).
+pub const MIN_MAX_BUCKETS: u32 = 100;
+pub const MAX_MAX_BUCKETS: u32 = 1_000_000;
 pub const MAX_TIMEOUT_MS: u32 = 10_000;
 
 /// Parse and validate a policy (YAML, or JSON, which is a subset).
@@ -480,6 +486,15 @@ fn validate(raw: RawPolicy) -> Result<Policy, PolicyError> {
                 "must be between 1 and 100000",
             ));
         }
+        let max_buckets = s
+            .max_buckets
+            .unwrap_or(crate::engine::DEFAULT_MAX_BUCKETS as u32);
+        if !(MIN_MAX_BUCKETS..=MAX_MAX_BUCKETS).contains(&max_buckets) {
+            return Err(PolicyError::new(
+                "service.max_buckets",
+                format!("must be between {MIN_MAX_BUCKETS} and {MAX_MAX_BUCKETS}"),
+            ));
+        }
         Service {
             cluster,
             domain,
@@ -487,6 +502,7 @@ fn validate(raw: RawPolicy) -> Result<Policy, PolicyError> {
             local_share,
             sync_interval_s,
             max_lease,
+            max_buckets,
         }
     };
 

@@ -121,6 +121,7 @@ pub struct RawService {
     pub local_share: Option<f64>,
     pub sync_interval_s: Option<u32>,
     pub max_lease: Option<u32>,
+    pub max_buckets: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -111,6 +111,7 @@ impl Request {
                 return self.degrade(h, &plan, "bad_response");
             }
         };
+        shared.service_answered(true);
         let now = h.now_ns();
         let attempt = plan.attempt(borrowing);
         let mut peer = shared.peer.get();
@@ -166,6 +167,7 @@ impl Request {
     /// The service could not answer: apply the class's failure mode.
     pub(super) fn degrade(&mut self, h: &dyn Host, plan: &Plan, reason: &'static str) -> Action {
         let shared = Rc::clone(&self.shared);
+        shared.service_answered(false);
         shared.metrics.degraded.inc(h);
         if let Some(c) = shared.metrics.class(plan.class) {
             c.degraded.inc(h);

@@ -94,17 +94,27 @@ fn a_failed_renewal_lets_the_next_one_go() {
     assert_eq!(h.call_count(), 2);
 }
 
+/// Requests `ids` of tenant `tenant` in a fail-open class, each call failing to dispatch:
+/// admitted without the service.
+fn fail_open_while_unreachable(h: &MockHost, root: &Root, ids: std::ops::Range<u32>, tenant: &str) {
+    for id in ids {
+        h.dispatch_script
+            .borrow_mut()
+            .push_back(DispatchError::Failed("InternalFailure".into()));
+        let hs: Vec<(&str, &str)> = headers("feed")
+            .into_iter()
+            .map(|(k, v)| (k, if k == "x-laneguard-tenant" { tenant } else { v }))
+            .collect();
+        let (mut req, a) = start(h, root, id, &hs);
+        assert!(seen(h, &mut req, a).passed);
+    }
+}
+
 #[test]
 fn hits_admitted_without_the_service_are_reported_on_the_sync_tick() {
     let (h, mut root) = configured(POLICY);
     // Two requests of a fail-open class while the service is unreachable.
-    for id in 2..4 {
-        h.dispatch_script
-            .borrow_mut()
-            .push_back(DispatchError::Failed("InternalFailure".into()));
-        let (mut req, a) = start(&h, &root, id, &headers("feed"));
-        assert!(seen(&h, &mut req, a).passed);
-    }
+    fail_open_while_unreachable(&h, &root, 2..4, "acme");
     // sync_interval_s defaults to 10: the 100th tick reports.
     tick(&h, &mut root, 99);
     assert_eq!(h.call_count(), 0);
@@ -141,6 +151,98 @@ fn hits_admitted_without_the_service_are_reported_on_the_sync_tick() {
     );
     tick(&h, &mut root, 100);
     assert_eq!(h.call_count(), 2, "nothing left to report");
+}
+
+#[test]
+fn the_first_answer_after_a_failure_reports_at_once_not_on_the_sync_tick() {
+    let (h, mut root) = configured(POLICY);
+    // Two requests of a fail-open class while the service is unreachable.
+    fail_open_while_unreachable(&h, &root, 2..4, "acme");
+    tick(&h, &mut root, 5);
+    assert_eq!(h.call_count(), 0, "still down: nothing to report yet");
+    // The service answers again (a request of another tenant): the report goes out on the
+    // next tick, 95 ticks before the sync tick.
+    let (mut req, _) = start(&h, &root, 4, &headers(""));
+    let n = h.last_call().unwrap().rls_request().descriptors.len();
+    deliver(
+        &h,
+        &mut req,
+        0,
+        Some(rls_answer(Code::Ok, &vec![Status::ok(5); n])),
+    );
+    let before = h.call_count();
+    tick(&h, &mut root, 1);
+    let report = h.last_call().expect("a report");
+    assert_eq!(h.call_count(), before + 1);
+    assert_eq!(
+        report.metadata_value("x-laneguard-report").as_deref(),
+        Some("1")
+    );
+    let rl = report.rls_request();
+    assert!(
+        rl.descriptors.iter().all(|d| d.hits_addend == Some(2)),
+        "{rl:?}"
+    );
+    let reported = 2 * rl.descriptors.len() as i64;
+    assert_eq!(h.metric("laneguard.reported_on_reconnect"), reported);
+    assert_eq!(h.metric("laneguard.reported_hits"), reported);
+    answer_root(
+        &h,
+        &mut root,
+        &report,
+        0,
+        Some(rls_answer(
+            Code::Ok,
+            &vec![Status::ok(1); rl.descriptors.len()],
+        )),
+    );
+    tick(&h, &mut root, 100);
+    assert_eq!(
+        h.call_count(),
+        before + 1,
+        "reported once, nothing left for the sync tick"
+    );
+}
+
+#[test]
+fn shared_data_keys_do_not_grow_with_tenants() {
+    let (h, mut root) = configured(POLICY);
+    // 300 tenants admitted fail-open while the service is unreachable: one ledger key for
+    // this VM, however many tenants.
+    for id in 0..300u32 {
+        fail_open_while_unreachable(&h, &root, 10 + id..11 + id, &format!("t{id}"));
+    }
+    // The sync tick publishes and reports (the report fails: given back to the ledger).
+    h.dispatch_script
+        .borrow_mut()
+        .push_back(DispatchError::Failed("InternalFailure".into()));
+    tick(&h, &mut root, 100);
+    let keys = h.shared.borrow().len();
+    assert_eq!(
+        keys, 3,
+        "the index, the reporter lease and this VM's ledger"
+    );
+    let (n, bytes) = crate::reconcile::footprint(&h);
+    assert_eq!(n, 3);
+    assert!(
+        bytes > 300 * 20,
+        "the ledger holds every tenant's hits: {bytes} bytes"
+    );
+    assert_eq!(h.metric("laneguard.shared_data.keys"), 3);
+    // Reported: the ledger is empty again, the keys stay (proxy-wasm has no delete).
+    tick(&h, &mut root, 100);
+    let report = h.last_call().expect("a report");
+    let d = report.rls_request().descriptors.len();
+    answer_root(
+        &h,
+        &mut root,
+        &report,
+        0,
+        Some(rls_answer(Code::Ok, &vec![Status::ok(1); d])),
+    );
+    let (n, bytes) = crate::reconcile::footprint(&h);
+    assert_eq!((n, h.shared.borrow().len()), (3, 3));
+    assert!(bytes < 100, "drained: {bytes} bytes");
 }
 
 #[test]
