@@ -103,7 +103,7 @@ fn merge(ledger: &mut Ledger, add: &[(u64, Vec<u8>)]) -> u64 {
     if ledger.len() <= MAX_LEDGER_ENTRIES {
         return 0;
     }
-    ledger.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+    ledger.sort_unstable_by_key(|e| std::cmp::Reverse(e.0));
     ledger
         .split_off(MAX_LEDGER_ENTRIES)
         .iter()
