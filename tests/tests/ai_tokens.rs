@@ -412,3 +412,84 @@ fn bad_input_has_a_defined_outcome() {
     assert_eq!(ai.stat("too_many_tokens"), 1);
     assert_eq!(ai.stat("body_too_large"), 1);
 }
+
+#[test]
+fn an_over_budget_cacheable_get_is_answered_from_the_cache_and_a_miss_gets_the_429() {
+    // The demo's assistant class has `fallbacks: [cached, reject]`; five requests an hour
+    // here (the demo's largest family cost), so the sixth is over budget on any machine.
+    let ai = Ai::start(
+        "ai-cached",
+        &policy(|doc| {
+            let classes = doc["classes"].as_sequence_mut().unwrap();
+            let assistant = classes
+                .iter_mut()
+                .find(|c| c["name"] == "assistant")
+                .unwrap();
+            assistant["budget"] = yaml("{ per_hour: 5, burst: 5 }");
+        }),
+    );
+    let get = |path: &str| ai.stack.client.get_as(path, &ai.token, &[]).unwrap();
+    let reached = || ai.upstream_stats()["requests"].as_u64().unwrap();
+    // Within the budget: the first GET fills Envoy's cache (the upstream marks
+    // /v1/models `max-age=300`).
+    for _ in 0..5 {
+        let r = get("/v1/models");
+        assert_eq!(r.status, 200, "{}", r.describe());
+        assert_eq!(r.header("x-laneguard-fallback"), None);
+    }
+    let before = reached();
+    assert!(before >= 1, "the first GET reached the upstream");
+    // Over the budget: answered from the cache, never reaching the upstream.
+    for _ in 0..2 {
+        let r = get("/v1/models");
+        assert_eq!(r.status, 200, "{}", r.describe());
+        assert_eq!(r.header("x-laneguard-fallback"), Some("cached"));
+        assert!(r.header("age").is_some(), "{}", r.describe());
+        assert_eq!(r.json().unwrap()["object"], "list");
+        assert!(r.header("ratelimit").is_some(), "{}", r.describe());
+    }
+    // A miss (nothing cached for this path) falls through to the 429, still without
+    // reaching the upstream.
+    let miss = get("/v1/models?page=2");
+    assert_eq!(miss.status, 429, "{}", miss.describe());
+    assert_eq!(miss.header("x-laneguard-fallback"), Some("reject"));
+    assert!(miss.header("retry-after").is_some());
+    assert_eq!(miss.json_str("class"), "assistant");
+    assert_eq!(
+        reached(),
+        before,
+        "over-budget requests never reached the upstream"
+    );
+    // A POST (an AI request) is never cacheable: over budget it gets the 429.
+    let post = ai.ask("large", 10, &[]);
+    assert_eq!(post.status, 429, "{}", post.describe());
+    let stat = |name: &str| {
+        ai.stack
+            .envoy
+            .stats(&format!("laneguard\\.{name}$"))
+            .unwrap()
+            .iter()
+            .filter_map(|(_, v)| v.parse::<u64>().ok())
+            .sum::<u64>()
+    };
+    assert_eq!((stat("cache\\.hit"), stat("cache\\.miss")), (2, 1));
+    // The audit record says which fired: `cached` (status 200) for a hit, `reject` for the
+    // miss.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let hit = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("\"fallback\":\"cached\"") && l.contains("\"status\":200"))
+            .count()
+    };
+    let mut log = ai.stack.envoy.access_log();
+    while hit(&log) < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        log = ai.stack.envoy.access_log();
+    }
+    assert_eq!(hit(&log), 2, "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("page=2") && l.contains("\"fallback\":\"reject\"")),
+        "{log}"
+    );
+}

@@ -1,5 +1,6 @@
 //! Graceful degradation before the hard 429: a limited request tries its class's ordered
-//! fallbacks (`queue`, `fallback_route`, `reject`), and the first that applies fires.
+//! fallbacks (`queue`, `fallback_route`, `cached`, `reject`), and the first that applies
+//! fires.
 //!
 //! A queued request does not re-run its decision when it resumes: it reserves its place at
 //! enqueue time by charging its buckets ahead (GCRA "delay" semantics: the bucket goes into
@@ -18,6 +19,9 @@ pub enum Step {
     Queue { wait_ns: u64 },
     /// Go through on the fallback route.
     Route,
+    /// Go to the cache-only route (`classes[].cache`): answered from Envoy's cache, or the
+    /// 429 when the cache has nothing.
+    Cached,
     /// Refuse with 429. `queue_refused`: the class had a queue that could not take it,
     /// because the wait was too long or the queue was full.
     Reject { queue_refused: bool },
@@ -28,6 +32,7 @@ impl Step {
         match self {
             Step::Queue { .. } => Fallback::Queue,
             Step::Route => Fallback::FallbackRoute,
+            Step::Cached => Fallback::Cached,
             Step::Reject { .. } => Fallback::Reject,
         }
     }
@@ -49,20 +54,33 @@ pub fn retry_after_s(levels: &[Level]) -> u64 {
 }
 
 /// Walk the class's fallbacks. `depth` is how many requests of this class already wait on
-/// this worker.
+/// this worker. Without the request (the offline replay) `cached` is passed over: whether
+/// the cache would have had the answer is not known, so it counts as the miss it may be.
 pub fn choose(ops: &ClassOps, wait_ns: u64, depth: usize) -> Step {
-    walk(ops, &ops.fallbacks, wait_ns, depth)
+    let fallbacks: Vec<Fallback> = ops
+        .fallbacks
+        .iter()
+        .copied()
+        .filter(|f| *f != Fallback::Cached)
+        .collect();
+    walk(ops, &fallbacks, wait_ns, depth)
 }
 
 /// [`choose`] for a request's plan: the fallbacks it may use ([`usable`]).
-pub fn choose_for(ops: &ClassOps, plan: &Plan, wait_ns: u64, depth: usize) -> Step {
-    walk(ops, &usable(ops, plan), wait_ns, depth)
+pub fn choose_for(ops: &ClassOps, plan: &Plan, method: &str, wait_ns: u64, depth: usize) -> Step {
+    walk(ops, &usable(ops, plan, method), wait_ns, depth)
 }
 
 /// The fallback route's own budget had no room: walk the fallbacks the request may use
 /// that are listed after `fallback_route` (a 429 when nothing else applies).
-pub fn choose_after_route(ops: &ClassOps, plan: &Plan, wait_ns: u64, depth: usize) -> Step {
-    let fallbacks = usable(ops, plan);
+pub fn choose_after_route(
+    ops: &ClassOps,
+    plan: &Plan,
+    method: &str,
+    wait_ns: u64,
+    depth: usize,
+) -> Step {
+    let fallbacks = usable(ops, plan, method);
     let rest = fallbacks
         .iter()
         .position(|f| *f == Fallback::FallbackRoute)
@@ -73,11 +91,17 @@ pub fn choose_after_route(ops: &ClassOps, plan: &Plan, wait_ns: u64, depth: usiz
 /// The class's fallbacks, in order, that apply to this request. An AI request (token
 /// buckets, `crate::ai`) is never queued: a queued request is paid when it is released,
 /// from the root tick, where its reservation could not be settled against its response.
-fn usable(ops: &ClassOps, plan: &Plan) -> Vec<Fallback> {
+/// `cached` applies only to a cacheable request ([`crate::policy::ops::CacheSettings`]).
+fn usable(ops: &ClassOps, plan: &Plan, method: &str) -> Vec<Fallback> {
+    let ai = plan.tokens.is_some();
     ops.fallbacks
         .iter()
         .copied()
-        .filter(|f| !(*f == Fallback::Queue && plan.tokens.is_some()))
+        .filter(|f| match f {
+            Fallback::Queue => !ai,
+            Fallback::Cached => ops.cache.cacheable(method, plan.family.as_deref(), ai),
+            Fallback::FallbackRoute | Fallback::Reject => true,
+        })
         .collect()
 }
 
@@ -122,6 +146,7 @@ fn walk(ops: &ClassOps, fallbacks: &[Fallback], wait_ns: u64, depth: usize) -> S
                 queue_refused = true;
             }
             Fallback::FallbackRoute => return Step::Route,
+            Fallback::Cached => return Step::Cached,
             Fallback::Reject => break,
         }
     }
@@ -194,7 +219,7 @@ impl WaitQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::ops::{FallbackRoute, QueueSettings};
+    use crate::policy::ops::{CacheSettings, FallbackRoute, QueueSettings};
 
     const MS: u64 = 1_000_000;
 
@@ -210,6 +235,11 @@ mod tests {
                 header: "x-laneguard-route".into(),
                 value: "fallback".into(),
                 budget: None,
+            },
+            cache: CacheSettings {
+                header: "x-laneguard-route".into(),
+                value: "cached".into(),
+                families: Some(vec!["catalog".into()]),
             },
         }
     }
@@ -239,11 +269,11 @@ mod tests {
         let pl = plain_plan();
         let q = ops(&[FallbackRoute, Queue, Reject]);
         assert_eq!(
-            choose_after_route(&q, &pl, 500 * MS, 0),
+            choose_after_route(&q, &pl, "GET", 500 * MS, 0),
             Step::Queue { wait_ns: 500 * MS }
         );
         assert_eq!(
-            choose_after_route(&ops(&[FallbackRoute, Reject]), &pl, 0, 0),
+            choose_after_route(&ops(&[FallbackRoute, Reject]), &pl, "GET", 0, 0),
             Step::Reject {
                 queue_refused: false
             }
@@ -263,6 +293,60 @@ principals:
 tenants:
   default: { ceiling: { per_minute: 100, burst: 20 } }
 "#;
+
+    #[test]
+    fn cached_is_for_cacheable_requests_and_only_reject_follows_it() {
+        use Fallback::*;
+        let mut pl = plain_plan();
+        let q = ops(&[Queue, Cached, Reject]);
+        // Only GETs of the listed family (`catalog` in `ops`).
+        assert!(matches!(
+            choose_for(&q, &pl, "GET", 1_500 * MS, 0),
+            Step::Reject { .. }
+        ));
+        pl.family = Some("catalog".into());
+        assert_eq!(
+            choose_for(&q, &pl, "GET", 500 * MS, 0),
+            Step::Queue { wait_ns: 500 * MS }
+        );
+        assert_eq!(choose_for(&q, &pl, "GET", 1_500 * MS, 0), Step::Cached);
+        assert!(matches!(
+            choose_for(&q, &pl, "POST", 1_500 * MS, 0),
+            Step::Reject { .. }
+        ));
+        // The replay cannot know what the cache held: a miss.
+        assert!(matches!(choose(&q, 1_500 * MS, 0), Step::Reject { .. }));
+
+        use crate::policy::parse;
+        let with = |fallbacks: &str, cache: &str| {
+            ROUTE_POLICY.replace(
+                "fallbacks: [fallback_route] }\n  - { name: export",
+                &format!("fallbacks: {fallbacks}{cache} }}\n  - {{ name: export"),
+            )
+        };
+        let p = parse(&with("[cached, reject]", "")).unwrap();
+        let web = p.ops.class(0).unwrap();
+        assert_eq!(web.fallbacks, [Cached, Reject]);
+        assert_eq!(
+            (web.cache.header.as_str(), web.cache.value.as_str()),
+            ("x-laneguard-route", "cached")
+        );
+        let err =
+            |fallbacks: &str, cache: &str| parse(&with(fallbacks, cache)).unwrap_err().to_string();
+        assert!(
+            err("[cached, queue]", "").contains("classes[0].fallbacks[1]"),
+            "{}",
+            err("[cached, queue]", "")
+        );
+        assert!(err("[reject]", ", cache: {}").contains("classes[0].cache"));
+        let e = err("[cached]", ", cache: { families: [nope] }");
+        assert!(
+            e.contains("classes[0].cache.families[0]") && e.contains("nope"),
+            "{e}"
+        );
+        let e = err("[cached]", ", cache: { header: \":path\" }");
+        assert!(e.contains("classes[0].cache.header"), "{e}");
+    }
 
     /// A request of ROUTE_POLICY's web class (no token buckets).
     fn plain_plan() -> Plan {

@@ -396,6 +396,13 @@ fn fallback_phrase(policy: &Policy, id: ClassId) -> (Vec<&'static str>, String) 
                     None => "fallback route".into(),
                 }
             }
+            crate::policy::Fallback::Cached => {
+                let c = ops.map(|o| &o.cache);
+                match c {
+                    Some(c) => format!("a cached response ({}: {})", c.header, c.value),
+                    None => "a cached response".into(),
+                }
+            }
             crate::policy::Fallback::Reject => "429".into(),
         });
     }

@@ -86,6 +86,7 @@ impl Gauge {
 pub struct FallbackCounters {
     pub queue: Counter,
     pub fallback_route: Counter,
+    pub cached: Counter,
     pub reject: Counter,
 }
 
@@ -95,6 +96,7 @@ impl FallbackCounters {
         FallbackCounters {
             queue: c(Fallback::Queue),
             fallback_route: c(Fallback::FallbackRoute),
+            cached: c(Fallback::Cached),
             reject: c(Fallback::Reject),
         }
     }
@@ -103,6 +105,7 @@ impl FallbackCounters {
         match f {
             Fallback::Queue => self.queue,
             Fallback::FallbackRoute => self.fallback_route,
+            Fallback::Cached => self.cached,
             Fallback::Reject => self.reject,
         }
     }
@@ -178,6 +181,9 @@ pub struct Metrics {
     pub queue_abandoned: Counter,
     /// Queued requests the service refused when they were due (the fleet used the room).
     pub queue_refused: Counter,
+    /// `cached` fallbacks answered from the cache, and those the cache had nothing for (429).
+    pub cache_hit: Counter,
+    pub cache_miss: Counter,
     pub queue_depth: Gauge,
     pub audit_records: Counter,
     pub audit_shipped: Counter,
@@ -444,6 +450,8 @@ impl Metrics {
             queue_resumed: c("queue.resumed"),
             queue_abandoned: c("queue.abandoned"),
             queue_refused: c("queue.refused"),
+            cache_hit: c("cache.hit"),
+            cache_miss: c("cache.miss"),
             queue_depth: g("queue.depth"),
             audit_records: c("audit.records"),
             audit_shipped: c("audit.shipped"),

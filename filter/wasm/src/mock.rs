@@ -101,6 +101,10 @@ impl MockHost {
         self.resumed.set(0);
     }
 
+    pub fn response_header_value(&self, name: &str) -> Option<String> {
+        find(&self.response_headers.borrow(), name).map(str::to_string)
+    }
+
     pub fn request_header_value(&self, name: &str) -> Option<String> {
         find(&self.request_headers.borrow(), name).map(str::to_string)
     }

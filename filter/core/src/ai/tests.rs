@@ -347,7 +347,7 @@ proptest! {
 #[test]
 fn an_ai_request_is_never_queued() {
     use crate::degrade::{choose_after_route, choose_for, Step};
-    use crate::policy::ops::{ClassOps, FallbackRoute, QueueSettings};
+    use crate::policy::ops::{CacheSettings, ClassOps, FallbackRoute, QueueSettings};
     use crate::policy::Fallback;
     let ops = ClassOps {
         mode: None,
@@ -361,17 +361,22 @@ fn an_ai_request_is_never_queued() {
             value: "fallback".into(),
             budget: None,
         },
+        cache: CacheSettings {
+            header: "x-laneguard-route".into(),
+            value: "cached".into(),
+            families: None,
+        },
     };
     let p = policy();
     let pl = plan(&p, &req(Some("large"))).unwrap();
     assert_eq!(
-        choose_for(&ops, &pl, 1_000, 0),
+        choose_for(&ops, &pl, "POST", 1_000, 0),
         Step::Queue { wait_ns: 1_000 }
     );
     let mut ai = pl.clone();
     ai.tokens = token_plan(&p, &pl, Some("large"), None, Some(10)).unwrap();
     assert!(matches!(
-        choose_for(&ops, &ai, 1_000, 0),
+        choose_for(&ops, &ai, "POST", 1_000, 0),
         Step::Reject { .. }
     ));
     // Nor after the fallback route's own budget had no room.
@@ -379,13 +384,13 @@ fn an_ai_request_is_never_queued() {
         fallbacks: vec![Fallback::FallbackRoute, Fallback::Queue, Fallback::Reject],
         ..ops
     };
-    assert_eq!(choose_for(&ops, &ai, 1_000, 0), Step::Route);
+    assert_eq!(choose_for(&ops, &ai, "POST", 1_000, 0), Step::Route);
     assert_eq!(
-        choose_after_route(&ops, &pl, 1_000, 0),
+        choose_after_route(&ops, &pl, "POST", 1_000, 0),
         Step::Queue { wait_ns: 1_000 }
     );
     assert_eq!(
-        choose_after_route(&ops, &ai, 1_000, 0),
+        choose_after_route(&ops, &ai, "POST", 1_000, 0),
         Step::Reject {
             queue_refused: false
         }

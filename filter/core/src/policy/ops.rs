@@ -5,8 +5,8 @@
 //! fallbacks `[reject]`), so a policy written before these fields existed loads unchanged.
 
 use super::raw::{
-    RawAudit, RawClass, RawFallback, RawFallbackRoute, RawFamily, RawMode, RawQueue, RawRollout,
-    RawTenants,
+    RawAudit, RawCache, RawClass, RawFallback, RawFallbackRoute, RawFamily, RawMode, RawQueue,
+    RawRollout, RawTenants,
 };
 use super::{header_name, rate, ClassId, PolicyError};
 use crate::engine::{Bucket, BucketKind};
@@ -50,6 +50,10 @@ pub enum Fallback {
     Queue,
     /// Let it through on a route the Envoy YAML selects with a header.
     FallbackRoute,
+    /// A cacheable request ([`CacheSettings::cacheable`]) goes to a cache-only route the
+    /// Envoy YAML selects with a header (Envoy's cache filter answers it, the upstream is
+    /// never reached); a miss there gets the 429. Only `reject` may follow it.
+    Cached,
     /// Refuse with 429.
     Reject,
 }
@@ -59,11 +63,17 @@ impl Fallback {
         match self {
             Fallback::Queue => "queue",
             Fallback::FallbackRoute => "fallback_route",
+            Fallback::Cached => "cached",
             Fallback::Reject => "reject",
         }
     }
 
-    pub const ALL: [Fallback; 3] = [Fallback::Queue, Fallback::FallbackRoute, Fallback::Reject];
+    pub const ALL: [Fallback; 4] = [
+        Fallback::Queue,
+        Fallback::FallbackRoute,
+        Fallback::Cached,
+        Fallback::Reject,
+    ];
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,6 +103,31 @@ pub struct FallbackRoute {
     pub budget: Option<Rate>,
 }
 
+/// `classes[].cache`: where the `cached` fallback sends a request, and which requests it
+/// may send there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheSettings {
+    /// A request header the route table matches on (lower case); default
+    /// `x-laneguard-route: cached`.
+    pub header: String,
+    pub value: String,
+    /// Only GETs of these endpoint families are cacheable; `None`: every GET.
+    pub families: Option<Vec<String>>,
+}
+
+impl CacheSettings {
+    /// Whether a request may be answered from the cache: a GET (Envoy's cache filter stores
+    /// nothing else) of a listed family (any, when the policy lists none), and never an AI
+    /// request (its answer is per prompt, and it is a POST).
+    pub fn cacheable(&self, method: &str, family: Option<&str>, ai: bool) -> bool {
+        let family_ok = match &self.families {
+            None => true,
+            Some(list) => family.is_some_and(|f| list.iter().any(|l| l == f)),
+        };
+        method == "GET" && family_ok && !ai
+    }
+}
+
 /// The operability settings of one class.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClassOps {
@@ -101,6 +136,7 @@ pub struct ClassOps {
     pub fallbacks: Vec<Fallback>,
     pub queue: QueueSettings,
     pub fallback_route: FallbackRoute,
+    pub cache: CacheSettings,
 }
 
 /// Modes one tenant override sets.
@@ -196,7 +232,7 @@ fn mode(m: Option<RawMode>) -> Option<Mode> {
     m.map(Mode::from_raw)
 }
 
-fn class_ops(c: &RawClass, i: usize) -> Result<ClassOps, PolicyError> {
+fn class_ops(c: &RawClass, i: usize, families: &[RawFamily]) -> Result<ClassOps, PolicyError> {
     let path = format!("classes[{i}]");
     let fallbacks = match &c.fallbacks {
         None => vec![Fallback::Reject],
@@ -212,6 +248,7 @@ fn class_ops(c: &RawClass, i: usize) -> Result<ClassOps, PolicyError> {
                 let f = match f {
                     RawFallback::Queue => Fallback::Queue,
                     RawFallback::FallbackRoute => Fallback::FallbackRoute,
+                    RawFallback::Cached => Fallback::Cached,
                     RawFallback::Reject => Fallback::Reject,
                 };
                 if out.contains(&f) {
@@ -224,6 +261,12 @@ fn class_ops(c: &RawClass, i: usize) -> Result<ClassOps, PolicyError> {
                     return Err(PolicyError::new(
                         format!("{path}.fallbacks[{j}]"),
                         "nothing after reject is ever tried; reject must be last",
+                    ));
+                }
+                if out.contains(&Fallback::Cached) && f != Fallback::Reject {
+                    return Err(PolicyError::new(
+                        format!("{path}.fallbacks[{j}]"),
+                        "only reject may follow cached: a cache miss is known after the request has left the filter, when only the 429 can still apply",
                     ));
                 }
                 out.push(f);
@@ -259,11 +302,26 @@ fn class_ops(c: &RawClass, i: usize) -> Result<ClassOps, PolicyError> {
             "fallback_route settings without `fallback_route` in fallbacks do nothing; add it to fallbacks",
         ));
     }
+    let cache = match &c.cache {
+        None => CacheSettings {
+            header: "x-laneguard-route".into(),
+            value: "cached".into(),
+            families: None,
+        },
+        Some(r) => cache_settings(r, &format!("{path}.cache"), families)?,
+    };
+    if c.cache.is_some() && !fallbacks.contains(&Fallback::Cached) {
+        return Err(PolicyError::new(
+            format!("{path}.cache"),
+            "cache settings without `cached` in fallbacks do nothing; add it to fallbacks",
+        ));
+    }
     Ok(ClassOps {
         mode: mode(c.mode),
         fallbacks,
         queue,
         fallback_route,
+        cache,
     })
 }
 
@@ -288,9 +346,44 @@ fn queue_settings(q: &RawQueue, path: &str) -> Result<QueueSettings, PolicyError
     })
 }
 
-fn route(r: &RawFallbackRoute, path: &str) -> Result<FallbackRoute, PolicyError> {
+fn cache_settings(
+    r: &RawCache,
+    path: &str,
+    families: &[RawFamily],
+) -> Result<CacheSettings, PolicyError> {
+    let (header, value) = route_match(&r.header, &r.value, "cached", path)?;
+    if let Some(list) = &r.families {
+        if list.is_empty() {
+            return Err(PolicyError::new(
+                format!("{path}.families"),
+                "list at least one endpoint family, or leave the field out (every GET)",
+            ));
+        }
+        for (j, name) in list.iter().enumerate() {
+            if !families.iter().any(|f| &f.name == name) {
+                return Err(PolicyError::new(
+                    format!("{path}.families[{j}]"),
+                    format!("no endpoint family named {name:?} in endpoint_families"),
+                ));
+            }
+        }
+    }
+    Ok(CacheSettings {
+        header,
+        value,
+        families: r.families.clone(),
+    })
+}
+
+/// The request header (and value) a route table matches on, `x-laneguard-route` by default.
+fn route_match(
+    header: &Option<String>,
+    value: &Option<String>,
+    default_value: &str,
+    path: &str,
+) -> Result<(String, String), PolicyError> {
     let header = header_name(
-        r.header.clone(),
+        header.clone(),
         "x-laneguard-route",
         &format!("{path}.header"),
     )?;
@@ -300,7 +393,7 @@ fn route(r: &RawFallbackRoute, path: &str) -> Result<FallbackRoute, PolicyError>
             "use an ordinary request header, not a pseudo-header or host",
         ));
     }
-    let value = r.value.clone().unwrap_or_else(|| "fallback".into());
+    let value = value.clone().unwrap_or_else(|| default_value.into());
     let valid = !value.is_empty()
         && value.len() <= 256
         && value.bytes().all(|b| (b' '..=b'~').contains(&b));
@@ -310,6 +403,11 @@ fn route(r: &RawFallbackRoute, path: &str) -> Result<FallbackRoute, PolicyError>
             "must be 1 to 256 printable ASCII characters",
         ));
     }
+    Ok((header, value))
+}
+
+fn route(r: &RawFallbackRoute, path: &str) -> Result<FallbackRoute, PolicyError> {
+    let (header, value) = route_match(&r.header, &r.value, "fallback", path)?;
     let budget = r
         .budget
         .as_ref()
@@ -356,7 +454,7 @@ pub(super) fn validate(
     let classes = raw_classes
         .iter()
         .enumerate()
-        .map(|(i, c)| class_ops(c, i))
+        .map(|(i, c)| class_ops(c, i, families))
         .collect::<Result<Vec<_>, _>>()?;
 
     for (name, o) in &tenants.default.classes {

@@ -47,6 +47,7 @@ pub enum RawMode {
 pub enum RawFallback {
     Queue,
     FallbackRoute,
+    Cached,
     Reject,
 }
 
@@ -85,6 +86,17 @@ pub struct RawAudit {
 pub struct RawQueue {
     pub max_wait_ms: Option<u32>,
     pub max_depth: Option<u32>,
+}
+
+/// `classes[].cache`: the route an over-budget cacheable request is sent to (the `cached`
+/// fallback), and which requests are cacheable.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCache {
+    pub header: Option<String>,
+    pub value: Option<String>,
+    /// Only GETs of these endpoint families are cacheable (default: every GET).
+    pub families: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -176,6 +188,7 @@ pub struct RawClass {
     pub fallbacks: Option<Vec<RawFallback>>,
     pub queue: Option<RawQueue>,
     pub fallback_route: Option<RawFallbackRoute>,
+    pub cache: Option<RawCache>,
     /// The endpoint families this class calls. Descriptive: the competition map and its lint
     /// read it (which classes share a family's `limit`); classification does not.
     #[serde(default)]

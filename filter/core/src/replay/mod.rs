@@ -490,7 +490,9 @@ impl<'p> Replay<'p> {
                         Outcome::Queued
                     }
                     Step::Route => Outcome::Rerouted,
-                    Step::Reject { .. } => Outcome::Limited,
+                    // `choose` passes `cached` over (the trace cannot say what the
+                    // cache held): never chosen here, a miss if it were.
+                    Step::Cached | Step::Reject { .. } => Outcome::Limited,
                 }
             }
         };

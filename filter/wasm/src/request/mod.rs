@@ -102,6 +102,8 @@ pub struct Request {
     body_follows: bool,
     /// An AI request (token budgets): its body, reservation and settlement.
     ai: Option<Box<ai::AiState>>,
+    /// Sent to the cache-only route by the `cached` fallback: settled by the response.
+    cached: Option<Box<outcome::CachedAttempt>>,
 }
 
 impl Request {
@@ -116,6 +118,7 @@ impl Request {
             then: None,
             body_follows: false,
             ai: None,
+            cached: None,
         }
     }
 
@@ -165,6 +168,9 @@ impl Request {
 
     /// [`Request::on_response_headers`], saying whether the response has a body.
     pub fn on_response_headers_end(&mut self, h: &dyn Host, end_of_stream: bool) -> Action {
+        if self.cached.is_some() && self.cache_answered(h) == Action::Pause {
+            return Action::Pause;
+        }
         for (k, v) in std::mem::take(&mut self.response_headers) {
             h.set_response_header(k, &v);
         }
@@ -186,6 +192,10 @@ impl Request {
             }
         }
         self.ai_done(h);
+        if let Some(c) = self.cached.take() {
+            // No response came (the client went away): the record of what was tried.
+            self.emit(h, c.rec);
+        }
         true
     }
 

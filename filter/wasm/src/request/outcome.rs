@@ -10,6 +10,7 @@ use laneguard_core::audit::{Caller, Event, Record};
 use laneguard_core::degrade::{self, Step};
 use laneguard_core::engine::{Evaluation, Level};
 use laneguard_core::headers::{limited_body, rate_limit_headers};
+use laneguard_core::policy::Fallback;
 use laneguard_core::rollout;
 use laneguard_core::{Bucket, BucketKind, Plan};
 use std::rc::Rc;
@@ -73,6 +74,16 @@ impl<'a> Verdict<'a> {
             borrowing: self.borrowing,
         }
     }
+}
+
+/// A request the `cached` fallback sent to the cache-only route: what to answer once the
+/// route's response shows whether the cache had it ([`Request::cache_answered`]).
+pub(super) struct CachedAttempt {
+    pub(super) rec: Record,
+    /// The 429 a miss gets.
+    reject_body: String,
+    reject_headers: Vec<(&'static str, String)>,
+    retry_after_s: u64,
 }
 
 /// What a second decision is for, and what its outcome means. The second plan is decided
@@ -396,10 +407,11 @@ impl Request {
                 queue_refused: false,
             },
             |o| {
+                let method = &self.ctx.method;
                 if after_route {
-                    degrade::choose_after_route(o, plan, wait_ns, depth)
+                    degrade::choose_after_route(o, plan, method, wait_ns, depth)
                 } else {
-                    degrade::choose_for(o, plan, wait_ns, depth)
+                    degrade::choose_for(o, plan, method, wait_ns, depth)
                 }
             },
         )
@@ -439,6 +451,26 @@ impl Request {
             if let DecidedBy::Degraded(reason) = by {
                 hs.push(("x-laneguard-degraded", reason.to_string()));
             }
+        };
+        // The 429 (`reject`, and a `cached` miss): Retry-After, headers, body.
+        let the_429 = |rec: &Record| {
+            let retry = degrade::retry_after_s(&eval.levels);
+            let mut hs = rate_limit_headers(&eval.levels, draft03);
+            hs.push(("retry-after", retry.to_string()));
+            hs.push((
+                "x-laneguard-fallback",
+                Fallback::Reject.as_str().to_string(),
+            ));
+            degraded(&mut hs);
+            let body = limited_body(
+                &plan.tenant,
+                &plan.class_name,
+                rec.bucket.as_deref().unwrap_or_default(),
+                retry,
+                by.as_str(),
+                rec.request_id.as_deref(),
+            );
+            (retry, hs, body)
         };
         match step {
             Step::Queue { wait_ns } => {
@@ -485,20 +517,28 @@ impl Request {
                 self.emit(h, rec);
                 Action::Continue
             }
-            Step::Reject { .. } => {
-                let retry = degrade::retry_after_s(&eval.levels);
+            Step::Cached => {
+                // Answered by Envoy's cache on the cache-only route, or the 429 on a miss:
+                // the response tells which ([`Request::cache_answered`]).
+                if let Some(o) = ops {
+                    h.set_request_header(&o.cache.header, &o.cache.value);
+                }
+                h.set_request_header("cache-control", "only-if-cached");
                 let mut hs = rate_limit_headers(&eval.levels, draft03);
-                hs.push(("retry-after", retry.to_string()));
                 hs.push(("x-laneguard-fallback", fallback.as_str().to_string()));
                 degraded(&mut hs);
-                let body = limited_body(
-                    &plan.tenant,
-                    &plan.class_name,
-                    rec.bucket.as_deref().unwrap_or_default(),
-                    retry,
-                    by.as_str(),
-                    rec.request_id.as_deref(),
-                );
+                let (retry, reject_headers, reject_body) = the_429(&rec);
+                self.response_headers = hs;
+                self.cached = Some(Box::new(CachedAttempt {
+                    rec,
+                    reject_body,
+                    reject_headers,
+                    retry_after_s: retry,
+                }));
+                Action::Continue
+            }
+            Step::Reject { .. } => {
+                let (retry, hs, body) = the_429(&rec);
                 rec.status = 429;
                 rec.retry_after_s = Some(retry);
                 self.emit(h, rec);
@@ -506,5 +546,37 @@ impl Request {
                 Action::Pause
             }
         }
+    }
+
+    /// The response of a request the `cached` fallback sent to the cache-only route. A
+    /// response from a cache carries `Age` (RFC 9111 4); Envoy's cache filter adds it to
+    /// every response it serves. Anything else is the route's miss (nothing reached the
+    /// upstream): it is replaced by the 429 that `reject` would have sent.
+    pub(super) fn cache_answered(&mut self, h: &dyn Host) -> Action {
+        let Some(c) = self.cached.take() else {
+            return Action::Continue;
+        };
+        let CachedAttempt {
+            mut rec,
+            reject_body,
+            reject_headers,
+            retry_after_s,
+        } = *c;
+        let m = &self.shared.metrics;
+        if h.response_header("age").is_some() {
+            m.cache_hit.inc(h);
+            rec.status = 200;
+            self.emit(h, rec);
+            return Action::Continue;
+        }
+        m.cache_miss.inc(h);
+        self.response_headers.clear();
+        rec.events.retain(|e| *e != Event::Degraded);
+        rec.fallback = Some(Fallback::Reject.as_str());
+        rec.status = 429;
+        rec.retry_after_s = Some(retry_after_s);
+        self.emit(h, rec);
+        self.reply(h, 429, &reject_body, &reject_headers);
+        Action::Pause
     }
 }

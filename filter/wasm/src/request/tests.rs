@@ -725,3 +725,86 @@ fn a_protected_class_asks_for_no_lease_even_when_it_borrows() {
         "the borrowing attempt asks for no lease"
     );
 }
+
+/// POLICY with the `routed` class degrading to a cached response.
+fn cached_policy() -> String {
+    POLICY.replace(
+        "burst: 2 }, fallbacks: [fallback_route, reject] }",
+        "burst: 2 }, fallbacks: [cached, reject] }",
+    )
+}
+
+/// An over-budget request of `routed`: sent on to the cache-only route (no reply).
+fn sent_to_cache(h: &MockHost, root: &Root, id: u32) -> Request {
+    let (mut req, action) = start(h, root, id, &headers("routed"));
+    if action == Action::Pause && h.last_reply().is_none() {
+        let answer = rls_answer(Code::OverLimit, &[Status::ok(900), Status::over(30_000)]);
+        deliver(h, &mut req, 0, Some(answer));
+    }
+    assert!(h.last_reply().is_none(), "{:?}", h.last_reply());
+    assert_eq!(
+        h.request_header_value("x-laneguard-route").as_deref(),
+        Some("cached")
+    );
+    assert_eq!(
+        h.request_header_value("cache-control").as_deref(),
+        Some("only-if-cached")
+    );
+    req
+}
+
+#[test]
+fn cached_answers_from_the_cache_and_a_miss_becomes_the_429() {
+    let (h, root) = configured(&cached_policy());
+    for id in 2..4 {
+        assert!(allowed_centrally(&h, &root, id, "routed").passed);
+    }
+    // A hit: the cache's response carries Age.
+    let mut req = sent_to_cache(&h, &root, 4);
+    h.response_headers
+        .borrow_mut()
+        .push(("age".into(), "7".into()));
+    assert_eq!(req.on_response_headers(&h), Action::Continue);
+    assert!(h.last_reply().is_none());
+    assert_eq!(
+        h.response_header_value("x-laneguard-fallback").as_deref(),
+        Some("cached")
+    );
+    assert_eq!(h.metric("laneguard.fallback.cached"), 1);
+    assert_eq!(h.metric("laneguard.cache.hit"), 1);
+    let rec = h.audit_record().unwrap();
+    assert_eq!(
+        (rec["fallback"].as_str(), rec["status"].as_u64()),
+        (Some("cached"), Some(200))
+    );
+    // A miss: whatever the cache-only route answered is replaced by the 429.
+    let mut req = sent_to_cache(&h, &root, 5);
+    assert_eq!(req.on_response_headers(&h), Action::Pause);
+    let reply = h.last_reply().expect("the 429");
+    assert_eq!(reply.status, 429);
+    assert_eq!(reply.header("x-laneguard-fallback"), Some("reject"));
+    assert!(reply.header("retry-after").is_some());
+    assert_eq!(h.metric("laneguard.cache.miss"), 1);
+    let rec = h.audit_record().unwrap();
+    assert_eq!(
+        (rec["fallback"].as_str(), rec["status"].as_u64()),
+        (Some("reject"), Some(429))
+    );
+}
+
+#[test]
+fn cached_skips_a_request_that_is_not_cacheable() {
+    let (h, root) = configured(&cached_policy());
+    for id in 2..4 {
+        assert!(allowed_centrally(&h, &root, id, "routed").passed);
+    }
+    let mut hs = headers("routed");
+    hs[0] = (":method", "POST");
+    let (mut req, action) = start(&h, &root, 4, &hs);
+    if action == Action::Pause && h.last_reply().is_none() {
+        let answer = rls_answer(Code::OverLimit, &[Status::ok(900), Status::over(30_000)]);
+        deliver(&h, &mut req, 0, Some(answer));
+    }
+    assert_eq!(h.last_reply().map(|r| r.status), Some(429));
+    assert_eq!(h.metric("laneguard.fallback.cached"), 0);
+}
