@@ -40,7 +40,7 @@ BOOTSTRAP_FLAGS ?= --without-envoy
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: help bootstrap build build-wasm run test test-prometheus lint bench bench-build bench-accuracy bench-rtt bench-replay chaos demo-chaos fuzz soak soak-tenants clean distclean
+.PHONY: help bootstrap build build-wasm run test test-prometheus lint bench bench-ai bench-build bench-accuracy bench-rtt bench-replay chaos demo-chaos fuzz soak soak-tenants clean distclean
 
 help:
 	@sed -n '3,17p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
@@ -95,6 +95,12 @@ bench: bench-build
 	python3 bench/run.py
 	python3 bench/rtt.py
 	python3 bench/replay.py
+	python3 bench/ai.py
+
+# Only the AI part of make bench (bench/ai.py: token overshoot vs the bound under
+# concurrency, tokens charged vs used, RPCs with settlement; settings in docs/benchmarks.md).
+bench-ai: bench-build
+	python3 bench/ai.py
 
 # Only the network part of make bench (bench/rtt.py; settings in docs/benchmarks.md).
 bench-rtt: bench-build
