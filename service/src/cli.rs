@@ -14,6 +14,8 @@ Usage: laneguard-service [--listen ADDR] [--config FILE] [--store STORE]
                          [--audit-log FILE] [--audit-rotate-size SIZE] [--audit-rotate-hours H]
                          [--audit-hmac-key-file FILE] [--audit-head-every-s S]
                          [--metrics-addr ADDR] [--policy FILE] [--rlqs-ttl-s S]
+                         [--max-buckets N] [--tls-cert FILE --tls-key FILE
+                         [--tls-client-ca FILE]]
 
 Serves envoy.service.ratelimit.v3.RateLimitService and grpc.health.v1.Health over gRPC.
 
@@ -26,6 +28,9 @@ Options:
                             memory
                             redis://[USER:PASSWORD@]HOST:PORT[/DB]
                             redis-cluster://HOST:PORT,HOST:PORT,...
+  --max-buckets N         the memory store holds at most N buckets; at the cap, idle
+                          buckets go first, then the least recently used
+                          (docs/operations.md, Service memory) [default: 1000000]
   --grants on|off         grant leases (DescriptorStatus.quota) to callers that send the
                           x-laneguard-lease metadata [default: on]
   --lease-ttl-ms MS       how long a granted lease is valid [default: 2000]
@@ -50,6 +55,11 @@ Options:
                           for Envoy's native rate_limit_quota filter (docs/rlqs.md)
   --rlqs-ttl-s S          how long an RLQS assignment stays valid without a refresh
                           (Envoy reports every 5 s) [default: 15]
+  --tls-cert FILE         serve gRPC over TLS with this PEM certificate chain
+                          (needs --tls-key); plaintext otherwise
+  --tls-key FILE          the PEM private key of --tls-cert
+  --tls-client-ca FILE    mutual TLS: accept only clients whose certificate this PEM CA
+                          bundle signed (needs --tls-cert); docs/deploy.md
   -h, --help              print this help
   -V, --version           print the version
 
@@ -96,6 +106,19 @@ pub struct Args {
     pub policy: Option<PathBuf>,
     /// `--rlqs-ttl-s`: the assignment TTL, whole seconds.
     pub rlqs_ttl_s: u32,
+    /// `--max-buckets`: the memory store's cap.
+    pub max_buckets: usize,
+    /// `--tls-cert`/`--tls-key`/`--tls-client-ca`: TLS on the listener.
+    pub tls: Option<TlsFiles>,
+}
+
+/// The listener's TLS files, all PEM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Require a client certificate signed by this CA bundle (mutual TLS).
+    pub client_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,6 +160,13 @@ pub enum CliError {
     NeedsAuditLog { flag: String },
     #[error("{flag} needs --policy")]
     NeedsPolicy { flag: String },
+    #[error("{flag} needs {needs}")]
+    Needs {
+        flag: &'static str,
+        needs: &'static str,
+    },
+    #[error("--max-buckets applies to the memory store only (Redis evicts by TTL)")]
+    MaxBucketsNeedsMemory,
     #[error("{flag} given more than once")]
     Repeated { flag: String },
     #[error("unexpected argument `{arg}`")]
@@ -145,7 +175,7 @@ pub enum CliError {
     NotUtf8 { arg: OsString },
 }
 
-const FLAGS: [&str; 14] = [
+const FLAGS: [&str; 18] = [
     "--listen",
     "--config",
     "--store",
@@ -160,6 +190,10 @@ const FLAGS: [&str; 14] = [
     "--metrics-addr",
     "--policy",
     "--rlqs-ttl-s",
+    "--max-buckets",
+    "--tls-cert",
+    "--tls-key",
+    "--tls-client-ca",
 ];
 
 /// Parse the arguments after the program name. Accepts `--flag value` and `--flag=value`.
@@ -198,8 +232,34 @@ where
             return Err(CliError::Repeated { flag });
         }
     }
-    let [listen, config, store, grants, lease_ttl, redis_timeout, audit_log, rotate_size, rotate_hours, hmac_key, head_every, metrics_addr, policy, rlqs_ttl] =
+    let [listen, config, store, grants, lease_ttl, redis_timeout, audit_log, rotate_size, rotate_hours, hmac_key, head_every, metrics_addr, policy, rlqs_ttl, max_buckets, tls_cert, tls_key, tls_client_ca] =
         values;
+    let tls = match (tls_cert, tls_key, tls_client_ca) {
+        (None, None, None) => None,
+        (Some(cert), Some(key), client_ca) => Some(TlsFiles {
+            cert: PathBuf::from(cert),
+            key: PathBuf::from(key),
+            client_ca: client_ca.map(PathBuf::from),
+        }),
+        (Some(_), None, _) => {
+            return Err(CliError::Needs {
+                flag: "--tls-cert",
+                needs: "--tls-key",
+            })
+        }
+        (None, Some(_), _) => {
+            return Err(CliError::Needs {
+                flag: "--tls-key",
+                needs: "--tls-cert",
+            })
+        }
+        (None, None, Some(_)) => {
+            return Err(CliError::Needs {
+                flag: "--tls-client-ca",
+                needs: "--tls-cert and --tls-key",
+            })
+        }
+    };
     if policy.is_none() && rlqs_ttl.is_some() {
         return Err(CliError::NeedsPolicy {
             flag: "--rlqs-ttl-s".into(),
@@ -247,6 +307,16 @@ where
             value: spec.to_string(),
         })?,
     };
+    if max_buckets.is_some() && store != StoreKind::Memory {
+        return Err(CliError::MaxBucketsNeedsMemory);
+    }
+    let max_buckets = number(
+        "--max-buckets",
+        max_buckets,
+        crate::store::DEFAULT_MAX_BUCKETS as u64,
+        1,
+        1_000_000_000,
+    )?;
     let grants = match grants.as_deref() {
         None | Some("on") => true,
         Some("off") => false,
@@ -275,6 +345,8 @@ where
         metrics_addr,
         policy: policy.map(PathBuf::from),
         rlqs_ttl_s: u32::try_from(rlqs_ttl_s).unwrap_or(laneguard_core::quota::DEFAULT_TTL_S),
+        max_buckets: usize::try_from(max_buckets).unwrap_or(crate::store::DEFAULT_MAX_BUCKETS),
+        tls,
     }))
 }
 
@@ -359,6 +431,8 @@ mod tests {
             metrics_addr: None,
             policy: None,
             rlqs_ttl_s: 15,
+            max_buckets: 1_000_000,
+            tls: None,
         };
         f(&mut args);
         Command::Run(args)
@@ -522,6 +596,45 @@ mod tests {
         assert_eq!(
             p(&["--metrics-addr", ":9090"]).unwrap_err().to_string(),
             "--metrics-addr: `:9090` is not an IP:PORT address"
+        );
+    }
+
+    #[test]
+    fn max_buckets_and_tls() {
+        assert_eq!(
+            p(&["--max-buckets", "5000"]).unwrap(),
+            defaults_with(|a| a.max_buckets = 5000)
+        );
+        assert!(matches!(
+            p(&["--max-buckets", "0"]),
+            Err(CliError::BadNumber { .. })
+        ));
+        assert_eq!(
+            p(&["--store", "redis://h:1", "--max-buckets", "5"]).unwrap_err(),
+            CliError::MaxBucketsNeedsMemory
+        );
+        assert_eq!(
+            p(&[
+                "--tls-cert=c.pem",
+                "--tls-key=k.pem",
+                "--tls-client-ca=ca.pem"
+            ])
+            .unwrap(),
+            defaults_with(|a| {
+                a.tls = Some(TlsFiles {
+                    cert: "c.pem".into(),
+                    key: "k.pem".into(),
+                    client_ca: Some("ca.pem".into()),
+                })
+            })
+        );
+        assert_eq!(
+            p(&["--tls-cert", "c.pem"]).unwrap_err().to_string(),
+            "--tls-cert needs --tls-key"
+        );
+        assert_eq!(
+            p(&["--tls-client-ca", "ca.pem"]).unwrap_err().to_string(),
+            "--tls-client-ca needs --tls-cert and --tls-key"
         );
     }
 

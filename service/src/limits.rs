@@ -36,7 +36,30 @@ pub enum RequestError {
         "descriptors[{index}].limit.unit: `{unit}` is not supported yet (second, minute, hour, day)"
     )]
     UnsupportedUnit { index: usize, unit: Unit },
+    #[error(
+        "descriptors[{index}].entries[{entry}].{field}: {bytes} bytes, over the limit of {MAX_ENTRY_BYTES} bytes"
+    )]
+    EntryTooLarge {
+        index: usize,
+        entry: usize,
+        field: &'static str,
+        bytes: usize,
+    },
+    #[error(
+        "descriptors[{index}]: its bucket key is {bytes} bytes, over the limit of {MAX_KEY_BYTES} bytes (domain and entries, escaped)"
+    )]
+    KeyTooLarge { index: usize, bytes: usize },
 }
+
+/// The most bytes of one descriptor entry's key or value. The filter's largest value is a
+/// user id (256 bytes, `laneguard_core::engine::MAX_USER_LEN`); anything much larger is not
+/// a bucket identity but a way to fill the store (issue 14 item 5: 300 keys of 1.3 MB each
+/// cost the service 380 MB).
+pub const MAX_ENTRY_BYTES: usize = 1024;
+
+/// The most bytes of one bucket key (`laneguard_core::key::encode`: domain and entries,
+/// percent-escaped). Bounds what one bucket costs in the store, whatever the entries.
+pub const MAX_KEY_BYTES: usize = 2048;
 
 /// The most of a caller's value an error message repeats. The message travels back in the
 /// `grpc-message` header, and an HTTP/2 client refuses a header block past its limit (16 KiB
@@ -85,7 +108,17 @@ fn plan_descriptor(
 ) -> Result<Option<Charge>, RequestError> {
     let mut burst: Option<NonZeroU32> = None;
     let mut entries: Vec<(&str, &str)> = Vec::with_capacity(descriptor.entries.len());
-    for e in &descriptor.entries {
+    for (entry, e) in descriptor.entries.iter().enumerate() {
+        for (field, text) in [("key", &e.key), ("value", &e.value)] {
+            if text.len() > MAX_ENTRY_BYTES {
+                return Err(RequestError::EntryTooLarge {
+                    index,
+                    entry,
+                    field,
+                    bytes: text.len(),
+                });
+            }
+        }
         if e.key == BURST_ENTRY {
             if burst.is_some() {
                 return Err(RequestError::DuplicateBurst { index });
@@ -133,11 +166,14 @@ fn plan_descriptor(
         .hits_addend
         .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
         .unwrap_or(request_cost);
-    Ok(Some(Charge {
-        key: key::encode(domain, &entries),
-        rate,
-        cost,
-    }))
+    let key = key::encode(domain, &entries);
+    if key.len() > MAX_KEY_BYTES {
+        return Err(RequestError::KeyTooLarge {
+            index,
+            bytes: key.len(),
+        });
+    }
+    Ok(Some(Charge { key, rate, cost }))
 }
 
 #[cfg(test)]
@@ -273,6 +309,46 @@ mod tests {
             }
         );
         assert!(e.to_string().contains("`week` is not supported"), "{e}");
+    }
+
+    #[test]
+    fn entries_and_keys_over_their_limits_are_named() {
+        let at = "v".repeat(MAX_ENTRY_BYTES);
+        let over = "v".repeat(MAX_ENTRY_BYTES + 1);
+        let limit = Some((10, RateLimitUnit::Minute));
+        let ok = descriptor(&[("tenant", "t"), ("user", at.as_str())], limit);
+        assert!(plan(&request(vec![ok.clone()], 1), None).is_ok());
+        let big_value = descriptor(&[("tenant", "t"), ("user", over.as_str())], limit);
+        let e = plan(&request(vec![ok.clone(), big_value], 1), None).unwrap_err();
+        assert_eq!(
+            e,
+            RequestError::EntryTooLarge {
+                index: 1,
+                entry: 1,
+                field: "value",
+                bytes: MAX_ENTRY_BYTES + 1
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "descriptors[1].entries[1].value: 1025 bytes, over the limit of 1024 bytes"
+        );
+        // Unlimited descriptors are checked too: a key is never built from them, but the
+        // request still carried them.
+        let big_key = descriptor(&[(over.as_str(), "v")], None);
+        assert!(matches!(
+            plan(&request(vec![big_key], 1), None).unwrap_err(),
+            RequestError::EntryTooLarge { field: "key", .. }
+        ));
+        // One entry within its limit can still escape past the key limit (`%20` triples).
+        let spaces = " ".repeat(MAX_ENTRY_BYTES);
+        let wide = descriptor(&[("tenant", "t"), ("user", spaces.as_str())], limit);
+        let e = plan(&request(vec![wide], 1), None).unwrap_err();
+        assert!(
+            matches!(e, RequestError::KeyTooLarge { index: 0, bytes } if bytes > MAX_KEY_BYTES),
+            "{e}"
+        );
+        assert!(e.to_string().contains("limit of 2048 bytes"), "{e}");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use laneguard_core::quota::QuotaSettings;
 use laneguard_service::audit::{AuditLog, AuditOptions, AuditService, Chain};
-use laneguard_service::cli::{self, Args, Command, StoreKind};
+use laneguard_service::cli::{self, Args, Command, StoreKind, TlsFiles};
 use laneguard_service::metrics::{self, AuditHead};
 use laneguard_service::quota::QuotaService;
 use laneguard_service::{
@@ -73,7 +73,9 @@ async fn run(args: Args) -> Result<(), String> {
     let metrics = Metrics::new();
     let round_trips = metrics.redis_round_trips();
     let store: Arc<dyn Store> = match &args.store {
-        StoreKind::Memory => Arc::new(MemoryStore::new()),
+        StoreKind::Memory => Arc::new(
+            MemoryStore::with_max_buckets(args.max_buckets).with_metrics(metrics.memory_store()),
+        ),
         StoreKind::Redis(url) => Arc::new(
             redis_store(
                 RedisStore::standalone(url, redis_settings)
@@ -119,6 +121,10 @@ async fn run(args: Args) -> Result<(), String> {
         ),
         None => None,
     };
+    let tls = match &args.tls {
+        Some(files) => Some(tls_config(files)?),
+        None => None,
+    };
     let listener = TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
@@ -153,11 +159,21 @@ async fn run(args: Args) -> Result<(), String> {
         .and_then(|()| stdout.flush())
         .map_err(|e| format!("cannot write the readiness line: {e}"))?;
     drop(stdout);
+    let security = match &args.tls {
+        None => "plaintext: bind a private address (docs/deploy.md)".to_string(),
+        Some(TlsFiles {
+            client_ca: None, ..
+        }) => "TLS".to_string(),
+        Some(TlsFiles {
+            client_ca: Some(ca),
+            ..
+        }) => format!("mutual TLS, clients signed by {}", ca.display()),
+    };
     log::info!(
-        "serving RLS v3 and gRPC health on {addr} (store: {store_name}, grants: {grants:?})"
+        "serving RLS v3 and gRPC health on {addr} ({security}; store: {store_name}, grants: {grants:?})"
     );
 
-    server::serve_with(listener, limiter, audit, quota, shutdown_signal())
+    server::serve_with(listener, limiter, audit, quota, tls, shutdown_signal())
         .await
         .map_err(|e| format!("server failed: {e}"))?;
     log::info!("stopped");
@@ -211,6 +227,42 @@ fn open_audit_log(
         }
     });
     Ok((Arc::clone(&log), AuditService::new(log)))
+}
+
+/// Read the `--tls-*` files. A missing or unreadable file stops the service with its flag
+/// named, and so does one that is not a PEM certificate or key (checked before the READY
+/// line, by building the server's TLS configuration once).
+fn tls_config(files: &TlsFiles) -> Result<tonic::transport::ServerTlsConfig, String> {
+    let read = |flag: &str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| format!("{flag} {}: {e}", path.display()))
+    };
+    let cert = read("--tls-cert", &files.cert)?;
+    let key = read("--tls-key", &files.key)?;
+    let ca = match &files.client_ca {
+        Some(path) => Some(read("--tls-client-ca", path)?),
+        None => None,
+    };
+    let config = server::tls_config(&cert, &key, ca.as_deref());
+    if let Err(e) = tonic::transport::Server::builder().tls_config(config.clone()) {
+        // tonic's error says "transport error"; the reason is in its sources.
+        let mut why = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            why.push_str(&format!(": {s}"));
+            source = s.source();
+        }
+        let ca = files
+            .client_ca
+            .as_ref()
+            .map(|ca| format!(" / --tls-client-ca {}", ca.display()))
+            .unwrap_or_default();
+        return Err(format!(
+            "--tls-cert {} / --tls-key {}{ca}: {why}",
+            files.cert.display(),
+            files.key.display(),
+        ));
+    }
+    Ok(config)
 }
 
 /// `--policy FILE`: RLQS assignments over this policy (docs/rlqs.md).

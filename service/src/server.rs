@@ -7,7 +7,7 @@ use std::future::Future;
 use laneguard_protos::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::Server;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::audit::AuditService;
 use crate::quota::QuotaService;
@@ -40,17 +40,34 @@ pub async fn serve_with_audit<F>(
 where
     F: Future<Output = ()> + Send,
 {
-    serve_with(listener, limiter, audit, None, shutdown).await
+    serve_with(listener, limiter, audit, None, None, shutdown).await
+}
+
+/// TLS for the listener (`--tls-cert`, `--tls-key`, `--tls-client-ca`): the server's
+/// identity, and with `client_ca` mutual TLS (a client without a certificate signed by it
+/// is refused during the handshake).
+pub fn tls_config(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    client_ca_pem: Option<&[u8]>,
+) -> ServerTlsConfig {
+    let config = ServerTlsConfig::new().identity(Identity::from_pem(cert_pem, key_pem));
+    match client_ca_pem {
+        Some(ca) => config.client_ca_root(Certificate::from_pem(ca)),
+        None => config,
+    }
 }
 
 /// [`serve_with_audit`], plus RLQS (`envoy.service.rate_limit_quota.v3`) when the service
 /// has a policy (`--policy`). Health answers SERVING for it: its assignments live in memory
-/// and do not depend on the store.
+/// and do not depend on the store. With `tls` ([`tls_config`]), every service (health too)
+/// is served over TLS only.
 pub async fn serve_with<F>(
     listener: TcpListener,
     limiter: RateLimiter,
     audit: Option<AuditService>,
     quota: Option<QuotaService>,
+    tls: Option<ServerTlsConfig>,
     shutdown: F,
 ) -> Result<(), tonic::transport::Error>
 where
@@ -71,7 +88,11 @@ where
         crate::health::PROBE_EVERY,
     ));
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    builder
         .add_service(health)
         .add_service(RateLimitServiceServer::new(limiter))
         .add_optional_service(audit.map(AuditService::server))

@@ -13,6 +13,7 @@
 //! include the tail of Envoy's log and the directory's path. `docs/testing.md` explains how to
 //! run one test and where to look.
 
+pub mod certs;
 pub mod chaos;
 pub mod client;
 pub mod config;

@@ -5,27 +5,54 @@
 //! (idle) buckets carry no information, since a missing key reads as a full bucket, so they
 //! are swept whenever the map has doubled since the last sweep, which keeps memory bounded
 //! by the buckets that are actually in debt, at amortised O(1) per request.
+//!
+//! Buckets in debt can still be many (a million per-day buckets cost about 126 MB), so the
+//! map is also capped (`--max-buckets`, [`DEFAULT_MAX_BUCKETS`]). When a new bucket would
+//! pass the cap, the store makes room for an eighth of the cap at once: idle buckets first
+//! (exact: nothing is lost), then the least recently used buckets in debt. An evicted bucket
+//! in debt reads as full again, so its caller may be admitted up to one more burst: the cap
+//! trades that over-admission for bounded memory, and every such eviction is counted
+//! (`laneguard_service_memory_evictions_total`). Making room is O(n) once per n/8 new
+//! buckets: amortised O(1).
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 
 use laneguard_core::gcra::Gcra;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 
 use super::{decide, decide_refund, decide_report, Charge, Decision, Outcome, Store, StoreFuture};
 
 /// Never sweep maps smaller than this.
 const MIN_SWEEP_LEN: usize = 1024;
 
+/// The default cap on buckets held (`--max-buckets`): about 130 MB of buckets in debt
+/// with the filter's keys.
+pub const DEFAULT_MAX_BUCKETS: usize = 1_000_000;
+
 /// The in-memory [`Store`].
 #[derive(Debug)]
 pub struct MemoryStore {
     inner: Mutex<Inner>,
+    /// `laneguard_service_memory_buckets`.
+    held: Gauge,
+    /// `laneguard_service_memory_evictions_total`: buckets in debt evicted at the cap.
+    evictions: Counter,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    state: Gcra,
+    /// When a request last read or wrote the bucket: the eviction order at the cap.
+    used_ns: u64,
 }
 
 #[derive(Debug)]
 struct Inner {
-    buckets: HashMap<String, Gcra>,
+    buckets: HashMap<String, Entry>,
     sweep_at_len: usize,
+    max_buckets: usize,
 }
 
 impl Default for MemoryStore {
@@ -35,13 +62,30 @@ impl Default for MemoryStore {
 }
 
 impl MemoryStore {
+    /// A store capped at [`DEFAULT_MAX_BUCKETS`].
     pub fn new() -> MemoryStore {
+        MemoryStore::with_max_buckets(DEFAULT_MAX_BUCKETS)
+    }
+
+    /// A store holding at most `max_buckets` buckets (at least 1).
+    pub fn with_max_buckets(max_buckets: usize) -> MemoryStore {
         MemoryStore {
             inner: Mutex::new(Inner {
                 buckets: HashMap::new(),
                 sweep_at_len: MIN_SWEEP_LEN,
+                max_buckets: max_buckets.max(1),
             }),
+            held: Gauge::default(),
+            evictions: Counter::default(),
         }
+    }
+
+    /// Move these metrics (`Metrics::memory_store`): the bucket gauge and the eviction
+    /// counter.
+    pub fn with_metrics(mut self, (held, evictions): (Gauge, Counter)) -> MemoryStore {
+        self.held = held;
+        self.evictions = evictions;
+        self
     }
 
     /// How many buckets are held (in debt, or not yet swept).
@@ -51,6 +95,11 @@ impl MemoryStore {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Buckets in debt evicted at the cap so far.
+    pub fn evictions(&self) -> u64 {
+        self.evictions.get()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -90,16 +139,36 @@ impl MemoryStore {
         let mut inner = self.lock();
         let loaded: Vec<Gcra> = charges
             .iter()
-            .map(|c| inner.buckets.get(&c.key).copied().unwrap_or_default())
+            .map(|c| match inner.buckets.get_mut(&c.key) {
+                Some(e) => {
+                    e.used_ns = e.used_ns.max(now_ns);
+                    e.state
+                }
+                None => Gcra::default(),
+            })
             .collect();
         let decision = decide(&loaded);
         if let Some(writes) = decision.writes {
             for (i, state) in writes {
                 if let Some(charge) = charges.get(i) {
-                    inner.buckets.insert(charge.key.clone(), state);
+                    if !inner.buckets.contains_key(&charge.key)
+                        && inner.buckets.len() >= inner.max_buckets
+                    {
+                        let evicted = inner.make_room(now_ns);
+                        self.evictions.inc_by(evicted);
+                    }
+                    inner.buckets.insert(
+                        charge.key.clone(),
+                        Entry {
+                            state,
+                            used_ns: now_ns,
+                        },
+                    );
                 }
             }
             inner.maybe_sweep(now_ns);
+            self.held
+                .set(i64::try_from(inner.buckets.len()).unwrap_or(i64::MAX));
         }
         decision.outcome
     }
@@ -110,8 +179,36 @@ impl Inner {
         if self.buckets.len() < self.sweep_at_len {
             return;
         }
-        self.buckets.retain(|_, b| !b.is_idle(now_ns));
+        self.buckets.retain(|_, b| !b.state.is_idle(now_ns));
         self.sweep_at_len = (self.buckets.len() * 2).max(MIN_SWEEP_LEN);
+    }
+
+    /// At the cap: free an eighth of it (at least one bucket), idle buckets first, then the
+    /// least recently used. Returns how many buckets in debt were evicted.
+    fn make_room(&mut self, now_ns: u64) -> u64 {
+        self.buckets.retain(|_, b| !b.state.is_idle(now_ns));
+        let keep = self.max_buckets - (self.max_buckets / 8).max(1);
+        let Some(excess) = self.buckets.len().checked_sub(keep).filter(|n| *n > 0) else {
+            return 0;
+        };
+        // The `excess`-th oldest use is the cutoff: evict everything older, and of the
+        // buckets used exactly then, only as many as still needed.
+        let mut used: Vec<u64> = self.buckets.values().map(|e| e.used_ns).collect();
+        let (_, &mut cutoff, _) = used.select_nth_unstable(excess - 1);
+        let older = used.iter().filter(|&&u| u < cutoff).count();
+        let mut ties = excess - older;
+        self.buckets.retain(|_, e| {
+            if e.used_ns < cutoff {
+                false
+            } else if e.used_ns == cutoff && ties > 0 {
+                ties -= 1;
+                false
+            } else {
+                true
+            }
+        });
+        self.sweep_at_len = (self.buckets.len() * 2).max(MIN_SWEEP_LEN);
+        u64::try_from(excess).unwrap_or(u64::MAX)
     }
 }
 
@@ -254,5 +351,59 @@ mod tests {
         // A swept bucket reads as full, exactly as before the sweep.
         let again = run(&store, &[charge("k0", 1, Window::Second, 1, 1)], T0 + 2 * S);
         assert!(again.admitted);
+    }
+
+    /// Issue 14 item 5: a million per-day buckets cost 126 MB with no cap.
+    #[test]
+    fn the_cap_evicts_idle_buckets_first_then_the_least_recently_used() {
+        let store = MemoryStore::with_max_buckets(80);
+        let day = |k: &str| charge(k, 1, Window::Day, 1, 1);
+        let second = |k: &str| charge(k, 1, Window::Second, 1, 1);
+        // 40 per-day buckets in debt (used at T0 + i), then 40 per-second ones.
+        for i in 0..40u64 {
+            assert!(run(&store, &[day(&format!("day{i}"))], T0 + i).admitted);
+        }
+        for i in 0..40 {
+            assert!(run(&store, &[second(&format!("sec{i}"))], T0 + 100).admitted);
+        }
+        assert_eq!(store.len(), 80);
+        // "day0" is used again: it is now the most recently used bucket in debt.
+        assert!(!run(&store, &[day("day0")], T0 + 200).admitted);
+        // Two seconds on, the per-second buckets are full: the next new bucket frees them
+        // and evicts no bucket in debt.
+        assert!(run(&store, &[day("new0")], T0 + 2 * S).admitted);
+        assert_eq!(store.evictions(), 0);
+        assert_eq!(store.len(), 41);
+        // Fill to the cap with more per-day buckets; the next one evicts the 10 least
+        // recently used buckets in debt (an eighth of the cap): day1..day10, not day0.
+        for i in 1..40 {
+            assert!(run(&store, &[day(&format!("new{i}"))], T0 + 3 * S).admitted);
+        }
+        assert_eq!(store.len(), 80);
+        assert!(run(&store, &[day("one-more")], T0 + 4 * S).admitted);
+        assert_eq!(store.evictions(), 10);
+        assert_eq!(store.len(), 71);
+        assert!(!run(&store, &[day("day0")], T0 + 4 * S).admitted, "kept");
+        assert!(!run(&store, &[day("day11")], T0 + 4 * S).admitted, "kept");
+        // An evicted bucket in debt reads as full again: the over-admission the cap trades.
+        assert!(run(&store, &[day("day1")], T0 + 4 * S).admitted, "evicted");
+        assert!(store.len() <= 80);
+    }
+
+    #[test]
+    fn the_cap_holds_under_a_flood_of_distinct_buckets() {
+        let (held, evictions) = (Gauge::default(), Counter::default());
+        let store =
+            MemoryStore::with_max_buckets(1000).with_metrics((held.clone(), evictions.clone()));
+        for i in 0..20_000u64 {
+            let c = charge(&format!("t{i}"), 1, Window::Day, 1, 1);
+            assert!(run(&store, &[c], T0 + i).admitted);
+            assert!(store.len() <= 1000);
+        }
+        assert_eq!(held.get(), i64::try_from(store.len()).unwrap());
+        assert!(evictions.get() >= 19_000, "{}", evictions.get());
+        // The most recent buckets are the ones kept.
+        let last = charge("t19999", 1, Window::Day, 1, 1);
+        assert!(!run(&store, &[last], T0 + 20_000).admitted);
     }
 }

@@ -24,7 +24,7 @@ use laneguard_core::gcra::Gcra;
 use laneguard_core::Rate;
 
 pub use self::redis::{RedisSettings, RedisStore};
-pub use memory::MemoryStore;
+pub use memory::{MemoryStore, DEFAULT_MAX_BUCKETS};
 
 /// One bucket a request wants to charge.
 #[derive(Debug, Clone, PartialEq, Eq)]
