@@ -39,30 +39,9 @@ pub use rundir::RunDir;
 pub use scrape::Scrape;
 
 /// A harness error: what failed, with enough context (log tails, paths) to debug it from
-/// the test output alone.
-pub struct Error(pub String);
-
-impl Error {
-    pub fn new(msg: impl Into<String>) -> Error {
-        Error(msg.into())
-    }
-}
-
-impl fmt::Display for Error {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-// Debug is what `Result::unwrap` and a failing `-> Result` test print: keep it readable
-// (real newlines, not an escaped string).
-impl fmt::Debug for Error {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Error {}
+/// the test output alone. The same type as the Redis harness's, so its errors need no
+/// conversion.
+pub use laneguard_redis_harness::Error;
 
 pub type Result<T> = std::result::Result<T, Error>;
 

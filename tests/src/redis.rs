@@ -5,9 +5,3 @@
 //! (scripts/bootstrap.sh --with-redis).
 
 pub use laneguard_redis_harness::{RedisCluster, RedisServer, Shape};
-
-impl From<laneguard_redis_harness::Error> for crate::Error {
-    fn from(e: laneguard_redis_harness::Error) -> crate::Error {
-        crate::Error(e.0)
-    }
-}

@@ -28,7 +28,7 @@ use nix::unistd::Pid;
 pub struct Error(pub String);
 
 impl Error {
-    fn new(msg: impl Into<String>) -> Error {
+    pub fn new(msg: impl Into<String>) -> Error {
         Error(msg.into())
     }
 }
