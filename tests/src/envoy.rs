@@ -360,6 +360,19 @@ impl Envoy {
             .sum())
     }
 
+    /// Poll [`Envoy::counter_sum`] of the `laneguard` stats until it reaches `want` or 5 s
+    /// pass (stats are read live, but give Envoy a moment); the last sum read.
+    pub fn wait_counter(&self, needle: &str, want: u64) -> Result<u64> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let n = self.counter_sum("laneguard", needle)?;
+            if n >= want || Instant::now() > deadline {
+                return Ok(n);
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
     /// Whether Envoy is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))

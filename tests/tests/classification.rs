@@ -9,7 +9,7 @@
 
 use laneguard_tests::config::remove_http_filter;
 use laneguard_tests::{test_policy, token, EnvoyOptions, Reply, Stack};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn stack(label: &str) -> Stack {
     Stack::start(label, &test_policy("valid/fast.yaml").unwrap()).unwrap()
@@ -22,16 +22,8 @@ fn echo(r: &Reply) -> (String, String, String, String) {
     (s("lane"), s("class"), s("tenant"), s("principal"))
 }
 
-/// Poll a counter until it reaches `want` (stats are read live, but give Envoy a moment).
 fn wait_counter(stack: &Stack, needle: &str, want: u64) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let n = stack.envoy.counter_sum("laneguard", needle).unwrap();
-        if n >= want || Instant::now() > deadline {
-            return n;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
+    stack.envoy.wait_counter(needle, want).unwrap()
 }
 
 #[test]

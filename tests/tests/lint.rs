@@ -75,6 +75,7 @@ fn each_lint_rule_names_the_field_to_change() {
             "overlapping_families",
             "endpoint_families[1].path_prefixes[0]",
         ),
+        ("08-loose-default", "loose_default", "purposes.default"),
     ];
     let (code, clean) = warnings("tests/policies/lint/00-clean.yaml", true);
     assert_eq!((code, clean.len()), (0, 0), "{clean:?}");

@@ -36,6 +36,7 @@ endpoint_families:
 users: { limit: { per_second: 1000000, burst: 1000000 } }
 models:
   header: x-model
+  default: m1
   list:
     - name: m1
       capacity: { per_second: 4000000, burst: 4000000 }

@@ -21,6 +21,7 @@
 //! (400), [`NoUsage`] (settle at the reservation). Nothing here panics or allocates without
 //! bound: bodies are read only up to `tokens.inspect_bytes`.
 
+use crate::declared::Dimension;
 use crate::engine::{model_buckets, Bucket, BucketKind, Plan};
 use crate::policy::tokens::Tokens;
 use crate::policy::Policy;
@@ -288,6 +289,7 @@ pub fn with_model(
 ) -> Option<(Plan, Option<TokenPlan>)> {
     let def = policy.models.as_ref()?.list.get(model)?;
     let mut next = plan.clone();
+    next.model = Some(def.name.clone());
     next.buckets.retain(|b| !b.kind.is_model());
     next.buckets.extend(model_buckets(
         policy.service.domain.as_str(),
@@ -526,12 +528,16 @@ pub enum AdmitError {
     TooLarge { limit: u32 },
     /// The reservation cannot fit a bucket's burst (400, naming the bucket).
     Tokens(TokenReject),
+    /// The model the request names (body, else header) is refused by the policy's rule for
+    /// declared models (`crate::declared`): 400 or 403, as for a header refused at once.
+    Declared(crate::engine::Reject),
 }
 
 impl AdmitError {
     pub fn status(&self) -> u32 {
         match self {
             AdmitError::TooLarge { .. } => 413,
+            AdmitError::Declared(r) => r.status(),
             _ => 400,
         }
     }
@@ -541,6 +547,7 @@ impl AdmitError {
             AdmitError::Body(e) => e.code(),
             AdmitError::TooLarge { .. } => "body_too_large",
             AdmitError::Tokens(_) => TokenReject::CODE,
+            AdmitError::Declared(r) => r.code(),
         }
     }
 
@@ -552,6 +559,7 @@ impl AdmitError {
                  gateway inspects (tokens.inspect_bytes)"
             ),
             AdmitError::Tokens(t) => t.detail(),
+            AdmitError::Declared(r) => r.detail().to_string(),
         }
     }
 }
@@ -579,7 +587,6 @@ pub fn admit(
     policy: &Policy,
     mut plan: Plan,
     header_model: Option<&str>,
-    purpose: Option<&str>,
     body: &[u8],
 ) -> Result<(Plan, Inspected, Option<String>), AdmitError> {
     if !within_limit(policy, body.len()) {
@@ -587,28 +594,56 @@ pub fn admit(
         return Err(AdmitError::TooLarge { limit });
     }
     let req = parse_request(body).map_err(AdmitError::Body)?;
-    let model = req.model.clone().or(header_model.map(str::to_string));
-    let mut set_header = None;
-    if let (Some(m), true) = (&req.model, req.model.as_deref() != header_model) {
+    // The model is declared by the caller, in the body or the header: the same rule as for
+    // any declared model decides what it is charged to (`crate::declared`).
+    let declared = req.model.as_deref().or(header_model);
+    let resolved = crate::declared::resolve(
+        policy,
+        Dimension::Model,
+        &plan.principal,
+        plan.family.as_deref(),
+        declared,
+    )
+    .map_err(AdmitError::Declared)?;
+    if resolved.value != plan.model.as_deref() {
         plan.buckets.retain(|b| !b.kind.is_model());
-        if let Some(def) = policy.models.as_ref().and_then(|x| x.list.get(m)) {
+        if let Some(def) = resolved
+            .value
+            .and_then(|m| policy.models.as_ref()?.list.get(m))
+        {
             plan.buckets.extend(model_buckets(
                 policy.service.domain.as_str(),
                 def,
                 &plan.tenant,
             ));
         }
+    }
+    plan.model = resolved.value.map(str::to_string);
+    plan.defaulted.retain(|d| *d != Dimension::Model);
+    if resolved.defaulted {
+        plan.defaulted.push(Dimension::Model);
+    }
+    let mut set_header = None;
+    if let (Some(m), true) = (&req.model, req.model.as_deref() != header_model) {
         if policy.models.is_some() {
             set_header = Some(m.clone());
         }
     }
-    plan.tokens = token_plan(policy, &plan, model.as_deref(), purpose, req.max_tokens)
-        .map_err(AdmitError::Tokens)?;
+    let model = plan.model.clone();
+    let purpose = plan.purpose.clone();
+    plan.tokens = token_plan(
+        policy,
+        &plan,
+        model.as_deref(),
+        purpose.as_deref(),
+        req.max_tokens,
+    )
+    .map_err(AdmitError::Tokens)?;
     let inspected = Inspected {
         model,
         max_tokens: req.max_tokens,
         stream: req.stream,
-        purpose: purpose.map(str::to_string),
+        purpose,
     };
     Ok((plan, inspected, set_header))
 }

@@ -6,6 +6,7 @@
 //! charged for a denied request, and the first bucket without room is the one named.
 
 use crate::classify::{classify, Classified};
+use crate::declared::{self, Dimension};
 use crate::gcra::{Check, Gcra};
 use crate::key;
 use crate::policy::{ClassId, FailureMode, Policy};
@@ -32,13 +33,20 @@ pub enum Reject {
     MissingIdentity,
     /// A trusted identity value that is not a valid name.
     InvalidIdentity,
+    /// A request in a declared dimension's scope declares no value and the policy has no
+    /// default for it (`crate::declared`).
+    Undeclared(Dimension),
+    /// A declared value the policy does not list, or that the principal may not declare,
+    /// under `unknown: refuse` (`crate::declared`).
+    NotDeclarable(Dimension),
 }
 
 impl Reject {
     pub fn status(self) -> u32 {
         match self {
             Reject::MissingIdentity => 401,
-            Reject::InvalidIdentity => 400,
+            Reject::InvalidIdentity | Reject::Undeclared(_) => 400,
+            Reject::NotDeclarable(_) => 403,
         }
     }
 
@@ -46,6 +54,10 @@ impl Reject {
         match self {
             Reject::MissingIdentity => "missing_identity",
             Reject::InvalidIdentity => "invalid_identity",
+            Reject::Undeclared(Dimension::Purpose) => "purpose_required",
+            Reject::Undeclared(Dimension::Model) => "model_required",
+            Reject::NotDeclarable(Dimension::Purpose) => "purpose_not_allowed",
+            Reject::NotDeclarable(Dimension::Model) => "model_not_allowed",
         }
     }
 
@@ -56,6 +68,18 @@ impl Reject {
                 "no trusted tenant/principal: the request did not pass authentication"
             }
             Reject::InvalidIdentity => "the trusted identity is not a valid name",
+            Reject::Undeclared(Dimension::Purpose) => {
+                "the request declares no purpose and the policy has no default purpose"
+            }
+            Reject::Undeclared(Dimension::Model) => {
+                "the request declares no model and the policy has no default model"
+            }
+            Reject::NotDeclarable(Dimension::Purpose) => {
+                "the declared purpose is not listed in the policy, or this principal may not declare it"
+            }
+            Reject::NotDeclarable(Dimension::Model) => {
+                "the declared model is not listed in the policy, or this principal may not declare it"
+            }
         }
     }
 }
@@ -213,6 +237,12 @@ pub struct Plan {
     /// The caller declared a class it may not use (or one that does not exist).
     pub forged: bool,
     pub family: Option<String>,
+    /// The purpose and the model charged (`crate::declared::resolve`): a listed value, the
+    /// default, or `None` outside the dimension's scope.
+    pub purpose: Option<String>,
+    pub model: Option<String>,
+    /// Declared values the caller may not use, charged to the default instead.
+    pub defaulted: Vec<Dimension>,
     pub cost: u32,
     /// `buckets[0]` is the lane: the class's reserve, or the shared pool.
     pub buckets: Vec<Bucket>,
@@ -350,16 +380,38 @@ pub fn plan(policy: &Policy, req: &RequestInfo<'_>) -> Result<Plan, Reject> {
             buckets.push(Bucket::new(domain, BucketKind::Tool, tenant, &f.name, rate));
         }
     }
-    if let (Some(p), Some(purposes)) = (req.purpose, &policy.purposes) {
+    // Declared dimensions: a missing or unusable value lands on the default, or the request
+    // is refused; never on no bucket (issue 13 item 4).
+    let family_name = family.map(|f| f.name.as_str());
+    let purpose = declared::resolve(
+        policy,
+        Dimension::Purpose,
+        principal,
+        family_name,
+        req.purpose,
+    )?;
+    let model = if req.model.is_none() && crate::ai::inspects(policy, req.path) {
+        // An AI request may name its model in the body: `ai::admit` decides it, by the same
+        // rule, once the body is read.
+        declared::Resolved::NONE
+    } else {
+        declared::resolve(policy, Dimension::Model, principal, family_name, req.model)?
+    };
+    if let (Some(p), Some(purposes)) = (purpose.value, &policy.purposes) {
         if let Some(rate) = purposes.limits.get(p) {
             buckets.push(Bucket::new(domain, BucketKind::Purpose, tenant, p, *rate));
         }
     }
-    if let (Some(m), Some(models)) = (req.model, &policy.models) {
+    if let (Some(m), Some(models)) = (model.value, &policy.models) {
         if let Some(model) = models.list.get(m) {
             buckets.extend(model_buckets(domain, model, tenant));
         }
     }
+    let defaulted = [(Dimension::Purpose, purpose), (Dimension::Model, model)]
+        .into_iter()
+        .filter(|(_, r)| r.defaulted)
+        .map(|(d, _)| d)
+        .collect();
 
     Ok(Plan {
         tenant: tenant.to_string(),
@@ -370,6 +422,9 @@ pub fn plan(policy: &Policy, req: &RequestInfo<'_>) -> Result<Plan, Reject> {
         class_name: class_def.name.clone(),
         forged,
         family: family.map(|f| f.name.clone()),
+        purpose: purpose.value.map(str::to_string),
+        model: model.value.map(str::to_string),
+        defaulted,
         cost,
         buckets,
         borrow,

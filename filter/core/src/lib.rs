@@ -20,6 +20,7 @@ pub mod ai;
 pub mod audit;
 pub mod card;
 pub mod classify;
+pub mod declared;
 pub mod degrade;
 pub mod engine;
 pub mod gcra;

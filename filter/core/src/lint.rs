@@ -6,9 +6,11 @@
 //! It reads the policy twice: as written ([`RawPolicy`], for the indices a path needs) and
 //! validated ([`Policy`], for the pools).
 
+use crate::declared::{self, Dimension};
 use crate::map::{self, PoolKind};
 use crate::policy::raw::{RawFallback, RawPolicy};
 use crate::policy::{Policy, TenantPlan};
+use crate::rate::{Rate, Window};
 use serde::Serialize;
 
 /// Which rule a warning comes from (stable names, for `--allow` lists and scripts).
@@ -29,6 +31,9 @@ pub enum Rule {
     SharedPoolTooSmall,
     /// An endpoint family's prefix that an earlier family already matches.
     OverlappingFamilies,
+    /// A declared dimension's default allows more than a value a caller may declare: omitting
+    /// the header (or, with `unknown: default`, inventing a value) escapes that value's bucket.
+    LooseDefault,
 }
 
 impl Rule {
@@ -41,6 +46,7 @@ impl Rule {
             Rule::RivalsSharePool => "rivals_share_pool",
             Rule::SharedPoolTooSmall => "shared_pool_too_small",
             Rule::OverlappingFamilies => "overlapping_families",
+            Rule::LooseDefault => "loose_default",
         }
     }
 }
@@ -290,7 +296,97 @@ pub fn lint(raw: &RawPolicy, policy: &Policy) -> Vec<Warning> {
             }
         }
     }
+    loose_defaults(policy, &mut out);
     out
+}
+
+/// [`Rule::LooseDefault`]: where a request that declares nothing lands, by the filter's own
+/// rule ([`declared::resolve`]), against every value a principal may declare instead.
+fn loose_defaults(policy: &Policy, out: &mut Vec<Warning>) {
+    let looser = |a: &Rate, b: &Rate| {
+        a.burst > b.burst || a.count_over(Window::Day) > b.count_over(Window::Day)
+    };
+    for (dim, section, header) in [
+        (
+            Dimension::Purpose,
+            "purposes",
+            policy.purposes.as_ref().map(|p| p.header.as_str()),
+        ),
+        (
+            Dimension::Model,
+            "models",
+            policy.models.as_ref().map(|m| m.header.as_str()),
+        ),
+    ] {
+        let Some(header) = header else {
+            continue;
+        };
+        let family = declared::scope_sample(policy, dim);
+        // Any principal the policy does not name has no list: it may declare every value.
+        let Ok(landed) = declared::resolve(policy, dim, "", family, None) else {
+            continue;
+        };
+        let Some(default) = landed.value else {
+            continue;
+        };
+        let Some(default_rate) = dimension_rate(policy, dim, default) else {
+            continue;
+        };
+        let mut tighter: Vec<(&str, Rate)> = dimension_values(policy, dim)
+            .into_iter()
+            .filter(|v| *v != default && declared::may_declare(policy, dim, "", v))
+            .filter_map(|v| Some((v, dimension_rate(policy, dim, v)?)))
+            .filter(|(_, r)| looser(&default_rate, r))
+            .collect();
+        tighter.sort_by_key(|(v, _)| *v);
+        if tighter.is_empty() {
+            continue;
+        }
+        let names: Vec<String> = tighter
+            .iter()
+            .map(|(v, r)| format!("{v:?} ({})", map::RateView::new(r)))
+            .collect();
+        out.push(warn(
+            Rule::LooseDefault,
+            format!("{section}.default"),
+            format!(
+                "a request that sends no {header} is charged to the default {} {default:?} ({}), which allows more than {}: a caller escapes those buckets by not declaring them",
+                dim.as_str(),
+                map::RateView::new(&default_rate),
+                names.join(", ")
+            ),
+            format!(
+                "make the default the tightest {} (a dedicated one with a small budget), or remove `{section}.default` and set `{section}.unknown: refuse` so that a request without it is refused",
+                dim.as_str()
+            ),
+        ));
+    }
+}
+
+/// The values of a declared dimension the policy lists.
+fn dimension_values(policy: &Policy, dim: Dimension) -> Vec<&str> {
+    match dim {
+        Dimension::Purpose => policy
+            .purposes
+            .iter()
+            .flat_map(|p| p.limits.keys())
+            .map(String::as_str)
+            .collect(),
+        Dimension::Model => policy
+            .models
+            .iter()
+            .flat_map(|m| m.list.keys())
+            .map(String::as_str)
+            .collect(),
+    }
+}
+
+/// What one value of a dimension allows a tenant (a model's default allocation).
+fn dimension_rate(policy: &Policy, dim: Dimension, value: &str) -> Option<Rate> {
+    match dim {
+        Dimension::Purpose => policy.purposes.as_ref()?.limits.get(value).copied(),
+        Dimension::Model => Some(policy.models.as_ref()?.list.get(value)?.default_allocation),
+    }
 }
 
 #[cfg(test)]
@@ -366,6 +462,13 @@ endpoint_families:
                     .replace("[/orders/export]", "[/orders]"),
                 Rule::OverlappingFamilies,
                 "endpoint_families[1].path_prefixes[0]",
+            ),
+            (
+                format!(
+                    "{CLEAN}purposes:\n  default: general\n  limits:\n    general: {{ per_minute: 60, burst: 20 }}\n    export: {{ per_minute: 6, burst: 2 }}\n"
+                ),
+                Rule::LooseDefault,
+                "purposes.default",
             ),
         ];
         for (text, rule, path) in cases {

@@ -11,8 +11,9 @@
 //! `docs/operations.md` says how to read each one.
 
 use crate::host::{Host, MetricKind};
+use laneguard_core::declared::Dimension;
 use laneguard_core::policy::Fallback;
-use laneguard_core::{BucketKind, Policy};
+use laneguard_core::{BucketKind, Plan, Policy, Reject};
 use std::collections::HashMap;
 
 /// A counter id, or none if Envoy refused to define it (then it is silently skipped:
@@ -164,6 +165,14 @@ pub struct Metrics {
     pub forged_class: Counter,
     pub missing_identity: Counter,
     pub invalid_identity: Counter,
+    /// Requests refused by the rule for declared purposes and models (no value and no
+    /// default: 400; a value the principal may not use under `unknown: refuse`: 403), and
+    /// those charged to the default instead of a value they may not use
+    /// (`laneguard_core::declared`).
+    pub purpose_refused: Counter,
+    pub model_refused: Counter,
+    pub purpose_defaulted: Counter,
+    pub model_defaulted: Counter,
     /// Client-declared values (class, user, purpose, model, path, method, request id) longer
     /// than `logsafe::MAX_LOGGED_BYTES`, clipped in logs and records.
     pub oversized_declared: Counter,
@@ -360,6 +369,38 @@ fn kinds_for(policy: &Policy, class: usize) -> Vec<BucketKind> {
 }
 
 impl Metrics {
+    /// Count a request refused before any bucket was consulted.
+    pub fn count_reject(&self, h: &dyn Host, reject: Reject) {
+        match reject {
+            Reject::MissingIdentity => self.missing_identity.inc(h),
+            Reject::InvalidIdentity => self.invalid_identity.inc(h),
+            Reject::Undeclared(d) | Reject::NotDeclarable(d) => self.declared_refused(d).inc(h),
+        }
+    }
+
+    /// Count the declared values of `plan` that were charged to their default.
+    pub fn count_defaulted(&self, h: &dyn Host, plan: &Plan) {
+        for d in &plan.defaulted {
+            self.declared_defaulted(*d).inc(h);
+        }
+    }
+
+    /// The counter of requests refused for `dim` (`laneguard.purpose_refused`, ...).
+    pub fn declared_refused(&self, dim: Dimension) -> Counter {
+        match dim {
+            Dimension::Purpose => self.purpose_refused,
+            Dimension::Model => self.model_refused,
+        }
+    }
+
+    /// The counter of requests charged to `dim`'s default instead of what they declared.
+    pub fn declared_defaulted(&self, dim: Dimension) -> Counter {
+        match dim {
+            Dimension::Purpose => self.purpose_defaulted,
+            Dimension::Model => self.model_defaulted,
+        }
+    }
+
     pub fn define(h: &dyn Host, policy: &Policy) -> Metrics {
         let c = |n: &str| Counter::define(h, &format!("laneguard.{n}"));
         let g = |n: &str| Gauge::define(h, &format!("laneguard.{n}"));
@@ -437,6 +478,10 @@ impl Metrics {
             forged_class: c("forged_class"),
             missing_identity: c("missing_identity"),
             invalid_identity: c("invalid_identity"),
+            purpose_refused: c("purpose_refused"),
+            model_refused: c("model_refused"),
+            purpose_defaulted: c("purpose_defaulted"),
+            model_defaulted: c("model_defaulted"),
             oversized_declared: c("oversized_declared"),
             decided_local: c("decided.local"),
             decided_central: c("decided.central"),

@@ -57,7 +57,7 @@ fn trace_line(r: &Report) -> String {
     let t = &r.trace;
     format!(
         "{} records ({} replayed), {} .. {} ({} s); {} malformed lines skipped; {} without identity; \
-         {} rejected (missing identity {}, invalid identity {}); {} out of order beyond the reorder window",
+         {} rejected (missing identity {}, invalid identity {}, declared purpose or model {}); {} out of order beyond the reorder window",
         t.records,
         t.replayed,
         t.from.as_deref().unwrap_or("-"),
@@ -65,9 +65,10 @@ fn trace_line(r: &Report) -> String {
         t.seconds,
         t.malformed,
         t.no_identity,
-        t.rejected.missing_identity + t.rejected.invalid_identity,
+        t.rejected.total(),
         t.rejected.missing_identity,
         t.rejected.invalid_identity,
+        t.rejected.declared,
         t.late
     )
 }
@@ -702,7 +703,9 @@ mod tests {
         );
         // `x<y` is not a valid identity: refused before any bucket, and counted.
         assert!(
-            out.contains("1 rejected (missing identity 0, invalid identity 1)"),
+            out.contains(
+                "1 rejected (missing identity 0, invalid identity 1, declared purpose or model 0)"
+            ),
             "{out}"
         );
         let repair = out

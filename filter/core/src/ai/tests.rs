@@ -15,6 +15,8 @@ endpoint_families:
   - { name: chat, path_prefixes: [/v1/chat] }
 models:
   header: x-model
+  default: small
+  unknown: refuse
   list:
     - name: large
       capacity: { per_minute: 600, burst: 100 }

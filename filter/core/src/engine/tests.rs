@@ -26,9 +26,12 @@ tenants:
     big: { ceiling: { per_second: 100, burst: 100 } }
 endpoint_families:
   - { name: exports, path_prefixes: [/exports], cost: 3, limit: { per_second: 6, burst: 6 } }
+  - { name: chat, path_prefixes: [/v1/chat] }
 users: { limit: { per_second: 50, burst: 50 } }
 models:
   header: x-model
+  unknown: refuse
+  families: [chat]
   list:
     - name: m1
       capacity: { per_second: 10, burst: 10 }
@@ -286,6 +289,7 @@ fn weighted_cost_and_tool_bucket() {
 fn model_allocation_share_and_absolute() {
     let p = policy();
     let mut r = req("nw", "erp", None);
+    r.path = "/v1/chat";
     r.model = Some("m1");
     let plan1 = plan(&p, &r).unwrap();
     let alloc = plan1
@@ -304,6 +308,7 @@ fn model_allocation_share_and_absolute() {
         vec![("bucket", "model_total"), ("model", "m1")]
     );
     let mut r2 = req("big", "erp", None);
+    r2.path = "/v1/chat";
     r2.model = Some("m1");
     let plan2 = plan(&p, &r2).unwrap();
     let alloc2 = plan2
@@ -312,12 +317,19 @@ fn model_allocation_share_and_absolute() {
         .find(|b| b.kind == BucketKind::Model)
         .unwrap();
     assert_eq!(alloc2.rate.requests.get(), 8);
+    // An unlisted model is refused (`unknown: refuse`), never charged no model bucket.
     r2.model = Some("unlisted");
+    assert_eq!(
+        plan(&p, &r2),
+        Err(Reject::NotDeclarable(crate::declared::Dimension::Model))
+    );
+    // Outside the model dimension's families the header is ignored.
+    r2.path = "/orders/1";
     assert!(plan(&p, &r2)
         .unwrap()
         .buckets
         .iter()
-        .all(|b| b.kind != BucketKind::Model));
+        .all(|b| !b.kind.is_model()));
 }
 
 #[test]

@@ -99,6 +99,10 @@ pub struct Class {
 pub struct Principal {
     pub default_class: ClassId,
     pub may_declare: Vec<ClassId>,
+    /// The purposes it may declare; `None`: any the policy lists.
+    pub purposes: Option<Vec<String>>,
+    /// The models it may declare; `None`: any the policy lists.
+    pub models: Option<Vec<String>>,
 }
 
 /// One tenant's layered capacity: the ceiling, split into reserves and the shared pool.
@@ -168,13 +172,39 @@ pub struct Service {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Purposes {
     pub header: String,
+    pub rule: DeclaredRule,
     pub limits: HashMap<String, Rate>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Models {
     pub header: String,
+    pub rule: DeclaredRule,
     pub list: HashMap<String, Model>,
+}
+
+/// What the caller's declaration of a purpose or a model is worth (issue 13 item 4): the
+/// value is the caller's, so a missing or unusable one must land on a defined bucket or be
+/// refused, never on no bucket at all. `crate::declared::resolve` applies it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeclaredRule {
+    /// Charged when a request in scope declares nothing (and, with `unknown: default`, when
+    /// it declares a value it may not use). `None`: such a request is refused.
+    pub default: Option<String>,
+    pub unknown: Unknown,
+    /// The endpoint families the dimension applies to (`None`: every request). Outside
+    /// them the header is ignored and no bucket of this dimension is charged.
+    pub families: Option<Vec<String>>,
+}
+
+/// `unknown`: a declared value the policy does not list, or that the principal may not
+/// declare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unknown {
+    /// Charged to the default, as if nothing was declared; counted.
+    Default,
+    /// Refused with 403 before any bucket is charged.
+    Refuse,
 }
 
 /// A validated policy. Every name it holds resolves; every rate is non-zero.
@@ -534,6 +564,8 @@ fn validate(raw: RawPolicy) -> Result<Policy, PolicyError> {
                 Principal {
                     default_class,
                     may_declare,
+                    purposes: None,
+                    models: None,
                 },
             )
             .is_some()
@@ -663,7 +695,11 @@ fn validate(raw: RawPolicy) -> Result<Policy, PolicyError> {
         .map(|u| rate(&u.limit, "users.limit"))
         .transpose()?;
 
-    let purposes = match raw.purposes {
+    let purpose_rule = raw
+        .purposes
+        .as_ref()
+        .map(|p| (p.default.clone(), p.unknown, p.families.clone()));
+    let mut purposes = match raw.purposes {
         None => None,
         Some(p) => {
             let mut limits = HashMap::new();
@@ -673,6 +709,12 @@ fn validate(raw: RawPolicy) -> Result<Policy, PolicyError> {
             }
             Some(Purposes {
                 header: header_name(p.header, "x-purpose", "purposes.header")?,
+                // Set below, once `tokens.purposes` (also declarable) is validated.
+                rule: DeclaredRule {
+                    default: None,
+                    unknown: Unknown::Refuse,
+                    families: None,
+                },
                 limits,
             })
         }
@@ -723,8 +765,18 @@ fn validate(raw: RawPolicy) -> Result<Policy, PolicyError> {
                 }
             }
             tokens::check_cheaper(&m.list)?;
+            let rule = declared_rule(
+                "models",
+                "model",
+                m.default.as_deref(),
+                m.unknown,
+                m.families.as_deref(),
+                |n| list.contains_key(n),
+                &families,
+            )?;
             Some(Models {
                 header: header_name(m.header, "x-model", "models.header")?,
+                rule,
                 list,
             })
         }
@@ -755,6 +807,36 @@ fn validate(raw: RawPolicy) -> Result<Policy, PolicyError> {
         purposes.as_ref().map(|p| &p.limits),
     )?;
 
+    // A purpose is declarable when the policy charges it something: a request budget or a
+    // token budget.
+    let mut declarable_purposes: HashMap<String, ()> = HashMap::new();
+    if let Some(p) = &purposes {
+        declarable_purposes.extend(p.limits.keys().map(|k| (k.clone(), ())));
+        declarable_purposes.extend(
+            tokens
+                .iter()
+                .flat_map(|t| t.purposes.keys())
+                .map(|k| (k.clone(), ())),
+        );
+    }
+    if let (Some(p), Some((default, unknown, scope))) = (purposes.as_mut(), purpose_rule) {
+        p.rule = declared_rule(
+            "purposes",
+            "purpose",
+            default.as_deref(),
+            unknown,
+            scope.as_deref(),
+            |n| declarable_purposes.contains_key(n),
+            &families,
+        )?;
+    }
+    declarable(
+        &raw.principals,
+        &mut principals,
+        purposes.as_ref().map(|_| &declarable_purposes),
+        models.as_ref().map(|m| &m.list),
+    )?;
+
     let policy = Policy {
         identity,
         classification,
@@ -773,6 +855,123 @@ fn validate(raw: RawPolicy) -> Result<Policy, PolicyError> {
     };
     check_costs(&policy)?;
     Ok(policy)
+}
+
+/// `purposes` or `models`: their `default`, `unknown` and `families`.
+fn declared_rule(
+    section: &str,
+    what: &str,
+    default: Option<&str>,
+    unknown: Option<RawUnknown>,
+    scope: Option<&[String]>,
+    listed: impl Fn(&str) -> bool,
+    families: &[Family],
+) -> Result<DeclaredRule, PolicyError> {
+    if let Some(d) = default {
+        if !listed(d) {
+            return Err(PolicyError::new(
+                format!("{section}.default"),
+                format!("unknown {what} {d:?}"),
+            ));
+        }
+    }
+    let unknown = match (unknown, default) {
+        (Some(RawUnknown::Refuse), _) => Unknown::Refuse,
+        (Some(RawUnknown::Default), Some(_)) | (None, Some(_)) => Unknown::Default,
+        (Some(RawUnknown::Default), None) => {
+            return Err(PolicyError::new(
+                format!("{section}.unknown"),
+                format!("`default` needs {section}.default, the {what} to charge"),
+            ));
+        }
+        (None, None) => {
+            return Err(PolicyError::new(
+                format!("{section}.default"),
+                format!(
+                    "required: the {what} charged to a request that declares none (the \
+                     header is the caller's), or set `{section}.unknown: refuse` to refuse it"
+                ),
+            ));
+        }
+    };
+    let families = match scope {
+        None => None,
+        Some([]) => {
+            return Err(PolicyError::new(
+                format!("{section}.families"),
+                "empty: omit it to apply to every request",
+            ));
+        }
+        Some(names) => {
+            for (j, name) in names.iter().enumerate() {
+                if !families.iter().any(|f| &f.name == name) {
+                    return Err(PolicyError::new(
+                        format!("{section}.families[{j}]"),
+                        format!("unknown endpoint family {name:?}"),
+                    ));
+                }
+            }
+            Some(names.to_vec())
+        }
+    };
+    Ok(DeclaredRule {
+        default: default.map(str::to_string),
+        unknown,
+        families,
+    })
+}
+
+/// `principals[].may_declare_purposes` and `may_declare_models`: listed names only.
+fn declarable<P, M>(
+    raw: &[RawPrincipal],
+    principals: &mut HashMap<String, Principal>,
+    purposes: Option<&HashMap<String, P>>,
+    models: Option<&HashMap<String, M>>,
+) -> Result<(), PolicyError> {
+    fn names<T>(
+        given: Option<&Vec<String>>,
+        known: Option<&HashMap<String, T>>,
+        path: String,
+        what: &str,
+    ) -> Result<Option<Vec<String>>, PolicyError> {
+        let Some(given) = given else {
+            return Ok(None);
+        };
+        let Some(known) = known else {
+            return Err(PolicyError::new(
+                path,
+                format!("the policy has no {what}s section"),
+            ));
+        };
+        for (j, n) in given.iter().enumerate() {
+            if !known.contains_key(n) {
+                return Err(PolicyError::new(
+                    format!("{path}[{j}]"),
+                    format!("unknown {what} {n:?}"),
+                ));
+            }
+        }
+        Ok(Some(given.clone()))
+    }
+    for (i, p) in raw.iter().enumerate() {
+        let purposes = names(
+            p.may_declare_purposes.as_ref(),
+            purposes,
+            format!("principals[{i}].may_declare_purposes"),
+            "purpose",
+        )?;
+        let models = names(
+            p.may_declare_models.as_ref(),
+            models,
+            format!("principals[{i}].may_declare_models"),
+            "model",
+        )?;
+        if let Some(entry) = principals.get_mut(&p.name) {
+            entry.purposes = purposes;
+            entry.models = models;
+        }
+    }
+    Ok(())
 }
 
 fn allocation(a: &RawAllocation, capacity: &Rate, path: &str) -> Result<Rate, PolicyError> {

@@ -620,7 +620,7 @@ mod tests {
     #[test]
     fn named_tenants_come_from_overrides_and_model_allocations() {
         let text = format!(
-            "{}\n    acme: {{ mode: shadow }}\nmodels:\n  list:\n    - {{ name: m, capacity: {{ per_minute: 10, burst: 5 }}, allocation: {{ share: 0.5, burst: 2 }}, tenants: {{ zeta: {{ per_minute: 2, burst: 1 }} }} }}\n",
+            "{}\n    acme: {{ mode: shadow }}\nmodels:\n  unknown: refuse\n  list:\n    - {{ name: m, capacity: {{ per_minute: 10, burst: 5 }}, allocation: {{ share: 0.5, burst: 2 }}, tenants: {{ zeta: {{ per_minute: 2, burst: 1 }} }} }}\n",
             BASE.replace(
                 "  default: { ceiling: { per_minute: 100, burst: 20 } }",
                 "  default: { ceiling: { per_minute: 100, burst: 20 } }\n  overrides:"

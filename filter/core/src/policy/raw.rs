@@ -202,6 +202,10 @@ pub struct RawPrincipal {
     pub default_class: String,
     #[serde(default)]
     pub may_declare: Vec<String>,
+    /// The purposes this principal may declare (default: any the policy lists).
+    pub may_declare_purposes: Option<Vec<String>>,
+    /// The models this principal may declare (default: any the policy lists).
+    pub may_declare_models: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -260,13 +264,27 @@ pub struct RawUsers {
 #[serde(deny_unknown_fields)]
 pub struct RawPurposes {
     pub header: Option<String>,
+    pub default: Option<String>,
+    pub unknown: Option<RawUnknown>,
+    pub families: Option<Vec<String>>,
     pub limits: BTreeMap<String, RawRate>,
+}
+
+/// What a declared dimension (purpose, model) does with a value the caller may not use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawUnknown {
+    Default,
+    Refuse,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawModels {
     pub header: Option<String>,
+    pub default: Option<String>,
+    pub unknown: Option<RawUnknown>,
+    pub families: Option<Vec<String>>,
     pub list: Vec<RawModel>,
 }
 

@@ -302,6 +302,7 @@ mod tests {
     const MODELS: &str = r#"
 models:
   header: x-model
+  default: small
   list:
     - name: large
       capacity: { per_minute: 100, burst: 20 }
@@ -430,7 +431,7 @@ models:
     #[test]
     fn user_purpose_and_tool_token_budgets() {
         let text = format!(
-            "{BASE}endpoint_families:\n  - {{ name: chat, path_prefixes: [/v1/chat] }}\npurposes:\n  limits: {{}}\n{MODELS}tokens:\n  inspect_bytes: 8192\n  usage_header: X-Usage-Total\n  users: {{ per_minute: 9000, burst: 3000 }}\n  purposes: {{ summarize: {{ per_minute: 1000, burst: 500 }} }}\n  tools: {{ chat: {{ limit: {{ per_minute: 4000, burst: 1000 }}, default_estimate: 100 }} }}\n"
+            "{BASE}endpoint_families:\n  - {{ name: chat, path_prefixes: [/v1/chat] }}\npurposes:\n  unknown: refuse\n  limits: {{}}\n{MODELS}tokens:\n  inspect_bytes: 8192\n  usage_header: X-Usage-Total\n  users: {{ per_minute: 9000, burst: 3000 }}\n  purposes: {{ summarize: {{ per_minute: 1000, burst: 500 }} }}\n  tools: {{ chat: {{ limit: {{ per_minute: 4000, burst: 1000 }}, default_estimate: 100 }} }}\n"
         );
         let p = parse(&text).unwrap();
         let t = p.tokens.unwrap();

@@ -360,6 +360,9 @@ impl<'p> Replay<'p> {
                 match reject {
                     Reject::MissingIdentity => self.summary.rejected.missing_identity += 1,
                     Reject::InvalidIdentity => self.summary.rejected.invalid_identity += 1,
+                    Reject::Undeclared(_) | Reject::NotDeclarable(_) => {
+                        self.summary.rejected.declared += 1
+                    }
                 }
                 return Outcome::Rejected(reject);
             }
@@ -866,6 +869,15 @@ pub struct TraceSummary {
 pub struct Rejected {
     pub missing_identity: u64,
     pub invalid_identity: u64,
+    /// Refused by the rule for declared purposes and models (`crate::declared`): no value
+    /// and no default, or a value the principal may not use under `unknown: refuse`.
+    pub declared: u64,
+}
+
+impl Rejected {
+    pub fn total(&self) -> u64 {
+        self.missing_identity + self.invalid_identity + self.declared
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -13,6 +13,7 @@ use super::Request;
 use crate::host::{Action, Host};
 use laneguard_core::ai::{self, Inspected, NoUsage, ResponseReader, Settle};
 use laneguard_core::audit::Event;
+use laneguard_core::declared::Dimension;
 use laneguard_core::headers::error_body;
 use laneguard_core::{Bucket, Plan};
 use std::rc::Rc;
@@ -23,7 +24,6 @@ pub(crate) struct AiState {
     /// Waiting for the body: the plan made from the headers.
     held: Option<Plan>,
     header_model: Option<String>,
-    purpose: Option<String>,
     /// The buffered body's length (to rewrite it for a cheaper model).
     body_len: usize,
     inspected: Inspected,
@@ -42,12 +42,10 @@ impl Request {
         h: &dyn Host,
         plan: Plan,
         header_model: Option<String>,
-        purpose: Option<String>,
     ) -> Action {
         self.ai = Some(Box::new(AiState {
             held: Some(plan),
             header_model,
-            purpose,
             ..AiState::default()
         }));
         if self.body_follows {
@@ -93,13 +91,9 @@ impl Request {
         };
         st.body_len = body.len();
         m.requests.inc(h);
-        let admitted = ai::admit(
-            &shared.policy,
-            plan,
-            st.header_model.as_deref(),
-            st.purpose.as_deref(),
-            body,
-        );
+        // Counted once: the header's model may already have been charged to the default.
+        let was_defaulted = plan.defaulted.contains(&Dimension::Model);
+        let admitted = ai::admit(&shared.policy, plan, st.header_model.as_deref(), body);
         let (plan, inspected, model_header) = match admitted {
             Ok(x) => x,
             Err(e) => return self.refuse(h, &e),
@@ -109,6 +103,9 @@ impl Request {
         }
         if let Some(t) = &plan.tokens {
             m.estimate(t.estimate).inc(h);
+        }
+        if plan.defaulted.contains(&Dimension::Model) && !was_defaulted {
+            shared.metrics.model_defaulted.inc(h);
         }
         st.inspected = inspected;
         let now = h.now_ns();
@@ -123,6 +120,7 @@ impl Request {
             ai::AdmitError::Body(ai::BodyError::BadMaxTokens) => m.bad_max_tokens.inc(h),
             ai::AdmitError::TooLarge { .. } => m.body_too_large.inc(h),
             ai::AdmitError::Tokens(_) => m.too_many_tokens.inc(h),
+            ai::AdmitError::Declared(r) => self.shared.metrics.count_reject(h, *r),
         }
         let body = error_body(e.code(), &e.detail());
         self.reply(h, e.status(), &body, &[]);

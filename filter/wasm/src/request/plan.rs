@@ -59,14 +59,7 @@ impl Request {
         let mut plan = match plan(p, &info) {
             Ok(plan) => plan,
             Err(reject) => {
-                match reject {
-                    laneguard_core::Reject::MissingIdentity => {
-                        shared.metrics.missing_identity.inc(h)
-                    }
-                    laneguard_core::Reject::InvalidIdentity => {
-                        shared.metrics.invalid_identity.inc(h)
-                    }
-                }
+                shared.metrics.count_reject(h, reject);
                 let body = error_body(reject.code(), reject.detail());
                 self.reply(h, reject.status(), &body, &[]);
                 return Action::Pause;
@@ -87,6 +80,7 @@ impl Request {
                 plan.class_name
             );
         }
+        shared.metrics.count_defaulted(h, &plan);
         // The granted class, for routing (protected lanes) and for the upstream.
         h.set_request_header(&p.classification.granted_header, &plan.class_name);
 
@@ -115,7 +109,7 @@ impl Request {
             .borrow_mut()
             .note(&plan.tenant, plan.class, now);
         if laneguard_core::ai::inspects(p, &path) {
-            return self.hold_for_body(h, plan, model, purpose);
+            return self.hold_for_body(h, plan, model);
         }
         self.fast_path(h, plan, now)
     }

@@ -808,3 +808,72 @@ fn cached_skips_a_request_that_is_not_cacheable() {
     assert_eq!(h.last_reply().map(|r| r.status), Some(429));
     assert_eq!(h.metric("laneguard.fallback.cached"), 0);
 }
+
+/// [`POLICY`] with declared dimensions: purposes default to `general`; models refuse what
+/// they do not list (issue 13 item 4).
+fn declared_policy() -> String {
+    format!(
+        "{POLICY}purposes:\n  header: x-purpose\n  default: general\n  limits:\n    general: {{ per_minute: 60, burst: 3 }}\n    bulk: {{ per_minute: 60, burst: 30 }}\nmodels:\n  header: x-model\n  unknown: refuse\n  default: m1\n  list:\n    - {{ name: m1, capacity: {{ per_minute: 60, burst: 9 }}, allocation: {{ share: 1.0, burst: 9 }} }}\n"
+    )
+}
+
+/// The `bucket:label` names of the descriptors the filter sent to the service.
+fn sent_buckets(h: &MockHost) -> Vec<String> {
+    h.last_call()
+        .unwrap()
+        .rls_request()
+        .descriptors
+        .iter()
+        .map(|d| {
+            let get = |k: &str| {
+                d.entries
+                    .iter()
+                    .find(|e| e.key == k)
+                    .map_or("", |e| e.value.as_str())
+            };
+            let label = ["purpose", "model", "class"]
+                .iter()
+                .map(|k| get(k))
+                .find(|v| !v.is_empty())
+                .unwrap_or("");
+            format!("{}:{label}", get("bucket"))
+        })
+        .collect()
+}
+
+#[test]
+fn omitting_x_purpose_no_longer_escapes_the_purpose_bucket() {
+    // Old code: without the header the service was asked about the lane and the class
+    // budget only, so the purpose budget never limited the caller.
+    let policy = declared_policy();
+    let (h, root) = configured(&policy);
+    let (_req, action) = start(&h, &root, 2, &headers(""));
+    assert_eq!(action, Action::Pause, "asks the service");
+    let sent = sent_buckets(&h);
+    assert!(
+        sent.contains(&"purpose:general".to_string()),
+        "the default purpose is charged: {sent:?}"
+    );
+    assert!(sent.contains(&"model:m1".to_string()), "{sent:?}");
+
+    // A purpose the policy does not list is charged to the default too, and counted.
+    let mut hs = headers("");
+    hs.push(("x-purpose", "made-up"));
+    let (_req, _) = start(&h, &root, 3, &hs);
+    assert!(sent_buckets(&h).contains(&"purpose:general".to_string()));
+    assert_eq!(h.metric("laneguard.purpose_defaulted"), 1);
+}
+
+#[test]
+fn an_unlisted_model_is_refused_with_403_before_any_call() {
+    let policy = declared_policy();
+    let (h, root) = configured(&policy);
+    let mut hs = headers("");
+    hs.push(("x-model", "gpt-9"));
+    let (mut req, action) = start(&h, &root, 2, &hs);
+    let s = seen(&h, &mut req, action);
+    assert_eq!(s.status(), 403);
+    assert_eq!(s.body()["error"], "model_not_allowed");
+    assert_eq!(h.metric("laneguard.model_refused"), 1);
+    assert_eq!(h.call_count(), 0, "nothing was charged");
+}

@@ -23,6 +23,8 @@ tenants:
   default: { ceiling: { per_minute: 1000, burst: 200 } }
 models:
   header: x-model
+  default: small
+  unknown: refuse
   list:
     - name: large
       capacity: { per_minute: 600, burst: 100 }
