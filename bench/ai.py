@@ -68,6 +68,7 @@ def policy(limit: int) -> str:
             "service": {"sync_interval_s": 1},
             "models": {
                 "header": "x-model",
+                "unknown": "refuse",  # every request names `large` (docs/policy.md)
                 "list": [{
                     "name": "large",
                     "capacity": big,
