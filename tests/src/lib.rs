@@ -333,6 +333,21 @@ impl NativeStack {
     }
 }
 
+/// One of the built CLIs (`laneguard-policy`, `laneguard-replay`, ...) with `args`, from the
+/// repository root, as a user runs it: (exit code, stdout, stderr).
+pub fn run_cli(binary: &str, args: &[&str]) -> Result<(i32, String, String)> {
+    let out = std::process::Command::new(built_binary(binary)?)
+        .args(args)
+        .current_dir(repo_root())
+        .output()
+        .context(|| format!("running {binary} {}", args.join(" ")))?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
 /// `laneguard-audit ARGS...`: (exit code, stdout followed by stderr).
 pub fn audit_cli(args: &[&str]) -> Result<(i32, String)> {
     let out = std::process::Command::new(built_binary("laneguard-audit")?)

@@ -6,30 +6,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use laneguard_tests::built_binary;
+use laneguard_tests::run_cli;
 use serde_json::Value;
-use std::path::PathBuf;
-use std::process::Command;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
 /// `laneguard-policy ARGS...`: (exit code, stdout, stderr).
 fn policy_cli(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(built_binary("laneguard-policy").unwrap())
-        .args(args)
-        .current_dir(root())
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    run_cli("laneguard-policy", args).unwrap()
 }
 
 fn warnings(file: &str, strict: bool) -> (i32, Vec<Value>) {

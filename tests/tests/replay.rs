@@ -10,7 +10,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use laneguard_tests::{built_binary, repo_root, RunDir};
+use laneguard_tests::{built_binary, repo_root, run_cli, RunDir};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -21,16 +21,7 @@ const LAYERED: &str = "envoy/demo/envoy.yaml";
 
 /// `laneguard-replay ARGS...` from the repository root: (exit code, stdout, stderr).
 fn replay(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(built_binary("laneguard-replay").unwrap())
-        .args(args)
-        .current_dir(repo_root())
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    run_cli("laneguard-replay", args).unwrap()
 }
 
 fn json(args: &[&str]) -> Value {

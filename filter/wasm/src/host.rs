@@ -22,7 +22,8 @@ pub enum Action {
 /// Why a gRPC call could not be dispatched. The string is the host's status, for the log.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DispatchError {
-    /// The cluster is not configured (proxy-wasm `NotFound` / `BadArgument`).
+    /// The cluster is not configured (proxy-wasm `ParseFailure` from Envoy 1.3x, `NotFound`
+    /// or `BadArgument` from other hosts).
     UnknownCluster(String),
     /// Any other refusal.
     Failed(String),

@@ -182,6 +182,9 @@ pub struct Metrics {
     pub service_error_status: Counter,
     pub service_error_timeout: Counter,
     pub service_error_dispatch: Counter,
+    /// Clusters the policy names that Envoy does not have, found by the startup probe
+    /// (one per VM per cluster).
+    pub service_cluster_unknown: Counter,
     pub service_error_decode: Counter,
     pub fallback: FallbackCounters,
     pub near_miss: Counter,
@@ -489,6 +492,7 @@ impl Metrics {
             service_error_status: c("service_error.status"),
             service_error_timeout: c("service_error.timeout"),
             service_error_dispatch: c("service_error.dispatch"),
+            service_cluster_unknown: c("service_cluster_unknown"),
             service_error_decode: c("service_error.decode"),
             fallback: FallbackCounters::define(h, "laneguard"),
             near_miss: c("near_miss"),

@@ -66,6 +66,11 @@ pub struct MockHost {
     pub calls: RefCell<Vec<Call>>,
     /// Results for the next dispatches; empty means accept.
     pub dispatch_script: RefCell<VecDeque<DispatchError>>,
+    /// The root context's startup probes (health checks), apart from `calls`, so that
+    /// tests counting calls see only the filter's own; clusters in `unknown_clusters` refuse
+    /// the probe as Envoy does.
+    pub probes: RefCell<Vec<String>>,
+    pub unknown_clusters: RefCell<Vec<String>>,
     next_token: Cell<u32>,
     /// The body `grpc_response_body` returns.
     pub grpc_body: RefCell<Option<Vec<u8>>>,
@@ -217,6 +222,20 @@ impl Host for MockHost {
     }
 
     fn dispatch_grpc(&self, call: GrpcCall<'_>) -> Result<u32, DispatchError> {
+        if call.service == "grpc.health.v1.Health" {
+            if self
+                .unknown_clusters
+                .borrow()
+                .iter()
+                .any(|c| c == call.cluster)
+            {
+                return Err(DispatchError::UnknownCluster("ParseFailure".into()));
+            }
+            self.probes.borrow_mut().push(call.cluster.to_string());
+            let token = self.next_token.get();
+            self.next_token.set(token + 1);
+            return Ok(token);
+        }
         if let Some(e) = self.dispatch_script.borrow_mut().pop_front() {
             return Err(e);
         }

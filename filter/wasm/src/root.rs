@@ -4,7 +4,7 @@
 //! ([`crate::audit`]). It reaches Envoy only through [`Host`]; the proxy-wasm glue is
 //! [`crate::wasm_host`].
 
-use crate::host::{GrpcCall, Host};
+use crate::host::{DispatchError, GrpcCall, Host};
 use crate::metrics::Metrics;
 use crate::request::{self, Request};
 use crate::{audit, reconcile, rls};
@@ -101,6 +101,8 @@ enum RootCall {
     Report(Vec<(String, RateLimitDescriptor, u64)>),
     Audit(Vec<String>),
     Refund(Vec<(Bucket, u64)>),
+    /// The startup probe of a cluster the policy names: only whether it could be sent matters.
+    Probe,
 }
 
 pub struct Root {
@@ -121,6 +123,10 @@ const TICKS_PER_SECOND: u64 = 10;
 const PRUNE_EVERY: u64 = 50;
 /// The most descriptors in one report call (about 100 KB).
 const REPORT_BATCH: usize = 1_000;
+/// The startup probe: `grpc.health.v1.Health/Check` with an empty request (any service).
+const PROBE_SERVICE: &str = "grpc.health.v1.Health";
+const PROBE_METHOD: &str = "Check";
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Ask for a renewal when the lease would run out within this horizon.
 pub(crate) const RENEW_HORIZON_NS: u64 = 300_000_000;
 
@@ -314,6 +320,44 @@ impl Root {
         }
     }
 
+    /// On the first tick, find out whether Envoy has every cluster the policy names
+    /// (`Policy::clusters`): a policy loads whatever its cluster names say, and a typo then
+    /// degrades every decision. Envoy refuses to dispatch to an unknown cluster, so one
+    /// health check per cluster shows it; its answer is ignored (the service may not
+    /// implement health). An unknown cluster is logged at error level and counted.
+    fn probe_clusters(&mut self, h: &dyn Host, shared: &Shared) {
+        let mut probed: Vec<&str> = Vec::new();
+        for (field, cluster) in shared.policy.clusters() {
+            if probed.contains(&cluster) {
+                continue;
+            }
+            probed.push(cluster);
+            match h.dispatch_grpc(GrpcCall {
+                cluster,
+                service: PROBE_SERVICE,
+                method: PROBE_METHOD,
+                metadata: Vec::new(),
+                message: &[],
+                timeout: PROBE_TIMEOUT,
+            }) {
+                Ok(token) => {
+                    self.calls.insert(token, RootCall::Probe);
+                }
+                Err(DispatchError::UnknownCluster(status)) => {
+                    shared.metrics.service_cluster_unknown.inc(h);
+                    log::error!(
+                        "laneguard: {field} {cluster:?} is not a cluster Envoy knows ({status}): \
+                         every call to it fails and its decisions are degraded; fix the policy \
+                         or add the cluster (laneguard-policy check --envoy finds this)"
+                    );
+                }
+                Err(DispatchError::Failed(status)) => {
+                    log::warn!("laneguard: cannot probe {field} {cluster:?}: {status}");
+                }
+            }
+        }
+    }
+
     fn renew(&mut self, h: &dyn Host, shared: &Rc<Shared>, now: u64) {
         let pending: Vec<Vec<Bucket>> = std::mem::take(&mut *shared.renewals.borrow_mut());
         for buckets in pending {
@@ -443,6 +487,9 @@ impl Root {
         } else {
             None
         };
+        if matches!(call, RootCall::Probe) {
+            return;
+        }
         if let RootCall::Audit(records) = call {
             audit::shipped(h, &shared, records, status_code, body.as_deref());
             // More records came in while this batch was in flight: send them now, so the
@@ -475,7 +522,7 @@ impl Root {
                     Self::keep_refunds(&shared, entries);
                 }
             }
-            RootCall::Audit(_) => {}
+            RootCall::Audit(_) | RootCall::Probe => {}
         }
     }
 
@@ -523,6 +570,9 @@ impl Root {
             return;
         };
         self.ticks = self.ticks.wrapping_add(1);
+        if self.ticks == 1 {
+            self.probe_clusters(h, &shared);
+        }
         let now = h.now_ns();
         self.renew(h, &shared, now);
         let sync_ticks = u64::from(shared.policy.service.sync_interval_s) * TICKS_PER_SECOND;

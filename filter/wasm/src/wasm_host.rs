@@ -122,7 +122,10 @@ impl Host for ProxyWasmHost {
             call.timeout,
         )
         .map_err(|s| match s {
-            Status::NotFound | Status::BadArgument => {
+            // Envoy 1.3x answers ParseFailure for a cluster it does not have (the filter
+            // always passes a cluster name, never a serialized GrpcService); older hosts
+            // answered BadArgument, the ABI suggests NotFound.
+            Status::NotFound | Status::BadArgument | Status::ParseFailure => {
                 DispatchError::UnknownCluster(format!("{s:?}"))
             }
             _ => DispatchError::Failed(format!("{s:?}")),

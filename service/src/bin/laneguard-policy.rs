@@ -1,7 +1,8 @@
 //! `laneguard-policy`: validate, map and lint laneguard policies without starting Envoy.
 //!
 //! ```text
-//! laneguard-policy check FILE...
+//! laneguard-policy check FILE... [--envoy ENVOY_YAML]
+//! laneguard-policy check --envoy ENVOY_YAML
 //! laneguard-policy map FILE [--format markdown|json|svg] [--listener NAME]
 //! laneguard-policy lint FILE... [--strict] [--format text|json]
 //! ```
@@ -10,12 +11,17 @@
 //! `envoy.filters.http.wasm` filter whose plugin `root_id` is `laneguard` has its
 //! `configuration.value` read. `check` uses the same `laneguard_core::parse` as the filter's
 //! `on_configure`, so a policy that passes here loads in Envoy, and an error names the same
-//! path. `map` prints the competition map (`laneguard_core::map`), `lint` its rollout risks
+//! path. A policy checked inside an Envoy config (embedded in it, or given with `--envoy`)
+//! must also name only clusters that config defines (`service.cluster`, `audit.cluster`:
+//! `laneguard_core::policy::source::check_clusters`); `--envoy` alone checks the policies
+//! the Envoy config embeds. `map` prints the competition map (`laneguard_core::map`), `lint` its rollout risks
 //! (`laneguard_core::lint`). Exit status: 0 fine, 1 an invalid policy (or, with
 //! `lint --strict`, a warning), 2 a usage or I/O error.
 
 use clap::{Parser, Subcommand, ValueEnum};
-use laneguard_core::policy::source::{one_policy, policies, Found};
+use laneguard_core::policy::source::{
+    check_clusters, envoy_clusters, one_policy, policies, EnvoyClusters, Found,
+};
 use laneguard_service::report;
 use std::process::ExitCode;
 
@@ -44,11 +50,16 @@ enum LintFormat {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Validate policies (exit 1 if one is invalid).
+    /// Validate policies (exit 1 if one is invalid, or names a cluster its Envoy config lacks).
     Check {
-        /// A laneguard policy, or an Envoy YAML that embeds one.
-        #[arg(required = true)]
+        /// A laneguard policy, or an Envoy YAML that embeds one (then its clusters are checked
+        /// against that YAML's).
+        #[arg(required_unless_present = "envoy")]
         files: Vec<String>,
+        /// The Envoy YAML the policies run in: `service.cluster` and `audit.cluster` must be
+        /// clusters it defines. Without FILE, the policies it embeds are checked.
+        #[arg(long, value_name = "ENVOY_YAML")]
+        envoy: Option<String>,
     },
     /// Print the traffic competition map: classes, who shares identity, who shares a budget.
     Map {
@@ -86,22 +97,27 @@ fn label(file: &str, f: &Found) -> String {
     }
 }
 
-/// Run `each` on every policy in `files` (a file may embed several); `each` returns whether
-/// the policy passed. Exit 2 on an I/O error, 1 if a policy failed or a file had none.
-fn each_policy(files: &[String], mut each: impl FnMut(&str, &str) -> bool) -> ExitCode {
+/// Run `each` on every policy in `files` (a file may embed several), with the clusters of the
+/// Envoy config it was found in; `each` returns whether the policy passed. Exit 2 on an I/O
+/// error, 1 if a policy failed or a file had none.
+fn each_policy(
+    files: &[String],
+    mut each: impl FnMut(&str, &str, Option<&EnvoyClusters>) -> bool,
+) -> ExitCode {
     let mut status = ExitCode::SUCCESS;
     for file in files {
         let text = match read(file) {
             Ok(t) => t,
             Err(code) => return code,
         };
+        let clusters = envoy_clusters(&text);
         let found = policies(&text);
         if found.is_empty() {
             eprintln!("{file}: an Envoy config without a laneguard wasm filter");
             status = ExitCode::from(1);
         }
         for f in found {
-            if !each(&label(file, &f), &f.text) {
+            if !each(&label(file, &f), &f.text, clusters.as_ref()) {
                 status = ExitCode::from(1);
             }
         }
@@ -109,26 +125,63 @@ fn each_policy(files: &[String], mut each: impl FnMut(&str, &str) -> bool) -> Ex
     status
 }
 
+/// `check`: parse each policy; check its clusters against `envoy` (the `--envoy` file), or
+/// against the Envoy config it was found in.
+fn check(files: &[String], envoy: Option<&str>) -> ExitCode {
+    let against = match envoy {
+        Some(path) => {
+            let text = match read(path) {
+                Ok(t) => t,
+                Err(code) => return code,
+            };
+            match envoy_clusters(&text) {
+                Some(c) => Some(c),
+                None => {
+                    eprintln!("{path}: --envoy: not an Envoy config (no static_resources)");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        None => None,
+    };
+    let files: Vec<String> = match (files.is_empty(), envoy) {
+        (true, Some(path)) => vec![path.to_string()],
+        _ => files.to_vec(),
+    };
+    each_policy(&files, |label, text, found_in| {
+        let clusters = against.as_ref().or(found_in);
+        let checked = laneguard_core::parse(text).and_then(|p| {
+            clusters
+                .map_or(Ok(()), |c| check_clusters(&p, c))
+                .map(|()| p)
+        });
+        match checked {
+            Ok(p) => {
+                let clusters = match clusters {
+                    Some(c) if c.dynamic => ", clusters from CDS not checked",
+                    Some(_) => ", clusters checked",
+                    None => "",
+                };
+                println!(
+                    "{label}: ok ({} classes, {} principals, {} tenant overrides{clusters})",
+                    p.classes.len(),
+                    p.principals.len(),
+                    p.tenant_plans.len()
+                );
+                true
+            }
+            Err(e) => {
+                eprintln!("{label}: invalid policy: {e}");
+                false
+            }
+        }
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { files } => {
-            each_policy(&files, |label, text| match laneguard_core::parse(text) {
-                Ok(p) => {
-                    println!(
-                        "{label}: ok ({} classes, {} principals, {} tenant overrides)",
-                        p.classes.len(),
-                        p.principals.len(),
-                        p.tenant_plans.len()
-                    );
-                    true
-                }
-                Err(e) => {
-                    eprintln!("{label}: invalid policy: {e}");
-                    false
-                }
-            })
-        }
+        Command::Check { files, envoy } => check(&files, envoy.as_deref()),
         Command::Map {
             file,
             format,
@@ -173,7 +226,7 @@ fn main() -> ExitCode {
             format,
         } => {
             let mut json = Vec::new();
-            let status = each_policy(&files, |label, text| {
+            let status = each_policy(&files, |label, text, _| {
                 let parsed = laneguard_core::parse_raw(text)
                     .and_then(|raw| laneguard_core::parse(text).map(|p| (raw, p)));
                 let (raw, policy) = match parsed {

@@ -236,6 +236,16 @@ impl Policy {
     pub fn plan_for(&self, tenant: &str) -> &TenantPlan {
         self.tenant_plans.get(tenant).unwrap_or(&self.default_plan)
     }
+
+    /// Every Envoy cluster the policy names, with the field that names it: the filter calls
+    /// these (`service.cluster` for decisions, `audit.cluster` for records), so each must be
+    /// a cluster of the Envoy config the filter runs in ([`source::check_clusters`]).
+    pub fn clusters(&self) -> Vec<(&'static str, &str)> {
+        vec![
+            ("service.cluster", self.service.cluster.as_str()),
+            ("audit.cluster", self.ops.audit.cluster.as_str()),
+        ]
+    }
 }
 
 pub const DEFAULT_TIMEOUT_MS: u32 = 200;

@@ -365,3 +365,19 @@ fn the_gauges_follow_the_worker_each_second() {
     assert_eq!(h.metric("laneguard.buckets"), 2);
     assert_eq!(h.metric("laneguard.queue.depth"), 0);
 }
+
+#[test]
+fn the_first_tick_probes_each_named_cluster_once_and_counts_an_unknown_one() {
+    let (h, mut root) = configured(POLICY);
+    tick(&h, &mut root, 3);
+    // service.cluster and audit.cluster are the same by default: one probe, only at start.
+    assert_eq!(*h.probes.borrow(), vec!["laneguard_rls".to_string()]);
+    assert_eq!(h.metric("laneguard.service_cluster_unknown"), 0);
+
+    let typo = POLICY.replace("cluster: laneguard_rls", "cluster: laneguard_rsl");
+    let (h, mut root) = configured(&typo);
+    h.unknown_clusters.borrow_mut().push("laneguard_rsl".into());
+    tick(&h, &mut root, 3);
+    assert_eq!(h.metric("laneguard.service_cluster_unknown"), 1);
+    assert!(h.probes.borrow().is_empty());
+}
