@@ -986,6 +986,17 @@ pub fn report_unanswered(plan: &Plan, borrowed: bool, service_may_have_counted: 
     !(service_may_have_counted && plan.on_reserve() && !borrowed)
 }
 
+/// gRPC `DEADLINE_EXCEEDED`.
+const GRPC_DEADLINE_EXCEEDED: u32 = 4;
+
+/// Whether a call that ended with the non-OK gRPC `status` after `elapsed_ns` timed out.
+/// Envoy reports its own timeout of the call as UNAVAILABLE (14), not DEADLINE_EXCEEDED, so
+/// the elapsed time (at least 90% of `timeout_ms`) tells a timeout apart.
+pub fn call_timed_out(status: u32, elapsed_ns: u64, timeout_ms: u32) -> bool {
+    let elapsed_ms = elapsed_ns / 1_000_000;
+    status == GRPC_DEADLINE_EXCEEDED || elapsed_ms * 10 >= u64::from(timeout_ms) * 9
+}
+
 /// Hits this worker admitted without the service (fail-open or local degraded decisions),
 /// per bucket, waiting to be reported with `hits_addend` so the central accounting
 /// converges once the service is back.

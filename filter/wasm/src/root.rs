@@ -96,8 +96,9 @@ pub(crate) struct Queued {
 /// A call the root context is waiting for.
 enum RootCall {
     Renew(Vec<Bucket>),
-    /// The central decision that pays for a queued request before it is released.
-    Release(u32, Box<Queued>),
+    /// The central decision that pays for a queued request before it is released (its
+    /// context, what it pays, when the call was sent).
+    Release(u32, Box<Queued>, u64),
     Report(Vec<(String, RateLimitDescriptor, u64)>),
     Audit(Vec<String>),
     Refund(Vec<(Bucket, u64)>),
@@ -191,21 +192,25 @@ impl Root {
                 .to_string();
             let msg = rls::encode_plan(&svc.domain, &q.plan, q.borrowing, attempt.len());
             let metadata = vec![(rls::LEASE_HEADER, want.as_bytes())];
-            if let Err(RootCall::Release(id, q)) = self.dispatch(
+            if let Err(RootCall::Release(id, q, _)) = self.dispatch(
                 h,
                 shared,
                 &msg,
                 metadata,
-                RootCall::Release(id, Box::new(q)),
+                RootCall::Release(id, Box::new(q), now),
             ) {
-                release_degraded(h, shared, id, &q, now);
+                // Not sent: the service certainly did not count it.
+                release_degraded(h, shared, id, &q, now, false);
             }
         }
         // Later calls in this tick (gRPC dispatches) belong to the root context.
         let _ = h.set_effective_context(self.id);
     }
 
-    /// The service's decision on a queued request (`None`: no usable answer).
+    /// The service's decision on a queued request (`None`: no usable answer; then
+    /// `may_have_counted` says whether the call may still have been charged: a timeout or
+    /// an unreadable answer).
+    #[allow(clippy::too_many_arguments)]
     fn released(
         &self,
         h: &dyn Host,
@@ -213,11 +218,12 @@ impl Root {
         id: u32,
         q: &Queued,
         verdict: Option<rls::Verdict>,
+        may_have_counted: bool,
         now: u64,
     ) {
         let attempt = q.plan.attempt(q.borrowing);
         match verdict {
-            None => release_degraded(h, shared, id, q, now),
+            None => release_degraded(h, shared, id, q, now, may_have_counted),
             Some(v) => {
                 let mut table = shared.table.borrow_mut();
                 request::apply_statuses(&mut table, &attempt, &v.statuses, shared.peer.get(), now);
@@ -503,7 +509,20 @@ impl Root {
         let verdict = body.and_then(|b| rls::decode(&b).ok());
         shared.service_answered(verdict.is_some());
         match call {
-            RootCall::Release(id, q) => self.released(h, &shared, id, &q, verdict, now),
+            RootCall::Release(id, q, started_ns) => {
+                // As on the request path: a call that timed out, or whose answer could not
+                // be read, may have been charged by the service.
+                let may_have_counted = if status_code == 0 {
+                    verdict.is_none()
+                } else {
+                    laneguard_core::engine::call_timed_out(
+                        status_code,
+                        now.saturating_sub(started_ns),
+                        shared.policy.service.timeout_ms,
+                    )
+                };
+                self.released(h, &shared, id, &q, verdict, may_have_counted, now)
+            }
             RootCall::Renew(buckets) => {
                 let refs: Vec<&Bucket> = buckets.iter().collect();
                 let mut table = shared.table.borrow_mut();
@@ -625,13 +644,24 @@ fn release(h: &dyn Host, shared: &Shared, id: u32) {
 
 /// The service could not decide a queued request: its class's failure mode. `open` and
 /// `local` release it on the place it holds on this worker's mirror (reported to the service
-/// with the next reconciliation, like any admission made without it); `closed` answers 503.
-fn release_degraded(h: &dyn Host, shared: &Shared, id: u32, q: &Queued, now: u64) {
+/// with the next reconciliation, like any admission made without it, by the same rule as the
+/// request path: `engine::report_unanswered`, so a queued request on a reserve whose call
+/// may have reached a hung service is not reported again); `closed` answers 503.
+fn release_degraded(
+    h: &dyn Host,
+    shared: &Shared,
+    id: u32,
+    q: &Queued,
+    now: u64,
+    may_have_counted: bool,
+) {
     shared.metrics.degraded.inc(h);
     let attempt = q.plan.attempt(q.borrowing);
     match q.plan.failure_mode {
         FailureMode::Open | FailureMode::Local => {
-            shared.unreported.borrow_mut().add(&attempt, q.plan.cost);
+            if laneguard_core::engine::report_unanswered(&q.plan, q.borrowing, may_have_counted) {
+                shared.unreported.borrow_mut().add(&attempt, q.plan.cost);
+            }
             release(h, shared, id);
         }
         FailureMode::Closed => {

@@ -687,3 +687,18 @@ fn the_table_cap_is_a_policy_setting_with_bounds_that_name_the_field() {
         assert!(e.contains("service.max_buckets"), "{bad}: {e}");
     }
 }
+
+#[test]
+fn a_timeout_is_deadline_exceeded_or_unavailable_near_the_deadline() {
+    const MS: u64 = 1_000_000;
+    assert!(call_timed_out(4, 0, 200), "DEADLINE_EXCEEDED");
+    assert!(
+        call_timed_out(14, 180 * MS, 200),
+        "Envoy's own timeout is UNAVAILABLE"
+    );
+    assert!(
+        !call_timed_out(14, 5 * MS, 200),
+        "a refused connection, at once"
+    );
+    assert!(!call_timed_out(13, 10 * MS, 200));
+}

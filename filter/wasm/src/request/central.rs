@@ -15,9 +15,6 @@ use laneguard_protos::envoy::service::ratelimit::v3::rate_limit_response::{
 use std::rc::Rc;
 use std::time::Duration;
 
-/// gRPC status codes Envoy reports for a call that did not complete.
-const GRPC_DEADLINE_EXCEEDED: u32 = 4;
-
 impl Request {
     /// Ask the service about one attempt. Pauses the request until the answer (or the
     /// timeout) arrives.
@@ -87,11 +84,11 @@ impl Request {
             ..
         } = pending;
         if status_code != 0 {
-            // Envoy reports its own timeout of the call as UNAVAILABLE (14), not
-            // DEADLINE_EXCEEDED, so the elapsed time tells a timeout apart.
-            let elapsed_ms = h.now_ns().saturating_sub(started_ns) / 1_000_000;
-            let timed_out = status_code == GRPC_DEADLINE_EXCEEDED
-                || elapsed_ms * 10 >= u64::from(shared.policy.service.timeout_ms) * 9;
+            let timed_out = laneguard_core::engine::call_timed_out(
+                status_code,
+                h.now_ns().saturating_sub(started_ns),
+                shared.policy.service.timeout_ms,
+            );
             let reason = if timed_out {
                 shared.metrics.service_error_timeout.inc(h);
                 "timeout"

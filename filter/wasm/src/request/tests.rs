@@ -877,3 +877,63 @@ fn an_unlisted_model_is_refused_with_403_before_any_call() {
     assert_eq!(h.metric("laneguard.model_refused"), 1);
     assert_eq!(h.call_count(), 0, "nothing was charged");
 }
+
+/// Issue 14, item 2, the queue path: a queued request on a protected reserve whose release
+/// call timed out on a hung service is released (`local`) but not reported again: the
+/// resumed service charges its backlog, and a second charge would put the reserve into
+/// debt. The same request released after a dispatch failure (never counted) is reported,
+/// and so is an unprotected one (the tenant's ceiling errs on the side of counting).
+#[test]
+fn a_queued_request_on_a_reserve_is_not_reported_after_a_timed_out_release() {
+    let policy = POLICY
+        .replace(
+            "  - { name: repair,",
+            "  - name: standby\n    consequence: recovery\n    reserve: { per_minute: 20, burst: 2 }\n    \
+             fallbacks: [queue, reject]\n    queue: { max_wait_ms: 5000, max_depth: 1 }\n  \
+             - name: waiting\n    consequence: time_sensitive\n    budget: { per_minute: 60, burst: 2 }\n    \
+             fallbacks: [queue, reject]\n    queue: { max_wait_ms: 5000, max_depth: 1 }\n  - { name: repair,",
+        )
+        .replace("legacy, repair]", "legacy, repair, standby, waiting]");
+    // (class, how the release call fails) -> hits left to report afterwards.
+    let unreported_after = |class: &str, timeout: bool| -> i64 {
+        let (h, mut root) = configured(&policy);
+        for id in 2..4 {
+            assert!(allowed_centrally(&h, &root, id, class).passed);
+        }
+        let (mut req, action) = start(&h, &root, 4, &headers(class));
+        assert_eq!(action, Action::Pause, "{class}: queued");
+        h.advance(5_000 * MS);
+        if !timeout {
+            h.dispatch_script
+                .borrow_mut()
+                .push_back(DispatchError::Failed("InternalFailure".into()));
+        }
+        root.on_tick(&h);
+        if timeout {
+            let call = last_rls_call(&h);
+            h.advance(200 * MS);
+            root.on_grpc_response(&h, call.token, 14, 0);
+        }
+        assert_eq!(h.resumed.get(), 1, "{class}: released in its failure mode");
+        assert!(seen(&h, &mut req, action).passed);
+        // The gauge is refreshed once a second, before the next sync tick.
+        for _ in 0..10 {
+            h.advance(100 * MS);
+            root.on_tick(&h);
+        }
+        h.metric("laneguard.unreported_hits")
+    };
+    assert_eq!(
+        unreported_after("standby", true),
+        0,
+        "a timed-out release on the reserve is not reported"
+    );
+    assert!(
+        unreported_after("standby", false) > 0,
+        "never sent: reported"
+    );
+    assert!(
+        unreported_after("waiting", true) > 0,
+        "unprotected: reported"
+    );
+}
