@@ -5,7 +5,8 @@ Parts (all by default; BENCH_ONLY=main,tenants,service,micro picks some):
 
   main     seven Envoy configurations, same Envoy binary, same upstream, same listener:
            router, local_ratelimit, wasm_noop, native_global, laneguard, laneguard_binding,
-           laneguard_shadow. Rounds are interleaved (every configuration once per round, in
+           laneguard_shadow (laneguard_binding's service keeps an audit log: the run reports
+           the 429s' records kept, issue 14 item 4). Rounds are interleaved (every configuration once per round, in
            a rotated order) and the median over rounds is reported.
   tenants  laneguard with 10 / 1,000 / 100,000 (and, over the bucket cap, 200,000) distinct
            active tenants: p99, Envoy memory, bytes per live bucket; then a churn of fresh
@@ -161,13 +162,64 @@ STAT_PATTERN = (r"^http\.bench\.downstream_rq_(total|2xx|4xx|5xx)$"
                 r"|^cluster\.laneguard_rls\.upstream_rq_total$|^wasmcustom\.laneguard\.")
 
 
+# The binding-limit run keeps an audit log, as a deployment does (issue 14 item 4): every
+# 429 must be in it while the service is up, and the run reports the fraction kept.
+AUDITED = "laneguard_binding"
+AUDIT_FIELDS = ("audit_429s_seen", "audit_429s_kept", "audit_kept_pct", "audit_dropped")
+# After the load, how long the filter may take to ship its backlog of records.
+AUDIT_DRAIN_S = 5.0
+
+
+def audit_429s(path: Path) -> int:
+    """Records of 429s in a laneguard-service audit log (one JSON object a line)."""
+    n = 0
+    if path.exists():
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                if json.loads(line).get("record", {}).get("status") == 429:
+                    n += 1
+            except (ValueError, AttributeError):
+                continue
+    return n
+
+
+def audit_kept(envoy: Envoy, path: Path) -> dict:
+    """Wait until the records stop arriving (at most AUDIT_DRAIN_S), then count: 429s Envoy
+    answered over the whole run (warm-up included, as the log is), their records in the
+    log, and the filter's own drop counter."""
+    deadline = time.monotonic() + AUDIT_DRAIN_S
+    kept, seen = -1, 0
+    while time.monotonic() < deadline:
+        seen = envoy.stats(r"^http\.bench\.downstream_rq_4xx$").get(
+            "http.bench.downstream_rq_4xx", 0)
+        now = audit_429s(path)
+        if now == kept and now >= seen:
+            break
+        kept = now
+        time.sleep(0.5)
+    kept = audit_429s(path)
+    counters = envoy.stats(r"^wasmcustom\.laneguard\.audit\.")
+    return {
+        "audit_429s_seen": seen,
+        "audit_429s_kept": kept,
+        "audit_kept_pct": 100.0 * kept / seen if seen else None,
+        "audit_dropped": counters.get("wasmcustom.laneguard.audit.dropped", 0),
+        "audit_ship_errors": counters.get("wasmcustom.laneguard.audit.ship_errors", 0),
+    }
+
+
 def measure(name: str, upstream: Binary, grants: list[str], logdir: Path, *,
             duration: float, warmup: float, connections: int) -> dict:
     """Start the configuration's service and Envoy, warm up, measure one run, stop."""
     svc = None
     envoy = None
+    audit_log = logdir / f"{name}.audit.log"
+    audit = {}
     try:
         args = service_args(name, grants)
+        if args is not None and name == AUDITED:
+            audit_log.unlink(missing_ok=True)
+            args = args + ["--audit-log", str(audit_log)]
         if args is not None:
             svc = start_service(logdir, cpus(1), args, name=f"{name}.service")
         envoy = Envoy(name, config_for(name, upstream, svc), logdir, 1, cpus(0))
@@ -186,6 +238,8 @@ def measure(name: str, upstream: Binary, grants: list[str], logdir: Path, *,
         # the noise indicator of each run.
         ours = (c1 - c0) + (sc1 - sc0) + (u1 - u0) + (w1 - w0)
         others_cores = max(0.0, (m1 - m0) - ours) / max(r.duration_s, 1e-9)
+        if name == AUDITED:
+            audit = audit_kept(envoy, audit_log)
     finally:
         if envoy:
             envoy.stop()
@@ -224,6 +278,7 @@ def measure(name: str, upstream: Binary, grants: list[str], logdir: Path, *,
         "alloc_before": int(mem0.get("allocated", 0)),
         "alloc_after": int(mem1.get("allocated", 0)),
         "wasm_counters": wasm,
+        **audit,
     }
 
 
@@ -318,7 +373,9 @@ def part_main(full: dict) -> None:
                 log(f"round {rnd + 1}/{rounds} {name:18s} {m['rps']:9.0f} req/s  p99 "
                     f"{m['p99_us']:7.0f} us  envoy {m['envoy_cpu_us']:5.1f} us/req  "
                     f"rpcs/1000 {m['rpcs_per_1000']:7.1f}  429 {m['pct_429']:4.1f}%  "
-                    f"other load {m['others_cores']:.2f} cores")
+                    f"other load {m['others_cores']:.2f} cores"
+                    + (f"  audit kept {m['audit_429s_kept']}/{m['audit_429s_seen']} 429s "
+                       f"(dropped {m['audit_dropped']})" if "audit_429s_seen" in m else ""))
     finally:
         upstream.stop()
 
@@ -337,6 +394,13 @@ def part_main(full: dict) -> None:
         for k in ("rps", "p50_us", "p99_us", "p999_us", "rpcs_per_1000", "envoy_cpu_us",
                   "service_cpu_us", "pct_429", "pct_5xx", "envoy_cpu_util", "others_cores"):
             row[k] = median([r[k] for r in rs])
+        if name == AUDITED:
+            # The kept fraction over all rounds (records kept / 429s seen), and the drops.
+            seen = sum(r.get("audit_429s_seen", 0) for r in rs)
+            kept = sum(r.get("audit_429s_kept", 0) for r in rs)
+            row["audit_429s_seen"], row["audit_429s_kept"] = seen, kept
+            row["audit_kept_pct"] = 100.0 * kept / seen if seen else None
+            row["audit_dropped"] = sum(r.get("audit_dropped", 0) for r in rs)
         summary.append(row)
     base = next(r for r in summary if r["name"] == "router")
     for row in summary:
@@ -352,7 +416,9 @@ def part_main(full: dict) -> None:
                 log(f"experiment {label}: {r['name']:16s} {r['rps']:8.0f} req/s "
                     f"({r['rps_vs_router']:.2f}x router)  p99 {r['p99_us']:.0f} us  "
                     f"CPU over router {r['cpu_over_router_us']:+.1f} us  "
-                    f"rpcs/1000 {r['rpcs_per_1000']:.1f}  429 {r['pct_429']:.1f}%")
+                    f"rpcs/1000 {r['rpcs_per_1000']:.1f}  429 {r['pct_429']:.1f}%"
+                    + (f"  audit kept {r['audit_429s_kept']}/{r['audit_429s_seen']} 429s"
+                       if "audit_429s_seen" in r else ""))
         return
     full["main"] = {"summary": summary, "runs": runs, "grants": " ".join(grants) or "absent",
                     "settings": {"rounds": rounds, "duration_s": duration, "warmup_s": warmup,
@@ -653,8 +719,10 @@ def write_outputs(full: dict) -> None:
     FULL.write_text(json.dumps(full, indent=1) + "\n")
     main = full.get("main")
     if main:
+        # Fields are only ever added (the binding run's audit fields, issue 14 item 4).
         latest = [{k: r.get(k) for k in ("name", "rps", "p50_us", "p99_us", "p999_us",
-                                          "rpcs_per_1000")}
+                                          "rpcs_per_1000", *AUDIT_FIELDS) if k in r or k
+                   not in AUDIT_FIELDS}
                   for r in main["summary"] if r["name"] in CONFIGS]
         # Rows other benchmarks add (make bench-accuracy's accuracy_cluster) stay.
         if LATEST.exists():
@@ -758,6 +826,11 @@ def goals_section(full: dict) -> str:
     out.append(f"| ≤ 5 service RPCs per 1,000 requests (laneguard_binding, "
                f"{b['pct_429']:.0f}% 429) | {b['rpcs_per_1000']:.1f} | "
                f"{verdict(b['rpcs_per_1000'] <= 5)} |")
+    if b.get("audit_kept_pct") is not None:
+        out.append(f"| every 429 in the audit log while the service is up (laneguard_binding, "
+                   f"`--audit-log`) | {b['audit_kept_pct']:.1f}% ({fnum(b['audit_429s_kept'])} "
+                   f"of {fnum(b['audit_429s_seen'])} 429s; {fnum(b['audit_dropped'])} counted "
+                   f"dropped) | {verdict(b['audit_429s_kept'] >= b['audit_429s_seen'])} |")
     cpu_noop, cpu_lg = noop["cpu_over_router_us"], lg["cpu_over_router_us"]
     out.append("")
     out.append(f"Envoy CPU per request over the router baseline: wasm_noop {cpu_noop:+.1f} µs, "
