@@ -355,3 +355,50 @@ fn the_card_reads_a_trace_as_shadow_evidence() {
     );
     assert_eq!(u(&clean["evidence"][0]["counts"]["shadow_limited"]), 0);
 }
+
+/// Issue 9: an AI request reserves tokens at admission in the replay as in the filter
+/// (`ai::admit` on the body the trace describes), and a limit on the model's token bucket
+/// tries `cheaper_model` first. The demo's `large` model holds 400 tokens of burst and
+/// `small` 600; 30 requests of `max_tokens: 100` at once: 4 on `large`, 6 downgraded to
+/// `small`, the other 20 refused, naming the token bucket. (Before, the replay ignored token
+/// buckets and admitted 20, the class's request burst.) A response that used 10 tokens gives
+/// 90 back, so a trace that says so admits more.
+#[test]
+fn ai_requests_reserve_tokens_and_fall_back_to_the_cheaper_model() {
+    let dir = RunDir::new("replay-ai").unwrap();
+    let write = |name: &str, used: Option<u64>| {
+        let path = dir.file(name);
+        let lines: Vec<String> = (0..30)
+            .map(|i| {
+                let used = used.map_or(String::new(), |n| format!(r#", "tokens": {n}"#));
+                format!(
+                    r#"{{"ts": {}, "tenant": "northwind", "principal": "assistant", "method": "POST", "path": "/v1/chat/completions", "model": "large", "max_tokens": 100{used}}}"#,
+                    1_795_000_000 + i / 100
+                )
+            })
+            .collect();
+        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+        path.display().to_string()
+    };
+    let class = |trace: &str| {
+        let v = json(&["--policy", LAYERED, "--trace", trace]);
+        v["tenants"]["northwind"]["classes"]["assistant"].clone()
+    };
+    let c = class(&write("at-reservation.jsonl", None));
+    assert_eq!(u(&c["offered"]), 30, "{c}");
+    assert_eq!(
+        (u(&c["admitted"]), u(&c["downgraded"]), u(&c["limited"])),
+        (4, 6, 20),
+        "{c}"
+    );
+    assert_eq!(u(&c["degraded"]), 6, "{c}");
+    let tripped = c["first_tripped"].as_object().unwrap();
+    assert!(
+        tripped.keys().any(|k| k.contains("large")),
+        "the large model's token bucket trips first: {c}"
+    );
+
+    // Each response used 10 of its 100: the refunds leave room for more on `large`.
+    let c = class(&write("refunded.jsonl", Some(10)));
+    assert!(u(&c["admitted"]) > 4, "refunds give room back: {c}");
+}

@@ -459,6 +459,21 @@ pub fn card(inputs: &Inputs<'_>) -> Card {
             .map(|c| c.name.as_str())
             .collect()
     };
+    // The records of the classes of consequence `k` that `pick` selects, and how many such
+    // requests there were: the records, or what those classes' stats count (`counted`),
+    // whichever is more (the log may have lost records the counters kept).
+    let evidence_of = |k: Consequence,
+                       pick: &dyn Fn(&EvidenceRecord) -> bool,
+                       counted: &dyn Fn(&ClassStats) -> u64|
+     -> (Vec<&EvidenceRecord>, u64) {
+        let rs: Vec<&EvidenceRecord> = records
+            .iter()
+            .filter(|r| consequence(r) == Some(k) && pick(r))
+            .collect();
+        let stats: u64 = of_kind(k).iter().map(|c| counted(&stat(c))).sum();
+        let n = (rs.len() as u64).max(stats);
+        (rs, n)
+    };
 
     // The header fields.
     let traffic_classes = p
@@ -659,19 +674,11 @@ pub fn card(inputs: &Inputs<'_>) -> Card {
     );
 
     let recovery = of_kind(Consequence::Recovery);
-    let recovery_bad: Vec<&EvidenceRecord> = records
-        .iter()
-        .filter(|r| consequence(r) == Some(Consequence::Recovery))
-        .filter(|r| r.refused() || r.has("degraded"))
-        .collect();
-    let recovery_stats: u64 = recovery
-        .iter()
-        .map(|c| {
-            let s = stat(c);
-            s.limited + s.shadow_limited
-        })
-        .sum();
-    let recovery_n = (recovery_bad.len() as u64).max(recovery_stats);
+    let (recovery_bad, recovery_n) = evidence_of(
+        Consequence::Recovery,
+        &|r| r.refused() || r.has("degraded"),
+        &|s| s.limited + s.shadow_limited,
+    );
     let support = Check::new(
         "support recovery remains usable",
         format!(
@@ -790,12 +797,11 @@ pub fn card(inputs: &Inputs<'_>) -> Card {
         stretch_records,
     );
 
-    let replay_refused: Vec<&EvidenceRecord> = records
-        .iter()
-        .filter(|r| consequence(r) == Some(Consequence::Recovery) && r.really_refused())
-        .collect();
-    let recovery_enforced: u64 = recovery.iter().map(|c| stat(c).limited).sum();
-    let replay_n = (replay_refused.len() as u64).max(recovery_enforced);
+    let (replay_refused, replay_n) = evidence_of(
+        Consequence::Recovery,
+        &EvidenceRecord::really_refused,
+        &|s| s.limited,
+    );
     let stop_replay = Check::new(
         "replay or remediation path becomes unreliable",
         "recovery requests actually refused (429, or 503 when the service failed and the class failed closed)",
@@ -805,12 +811,10 @@ pub fn card(inputs: &Inputs<'_>) -> Card {
         labels(replay_refused.iter().copied()),
     );
 
-    let repair = of_kind(Consequence::Repair);
-    let repair_refused: Vec<&EvidenceRecord> = records
-        .iter()
-        .filter(|r| consequence(r) == Some(Consequence::Repair) && r.really_refused())
-        .collect();
-    let repair_n = (repair_refused.len() as u64).max(repair.iter().map(|c| stat(c).limited).sum());
+    let (repair_refused, repair_n) =
+        evidence_of(Consequence::Repair, &EvidenceRecord::really_refused, &|s| {
+            s.limited
+        });
     let stop_divergence = Check::new(
         "morning downstream state diverges",
         "reconciliation (repair-class) requests actually refused: each is a repair that did not happen (downstream state itself is not visible to the gateway)",
@@ -1078,6 +1082,11 @@ tenants:
         EvidenceRecord::from_json(format!("#{seq}"), &v).unwrap()
     }
 
+    /// A plain shadow-limited record: the evidence most tests need around the one they vary.
+    fn shadow(seq: u64, time: &str, class: &str) -> EvidenceRecord {
+        rec(seq, time, class, &["shadow_limited"], json!({}))
+    }
+
     fn get<'a>(c: &'a Card, name: &str) -> &'a Check {
         c.evidence
             .iter()
@@ -1103,20 +1112,8 @@ tenants:
     fn a_full_clean_day_is_ready() {
         let p = parse(POLICY).unwrap();
         let rs = [
-            rec(
-                1,
-                "2026-11-24T00:00:00Z",
-                "web",
-                &["shadow_limited"],
-                json!({}),
-            ),
-            rec(
-                2,
-                "2026-11-25T00:30:00Z",
-                "web",
-                &["shadow_limited"],
-                json!({}),
-            ),
+            shadow(1, "2026-11-24T00:00:00Z", "web"),
+            shadow(2, "2026-11-25T00:30:00Z", "web"),
         ];
         let c = card(&inputs(&p, &rs));
         assert!(c.ready_to_enforce, "{:#?}", c.reasons);
@@ -1134,13 +1131,7 @@ tenants:
         let p = parse(POLICY).unwrap();
         let borrowed = json!({"bucket": "shared", "active_classes": ["web"]});
         let rs = [
-            rec(
-                1,
-                "2026-11-24T00:00:00Z",
-                "web",
-                &["shadow_limited"],
-                json!({}),
-            ),
+            shadow(1, "2026-11-24T00:00:00Z", "web"),
             rec(
                 2,
                 "2026-11-24T08:00:00Z",
@@ -1169,13 +1160,7 @@ tenants:
                 &["shadow_limited"],
                 borrowed,
             ),
-            rec(
-                5,
-                "2026-11-25T01:00:00Z",
-                "web",
-                &["shadow_limited"],
-                json!({}),
-            ),
+            shadow(5, "2026-11-25T01:00:00Z", "web"),
         ];
         let c = card(&inputs(&p, &rs));
         assert!(!c.ready_to_enforce);

@@ -5,8 +5,15 @@
 //! [`plan`] (identity, classification, buckets, cost), [`rollout::scope`] (modes),
 //! [`LocalTable::precheck`] (every bucket has room; a protected class borrows idle shared
 //! capacity when its reserve is empty), [`rollout::judge`] (enforce or shadow) and
-//! [`degrade::choose`] (queue, fallback route, reject). Time is the trace's: the clock jumps
-//! from one request's timestamp to the next.
+//! [`degrade::choose_for`] (queue, fallback route, reject). Time is the trace's: the clock
+//! jumps from one request's timestamp to the next.
+//!
+//! **AI requests** (a path the policy's `tokens.path_prefixes` inspects) reserve their token
+//! buckets as the filter does, by [`crate::ai::admit`] on the body the trace describes (its
+//! `model` and `max_tokens`; no `max_tokens`: the policy's estimate), and settle at once
+//! against the trace's `tokens` (the usage the response reported; absent: the reservation
+//! stands) by [`crate::ai::settle`]. A limit on a model bucket tries the `cheaper_model`
+//! fallback ([`crate::ai::downgrade`]) before the class's fallbacks, as the filter does.
 //!
 //! **Exact central accounting.** The default (and, for now, only) model counts every bucket
 //! in one table, as the rate-limit service does when every decision is central. A fleet of
@@ -76,8 +83,13 @@ pub enum Outcome {
     Queued,
     /// Enforced limit, served by a fallback: sent to the fallback route.
     Rerouted,
+    /// Enforced limit on a model bucket, served by the `cheaper_model` fallback.
+    Downgraded,
     /// Refused before any bucket (no valid identity).
     Rejected(Reject),
+    /// An AI request refused with 400 before any bucket: its body (`max_tokens` above a
+    /// token bucket's burst, or not JSON).
+    BadReservation,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -95,6 +107,7 @@ struct ClassAcc {
     shadow_limited: u64,
     queued: u64,
     rerouted: u64,
+    downgraded: u64,
     unlimited: u64,
     forged: u64,
     first_tripped: BTreeMap<String, u64>,
@@ -301,10 +314,10 @@ impl<'p> Replay<'p> {
     /// left at 200.
     fn record(&mut self, r: &TraceRequest, outcome: Outcome) {
         let mut events = match outcome {
-            Outcome::Rejected(_) => return,
+            Outcome::Rejected(_) | Outcome::BadReservation => return,
             Outcome::Admitted => Vec::new(),
             Outcome::Limited | Outcome::ShadowLimited => vec!["shadow_limited".to_string()],
-            Outcome::Queued | Outcome::Rerouted => {
+            Outcome::Queued | Outcome::Rerouted | Outcome::Downgraded => {
                 vec!["shadow_limited".to_string(), "degraded".to_string()]
             }
         };
@@ -371,6 +384,36 @@ impl<'p> Replay<'p> {
         if let Some(cost) = r.cost {
             plan.cost = cost;
         }
+        // An AI request: the filter reads its body; the trace says what was in it.
+        let mut inspected = None;
+        if crate::ai::inspects(policy, &r.path) {
+            let mut body = serde_json::Map::new();
+            if let Some(m) = &r.model {
+                body.insert("model".into(), m.clone().into());
+            }
+            if let Some(n) = r.max_tokens {
+                body.insert("max_tokens".into(), n.into());
+            }
+            let body = serde_json::Value::Object(body).to_string();
+            match crate::ai::admit(policy, plan, r.model.as_deref(), body.as_bytes()) {
+                Ok((p, i, _)) => {
+                    plan = p;
+                    inspected = Some(i);
+                }
+                Err(e) => {
+                    return match e {
+                        crate::ai::AdmitError::Declared(reject) => {
+                            self.summary.rejected.declared += 1;
+                            Outcome::Rejected(reject)
+                        }
+                        _ => {
+                            self.summary.rejected.tokens += 1;
+                            Outcome::BadReservation
+                        }
+                    };
+                }
+            }
+        }
         self.note_identity(r, &plan.tenant, plan.forged);
         let mode = rollout::scope(policy, &mut plan);
         let class = plan.class;
@@ -414,7 +457,8 @@ impl<'p> Replay<'p> {
         self.detail.lane_window_ns = lane_window;
 
         if eval.allowed {
-            self.table.charge(&attempt, plan.cost, now);
+            self.table.charge_costs(&plan.costed(borrowing), now);
+            self.settle(&plan, r.tokens, now);
             self.through(&tenant, now, plan.cost);
             let levels = self.table.levels(&attempt, now);
             // The filter's near miss: a protected lane that had to borrow or is nearly
@@ -471,8 +515,26 @@ impl<'p> Replay<'p> {
             .first_tripped
             .entry(bucket)
             .or_default() += 1;
+        let tripped_bucket = attempt.get(tripped).copied();
+        let cheaper = match (j.verdict, &inspected, tripped_bucket) {
+            (Verdict::ShadowLimit, _, _) | (_, None, _) | (_, _, None) => None,
+            (_, Some(i), Some(b)) => crate::ai::downgrade(policy, &plan, i, b),
+        };
+        // `cheaper_model`: the request re-planned for the cheaper model, decided afresh.
+        let downgraded = cheaper.and_then(|(_, next)| {
+            let (e, b) = self.table.precheck(&next, now, 1.0);
+            e.allowed.then_some((next, b))
+        });
         let outcome = match j.verdict {
             Verdict::ShadowLimit => Outcome::ShadowLimited,
+            Verdict::Limit | Verdict::Allow if downgraded.is_some() => {
+                if let Some((next, b)) = &downgraded {
+                    self.table.charge_costs(&next.costed(*b), now);
+                    self.settle(next, r.tokens, now);
+                    self.through(&tenant, now, next.cost);
+                }
+                Outcome::Downgraded
+            }
             Verdict::Limit | Verdict::Allow => {
                 let wait_ns = degrade::wait_ns(&eval.levels);
                 let depth = self.queue.depth(class);
@@ -480,12 +542,13 @@ impl<'p> Replay<'p> {
                     Step::Reject {
                         queue_refused: false,
                     },
-                    |o| degrade::choose(o, wait_ns, depth),
+                    |o| degrade::choose_for(o, &plan, &r.method, wait_ns, depth),
                 );
                 match step {
                     Step::Queue { wait_ns } => {
                         // Charged now (its place is reserved), served when the wait is over.
-                        self.table.charge(&attempt, plan.cost, now);
+                        // (Never an AI request: `choose_for` does not queue one.)
+                        self.table.charge_costs(&plan.costed(false), now);
                         self.next_id = self.next_id.wrapping_add(1);
                         self.queue
                             .push(self.next_id, class, now.saturating_add(wait_ns));
@@ -524,7 +587,11 @@ impl<'p> Replay<'p> {
                 c.rerouted += 1;
                 c.run = Run::default();
             }
-            Outcome::Admitted | Outcome::Rejected(_) => {}
+            Outcome::Downgraded => {
+                c.downgraded += 1;
+                c.run = Run::default();
+            }
+            Outcome::Admitted | Outcome::Rejected(_) | Outcome::BadReservation => {}
         }
         if outcome == Outcome::ShadowLimited {
             // Let through: it reached the upstream on the tenant's lanes.
@@ -546,6 +613,23 @@ impl<'p> Replay<'p> {
             _ => p.served += 1,
         });
         outcome
+    }
+
+    /// An admitted AI request's reservation settled against the usage the trace recorded
+    /// (`tokens`), on the token buckets as the filter settles its table.
+    fn settle(&mut self, plan: &crate::engine::Plan, tokens: Option<u64>, now: u64) {
+        let (Some(t), Some(used)) = (&plan.tokens, tokens) else {
+            return;
+        };
+        let refs = t.refs();
+        match crate::ai::settle(t.reserve, crate::ai::Usage::Tokens(used)) {
+            crate::ai::Settle::Refund(n) => self.table.refund(&refs, n, now),
+            crate::ai::Settle::Extra(n) => {
+                let costed: Vec<_> = refs.iter().map(|b| (*b, n)).collect();
+                self.table.charge_costs(&costed, now);
+            }
+            crate::ai::Settle::Exact | crate::ai::Settle::AtReservation(_) => {}
+        }
     }
 
     fn class_acc(&mut self, tenant: &str, class: &str) -> &mut ClassAcc {
@@ -665,11 +749,12 @@ impl<'p> Replay<'p> {
                         admitted: c.admitted,
                         limited: c.limited,
                         shadow_limited: c.shadow_limited,
-                        degraded: c.queued + c.rerouted,
+                        degraded: c.queued + c.rerouted + c.downgraded,
                         served_pct: pct(served, c.offered),
                         first_tripped: c.first_tripped.clone(),
                         queued: c.queued,
                         rerouted: c.rerouted,
+                        downgraded: c.downgraded,
                         unlimited: c.unlimited,
                         forged: c.forged,
                         observed: c.observed.clone(),
@@ -872,11 +957,14 @@ pub struct Rejected {
     /// Refused by the rule for declared purposes and models (`crate::declared`): no value
     /// and no default, or a value the principal may not use under `unknown: refuse`.
     pub declared: u64,
+    /// AI requests the filter answers 400 for their reservation (`max_tokens` above a token
+    /// bucket's burst, `crate::ai::TokenReject`).
+    pub tokens: u64,
 }
 
 impl Rejected {
     pub fn total(&self) -> u64 {
-        self.missing_identity + self.invalid_identity + self.declared
+        self.missing_identity + self.invalid_identity + self.declared + self.tokens
     }
 }
 
@@ -911,7 +999,7 @@ pub struct ClassReport {
     pub limited: u64,
     /// Would have been refused; let through.
     pub shadow_limited: u64,
-    /// Limited, then served by a fallback: `queued` + `rerouted`.
+    /// Limited, then served by a fallback: `queued` + `rerouted` + `downgraded`.
     pub degraded: u64,
     /// What enforcement would serve: (offered − limited − shadow_limited) / offered.
     pub served_pct: f64,
@@ -919,6 +1007,8 @@ pub struct ClassReport {
     pub first_tripped: BTreeMap<String, u64>,
     pub queued: u64,
     pub rerouted: u64,
+    /// Served by the `cheaper_model` fallback (AI requests).
+    pub downgraded: u64,
     pub unlimited: u64,
     pub forged: u64,
     /// The statuses the trace recorded (access logs), when it has them.

@@ -34,6 +34,8 @@ fn req(line: u64, at_ms: u64, principal: &str) -> TraceRequest {
         purpose: None,
         model: None,
         cost: None,
+        max_tokens: None,
+        tokens: None,
         status: None,
         request_id: None,
     }

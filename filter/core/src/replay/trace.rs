@@ -5,8 +5,10 @@
 //!   "path": "/orders/7", "purpose": null, "model": null, "cost": null}`. `ts` is RFC 3339 (any
 //!   offset, any fraction) or Unix seconds as a number (with a fraction). `user`, `class` (the
 //!   class the caller *declared*), `purpose`, `model`, `cost` (overrides the endpoint family's
-//!   cost, for token-weighted traces), `status` (what the caller got, if known) and
-//!   `request_id` are optional. Unknown fields are refused, so a typo is not silently a
+//!   cost, for token-weighted traces), `max_tokens` (an AI request's limit, which the filter
+//!   reserves in its token buckets; absent: the policy's estimate) and `tokens` (the tokens
+//!   its response reported, which settle the reservation; absent: it stands), `status` (what
+//!   the caller got, if known) and `request_id` are optional. Unknown fields are refused, so a typo is not silently a
 //!   missing value.
 //! - **Envoy's access log in the demo's format** (`envoy/demo/envoy.yaml`):
 //!   `[START_TIME] "METHOD PATH" CODE FLAGS tenant=.. principal=.. user=.. declared=..
@@ -43,6 +45,10 @@ pub struct TraceRequest {
     pub model: Option<String>,
     /// A cost that replaces the endpoint family's.
     pub cost: Option<u32>,
+    /// An AI request's `max_tokens` (what the filter reserves, `crate::ai`).
+    pub max_tokens: Option<u32>,
+    /// The tokens an AI response reported (what settles the reservation).
+    pub tokens: Option<u64>,
     /// The status the caller got, when the trace knows it (access logs always do).
     pub status: Option<u16>,
     pub request_id: Option<String>,
@@ -109,6 +115,10 @@ struct JsonLine {
     model: Option<String>,
     #[serde(default)]
     cost: Option<u32>,
+    #[serde(default)]
+    max_tokens: Option<u32>,
+    #[serde(default)]
+    tokens: Option<u64>,
     #[serde(default)]
     status: Option<u16>,
     #[serde(default)]
@@ -177,6 +187,8 @@ fn parse_json(line: u64, t: &str) -> Result<TraceRequest, LineError> {
         purpose: j.purpose,
         model: j.model,
         cost: j.cost,
+        max_tokens: j.max_tokens,
+        tokens: j.tokens,
         status: j.status,
         request_id: j.request_id,
     })
@@ -274,6 +286,8 @@ fn parse_access_log(line: u64, t: &str) -> Result<TraceRequest, LineError> {
         purpose: own("purpose")?,
         model: own("model")?,
         cost: None,
+        max_tokens: None,
+        tokens: None,
         status: Some(status),
         request_id: own("request_id")?,
     })
