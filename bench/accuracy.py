@@ -9,6 +9,12 @@ ceiling, for a bounded time. Three runs, each with fresh processes:
   grants on    the service leases capacity (DescriptorStatus.quota): the headline figures
   grants off   the same with `--grants off`: per-call checks only, for comparison
   restart      grants on; the service is killed mid-run and restarted after a pause
+  queue        grants on, the flooded class with `fallbacks: [queue, reject]` (ACC_QUEUE=1,
+               the default): over-budget requests wait up to ACC_QUEUE_WAIT_MS and are
+               released only once paid (issue 13 item 2); admitted against the same bound.
+               `python3 bench/accuracy.py queue` runs this phase alone (ACC_WASM: the
+               filter to load, to measure another build), printing
+                 accuracy_queue error_pct=<signed float> queued=<int>
 
 Admitted requests are Envoy's `http.bench.downstream_rq_2xx`, summed over both Envoys and
 sampled while the load runs: once the first seconds have spent the initial burst (the
@@ -29,6 +35,7 @@ service replicas, a Redis Cluster, a 1 ms link; its line comes last:
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -52,6 +59,9 @@ SETTINGS = {
     "ACC_KILL_AT": (8, "restart run: seconds into the load when the service is killed"),
     "ACC_DOWN": (4, "restart run: seconds the service stays down"),
     "ACC_WORKERS": (2, "Envoy workers per instance"),
+    "ACC_QUEUE": (1, "1: also the queue-fallback run"),
+    "ACC_QUEUE_WAIT_MS": (1000, "queue run: queue.max_wait_ms"),
+    "ACC_QUEUE_DEPTH": (64, "queue run: queue.max_depth per worker"),
 }
 ENVOYS = 2
 TENANT = "acme"
@@ -65,14 +75,29 @@ def setting(name: str) -> float:
     return setting_of(SETTINGS, name)
 
 
-def policy() -> str:
+def policy(queue: bool = False) -> str:
     workers = ENVOYS * setting("ACC_WORKERS")
+    extra = None
+    if queue:
+        extra = {"classes": [{
+            "name": "standard", "consequence": "time_sensitive", "failure_mode": "local",
+            "fallbacks": ["queue", "reject"],
+            "queue": {"max_wait_ms": setting("ACC_QUEUE_WAIT_MS"),
+                      "max_depth": setting("ACC_QUEUE_DEPTH")},
+        }]}
     return policy_json(
         {"per_second": setting("ACC_RATE"), "burst": setting("ACC_BURST")},
         # When the service is down, each VM decides alone on its share of the rate, so the
         # fleet as a whole stays near the limit.
         share=round(1.0 / workers, 4),
+        extra=extra,
     )
+
+
+def filter_wasm() -> Path:
+    """The filter to load: ACC_WASM (another build, for a before/after figure) or ours."""
+    other = os.environ.get("ACC_WASM")
+    return Path(other) if other else require(LANEGUARD_WASM, "make build-wasm")
 
 
 def snapshot(envoys: list[Envoy]) -> dict:
@@ -104,10 +129,13 @@ def window(a: dict, b: dict, rate: float) -> dict:
         "decided_central": d("wasmcustom.laneguard.decided.central"),
         "lease_renewals": d("wasmcustom.laneguard.lease.renewals"),
         "reported_hits": d("wasmcustom.laneguard.reported_hits"),
+        "queued": d("wasmcustom.laneguard.fallback.queue"),
+        "queue_resumed": d("wasmcustom.laneguard.queue.resumed"),
+        "queue_refused": d("wasmcustom.laneguard.queue.refused"),
     }
 
 
-def one_run(label: str, grants: str, restart: bool) -> dict:
+def one_run(label: str, grants: str, restart: bool, queue: bool = False) -> dict:
     logdir = RESULTS / "logs" / "accuracy" / label
     duration = setting("ACC_DURATION")
     settle = setting("ACC_SETTLE")
@@ -119,8 +147,7 @@ def one_run(label: str, grants: str, restart: bool) -> dict:
     envoys: list[Envoy] = []
     wrks: list[subprocess.Popen] = []
     try:
-        cfg = envoy_config(wasm_filter(require(LANEGUARD_WASM, "make build-wasm"), "laneguard",
-                                       policy()),
+        cfg = envoy_config(wasm_filter(filter_wasm(), "laneguard", policy(queue)),
                            upstream_port=upstream.port, rls_port=svc.port)
         for i in range(ENVOYS):
             envoys.append(Envoy(f"envoy{i}", cfg, logdir, setting("ACC_WORKERS"), None).start())
@@ -171,6 +198,7 @@ def one_run(label: str, grants: str, restart: bool) -> dict:
 
     result = {
         "label": label, "grants": grants if svc_args else "no --grants flag",
+        "wasm": str(filter_wasm()),
         "window": window(marks["open"], marks["close"], rate),
         # The whole run, burst included: admitted against burst + rate × load time.
         "whole": window(before, after, rate),
@@ -190,6 +218,9 @@ def show(r: dict) -> None:
     log(f"{r['label']:10s} grants {r['grants']:3s}: admitted {w['admitted']} in {w['seconds']:.2f} s "
         f"vs limit {w['limit']:.0f} -> {w['error_pct']:+.2f}%   rpcs/1000 {w['rpcs_per_1000']:.2f}  "
         f"({w['rps']:.0f} req/s offered, {w['pct_429']:.1f}% 429, {w['pct_5xx']:.1f}% 5xx)")
+    if "queued" in w and r["label"] == "queue":
+        log(f"{'':10s} queued {w['queued']}, released {w['queue_resumed']}, refused when due "
+            f"{w['queue_refused']}")
     for phase in ("before", "down", "after"):
         if phase in r:
             p = r[phase]
@@ -224,6 +255,14 @@ def doc_section(runs: list[dict], machine: dict) -> str:
                        f"{p['rps']:,.0f} | {p['pct_429']:.1f} | {p['admitted']:,} | "
                        f"{p['limit']:,.0f} | {p['error_pct']:+.2f}% | {p['rpcs_per_1000']:.2f} |")
     out.append("")
+    queue = [r for r in runs if r["label"] == "queue"]
+    if queue:
+        w = queue[0]["window"]
+        out.append(f"Queue run: `fallbacks: [queue, reject]`, queue.max_wait_ms "
+                   f"{s['ACC_QUEUE_WAIT_MS']}, max_depth {s['ACC_QUEUE_DEPTH']}; in the window "
+                   f"{w['queued']:,} requests were queued, {w['queue_resumed']:,} released once "
+                   f"paid, {w['queue_refused']:,} refused when due.")
+        out.append("")
     whole = runs[0]["whole"]
     out.append(f"Whole grants-on run including the initial burst: admitted {whole['admitted']:,} "
                f"against burst + rate × {s['ACC_DURATION']} s = {whole['limit']:,.0f} "
@@ -240,6 +279,9 @@ def main() -> int:
         show(runs[1])
         runs.append(one_run("restart", "on", True))
         show(runs[2])
+        if setting("ACC_QUEUE"):
+            runs.append(one_run("queue", "on", False, queue=True))
+            show(runs[3])
         RESULTS.mkdir(parents=True, exist_ok=True)
         OUT.write_text(json.dumps({"settings": {k: setting(k) for k in SETTINGS},
                                    "machine": machine, "git": git_state(),
@@ -253,6 +295,23 @@ def main() -> int:
     print(f"accuracy error_pct={w['error_pct']:.3f} rpcs_per_1000={w['rpcs_per_1000']:.3f}",
           flush=True)
     return cluster_part(machine)
+
+
+def queue_only() -> int:
+    """`python3 bench/accuracy.py queue`: the queue run alone, into accuracy_queue.json."""
+    try:
+        r = one_run("queue", "on", False, queue=True)
+        show(r)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "accuracy_queue.json").write_text(json.dumps(
+            {"settings": {k: setting(k) for k in SETTINGS}, "machine": machine_description(),
+             "git": git_state(), "run": r}, indent=1) + "\n")
+    except BenchError as e:
+        print(f"bench-accuracy (queue): {e}", file=sys.stderr)
+        return 1
+    w = r["window"]
+    print(f"accuracy_queue error_pct={w['error_pct']:.3f} queued={w['queued']}", flush=True)
+    return 0
 
 
 def cluster_part(machine: dict) -> int:
@@ -276,4 +335,4 @@ def cluster_part(machine: dict) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(queue_only() if sys.argv[1:] == ["queue"] else main())
