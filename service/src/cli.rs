@@ -15,7 +15,7 @@ Usage: laneguard-service [--listen ADDR] [--config FILE] [--store STORE]
                          [--audit-hmac-key-file FILE] [--audit-head-every-s S]
                          [--metrics-addr ADDR] [--policy FILE] [--rlqs-ttl-s S]
                          [--max-buckets N] [--tls-cert FILE --tls-key FILE
-                         [--tls-client-ca FILE]]
+                         [--tls-client-ca FILE]] [--usage-flush-ms MS]
 
 Serves envoy.service.ratelimit.v3.RateLimitService and grpc.health.v1.Health over gRPC.
 
@@ -49,7 +49,10 @@ Options:
                           [default: 60]
   --metrics-addr ADDR     serve Prometheus metrics (text format) at http://ADDR/metrics,
                           IP:PORT (PORT may be 0); off unless given. Series:
-                          docs/operations.md (Service metrics)
+                          docs/operations.md (Service metrics); also the usage ledger
+                          at http://ADDR/usage (laneguard-usage export, docs/usage.md)
+  --usage-flush-ms MS     how often the usage ledger's counts are written to the store
+                          (a crash loses at most this much) [default: 1000]
   --policy FILE           a laneguard policy (or an Envoy YAML embedding one): serve
                           envoy.service.rate_limit_quota.v3.RateLimitQuotaService (RLQS)
                           for Envoy's native rate_limit_quota filter (docs/rlqs.md)
@@ -70,6 +73,7 @@ LANEGUARD_LOG=error|warn|info|debug|trace (default info).";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8081";
 pub const DEFAULT_LEASE_TTL_MS: u64 = 2000;
 pub const DEFAULT_REDIS_TIMEOUT_MS: u64 = 250;
+pub const DEFAULT_USAGE_FLUSH_MS: u64 = 1000;
 /// Upper bound of the millisecond flags: one hour.
 const MAX_MS: u64 = 3_600_000;
 
@@ -110,6 +114,8 @@ pub struct Args {
     pub max_buckets: usize,
     /// `--tls-cert`/`--tls-key`/`--tls-client-ca`: TLS on the listener.
     pub tls: Option<TlsFiles>,
+    /// `--usage-flush-ms`: how often the usage ledger's counts are written to the store.
+    pub usage_flush: Duration,
 }
 
 /// The listener's TLS files, all PEM.
@@ -175,7 +181,7 @@ pub enum CliError {
     NotUtf8 { arg: OsString },
 }
 
-const FLAGS: [&str; 18] = [
+const FLAGS: [&str; 19] = [
     "--listen",
     "--config",
     "--store",
@@ -194,6 +200,7 @@ const FLAGS: [&str; 18] = [
     "--tls-cert",
     "--tls-key",
     "--tls-client-ca",
+    "--usage-flush-ms",
 ];
 
 /// Parse the arguments after the program name. Accepts `--flag value` and `--flag=value`.
@@ -232,7 +239,7 @@ where
             return Err(CliError::Repeated { flag });
         }
     }
-    let [listen, config, store, grants, lease_ttl, redis_timeout, audit_log, rotate_size, rotate_hours, hmac_key, head_every, metrics_addr, policy, rlqs_ttl, max_buckets, tls_cert, tls_key, tls_client_ca] =
+    let [listen, config, store, grants, lease_ttl, redis_timeout, audit_log, rotate_size, rotate_hours, hmac_key, head_every, metrics_addr, policy, rlqs_ttl, max_buckets, tls_cert, tls_key, tls_client_ca, usage_flush] =
         values;
     let tls = match (tls_cert, tls_key, tls_client_ca) {
         (None, None, None) => None,
@@ -347,6 +354,7 @@ where
         rlqs_ttl_s: u32::try_from(rlqs_ttl_s).unwrap_or(laneguard_core::quota::DEFAULT_TTL_S),
         max_buckets: usize::try_from(max_buckets).unwrap_or(crate::store::DEFAULT_MAX_BUCKETS),
         tls,
+        usage_flush: millis("--usage-flush-ms", usage_flush, DEFAULT_USAGE_FLUSH_MS)?,
     }))
 }
 
@@ -433,6 +441,7 @@ mod tests {
             rlqs_ttl_s: 15,
             max_buckets: 1_000_000,
             tls: None,
+            usage_flush: Duration::from_millis(1000),
         };
         f(&mut args);
         Command::Run(args)

@@ -15,6 +15,8 @@
 //! policy (`--policy`), [`quota`] also serves RLQS, the protocol of Envoy's native
 //! `rate_limit_quota` filter, over `laneguard_core::quota`. The binary (`src/main.rs`) is a thin shell: arguments ([`cli`]), rules
 //! ([`config`]), logging, signals, the readiness line. Operator docs: `docs/service.md`.
+//! The usage ledger that billing exports ([`usage`], `docs/usage.md`) is counted from the
+//! decisions and from the filters' tallies, by the rules of `laneguard_core::usage`.
 
 pub mod audit;
 pub mod cli;
@@ -30,6 +32,7 @@ pub mod rls;
 pub mod server;
 pub mod store;
 pub mod unit;
+pub mod usage;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{Config, ConfigError};

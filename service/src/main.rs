@@ -10,6 +10,7 @@ use laneguard_service::audit::{AuditLog, AuditOptions, AuditService, Chain};
 use laneguard_service::cli::{self, Args, Command, StoreKind, TlsFiles};
 use laneguard_service::metrics::{self, AuditHead};
 use laneguard_service::quota::QuotaService;
+use laneguard_service::usage::UsageBook;
 use laneguard_service::{
     logger, server, Config, Grants, MemoryStore, Metrics, Options, RateLimiter, RedisSettings,
     RedisStore, Store, SystemClock,
@@ -132,11 +133,15 @@ async fn run(args: Args) -> Result<(), String> {
         .local_addr()
         .map_err(|e| format!("cannot read the bound address: {e}"))?;
     let store_name = store.name();
+    let book = Arc::new(UsageBook::new(Arc::clone(&store), metrics.clone()));
+    book.spawn_flusher(Arc::new(SystemClock), args.usage_flush);
     let limiter = RateLimiter::new(
         store,
         rules,
         Arc::new(SystemClock),
-        Options::with_grants(grants).with_metrics(metrics),
+        Options::with_grants(grants)
+            .with_metrics(metrics)
+            .with_usage(Arc::clone(&book)),
     );
 
     // The contract with scripts/ and tests/: exactly this line, flushed, once listening;
@@ -148,9 +153,12 @@ async fn run(args: Args) -> Result<(), String> {
             .map_err(|e| format!("cannot read the metrics address: {e}"))?;
         writeln!(stdout, "LANEGUARD_METRICS addr={at}")
             .map_err(|e| format!("cannot write the metrics line: {e}"))?;
-        log::info!("serving Prometheus metrics at http://{at}/metrics");
+        log::info!("serving Prometheus metrics at http://{at}/metrics and the usage ledger at http://{at}/usage");
+        let book = Arc::clone(&book);
         tokio::spawn(async move {
-            if let Err(e) = metrics::serve(listener, registry, std::future::pending()).await {
+            if let Err(e) =
+                metrics::serve(listener, registry, Some(book), std::future::pending()).await
+            {
                 log::error!("the metrics endpoint stopped: {e}");
             }
         });
@@ -176,6 +184,10 @@ async fn run(args: Args) -> Result<(), String> {
     server::serve_with(listener, limiter, audit, quota, tls, shutdown_signal())
         .await
         .map_err(|e| format!("server failed: {e}"))?;
+    // What was counted since the last flush goes to the store before the process ends.
+    if let Err(e) = book.flush().await {
+        log::warn!("usage ledger: the last flush failed: {e}");
+    }
     log::info!("stopped");
     Ok(())
 }

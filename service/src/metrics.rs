@@ -125,7 +125,17 @@ pub struct Metrics {
     /// Extra series registered by the store (bucket counts, evictions).
     memory_buckets: Gauge,
     memory_evictions: Counter,
+    /// The usage ledger (`crate::usage`): requests by path, the filters' central count,
+    /// lease units granted, failed flushes, tenants drifting over 1%.
+    usage_requests: Family<Label, Counter>,
+    usage_filter_central: Counter,
+    usage_leased_granted: Counter,
+    usage_flush_errors: Counter,
+    usage_drift_tenants: Gauge,
 }
+
+/// The `path` label of `laneguard_service_usage_requests_total`.
+const USAGE_PATHS: [&str; 4] = ["central", "leased", "degraded", "refused"];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -150,7 +160,15 @@ impl Metrics {
             audit_rejected: Counter::default(),
             memory_buckets: Gauge::default(),
             memory_evictions: Counter::default(),
+            usage_requests: Family::default(),
+            usage_filter_central: Counter::default(),
+            usage_leased_granted: Counter::default(),
+            usage_flush_errors: Counter::default(),
+            usage_drift_tenants: Gauge::default(),
         };
+        for path in USAGE_PATHS {
+            let _ = m.usage_requests.get_or_create(&[("path", path)]);
+        }
         // Create every labelled series up front, so each exists (at 0) before it moves.
         for o in Outcome::ALL {
             let _ = m.decisions.get_or_create(&[("outcome", o.label())]);
@@ -237,6 +255,31 @@ impl Metrics {
             self.memory_buckets.clone(),
         );
         r.register(
+            "usage_requests",
+            "Requests in the usage ledger, by path: central (the service's own count), leased, degraded, refused (the filters' tallies)",
+            self.usage_requests.clone(),
+        );
+        r.register(
+            "usage_filter_central",
+            "Requests the filters say they admitted on a central answer; against usage_requests{path=\"central\"} it is the reconciliation drift",
+            self.usage_filter_central.clone(),
+        );
+        r.register(
+            "usage_leased_granted_units",
+            "Lease units granted to decisions and renewals that named their class (x-laneguard-class)",
+            self.usage_leased_granted.clone(),
+        );
+        r.register(
+            "usage_flush_errors",
+            "Flushes of the usage ledger to the store that failed (kept and retried)",
+            self.usage_flush_errors.clone(),
+        );
+        r.register(
+            "usage_drift_tenants",
+            "Tenants whose drift in the last complete hour exceeds 1% of what the ledger admitted for them",
+            self.usage_drift_tenants.clone(),
+        );
+        r.register(
             "memory_evictions",
             "Buckets the memory store evicted at its cap (--max-buckets) before they were full",
             self.memory_evictions.clone(),
@@ -286,6 +329,33 @@ impl Metrics {
     pub fn audit_appended(&self, appended: u32, rejected: u32) {
         self.audit_records.inc_by(u64::from(appended));
         self.audit_rejected.inc_by(u64::from(rejected));
+    }
+
+    /// Counts that entered the usage ledger.
+    pub fn usage_counted(&self, r: &laneguard_core::usage::Row) {
+        for (path, n) in [
+            ("central", r.admitted_central),
+            ("leased", r.admitted_leased),
+            ("degraded", r.admitted_degraded),
+            ("refused", r.refused),
+        ] {
+            if n > 0 {
+                self.usage_requests
+                    .get_or_create(&[("path", path)])
+                    .inc_by(n);
+            }
+        }
+        self.usage_filter_central.inc_by(r.filter_central);
+        self.usage_leased_granted.inc_by(r.leased_granted);
+    }
+
+    pub fn usage_flush_failed(&self) {
+        self.usage_flush_errors.inc();
+    }
+
+    pub fn usage_drift_tenants(&self, n: usize) {
+        self.usage_drift_tenants
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// The memory store's bucket gauge and eviction counter.
@@ -339,20 +409,53 @@ pub fn render(registry: &Registry) -> Result<String, fmt::Error> {
 }
 
 /// Serve `GET /metrics` (Prometheus text format 0.0.4) on `listener` until `shutdown`
-/// resolves. Any other path answers 404.
+/// resolves, and `GET /usage?since=..&until=..` (the usage ledger as JSON lines,
+/// `docs/usage.md`) when `usage` is given. Any other path answers 404.
 pub async fn serve<F>(
     listener: TcpListener,
     registry: Registry,
+    usage: Option<Arc<crate::usage::UsageBook>>,
     shutdown: F,
 ) -> Result<(), std::io::Error>
 where
     F: Future<Output = ()> + Send + 'static,
 {
-    use axum::http::{header, StatusCode};
+    use axum::http::{header, StatusCode, Uri};
     use axum::response::IntoResponse;
 
     let registry = Arc::new(registry);
-    let app = axum::Router::new().route(
+    let app = axum::Router::new();
+    let app = match usage {
+        None => app,
+        Some(book) => app.route(
+            "/usage",
+            axum::routing::get(move |uri: Uri| {
+                let book = Arc::clone(&book);
+                async move {
+                    let (from, to) = match crate::usage::query_hours(uri.query()) {
+                        Ok(hours) => hours,
+                        Err(e) => {
+                            return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response()
+                        }
+                    };
+                    match book.export(from, to).await {
+                        Ok(rows) => (
+                            StatusCode::OK,
+                            [(header::CONTENT_TYPE, "application/jsonl")],
+                            crate::usage::jsonl(&rows),
+                        )
+                            .into_response(),
+                        Err(e) => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("cannot read the usage ledger: {e}\n"),
+                        )
+                            .into_response(),
+                    }
+                }
+            }),
+        ),
+    };
+    let app = app.route(
         "/metrics",
         axum::routing::get(move || {
             let registry = Arc::clone(&registry);

@@ -31,6 +31,8 @@ use crate::limits::{self, RequestError};
 use crate::metrics::{self, Metrics, StoreOp};
 use crate::store::{BucketStatus, Charge, Store, StoreError};
 use crate::unit::Unit;
+use crate::usage::UsageBook;
+use laneguard_core::usage;
 
 /// The gRPC request metadata a caller sends to ask for a lease: the number of cost units it
 /// would like to admit locally, per bucket. Absent (or 0) asks for none.
@@ -121,6 +123,9 @@ pub struct Options {
     pub grants: Grants,
     /// Where decisions, grants, reports and store calls are counted (`--metrics-addr`).
     pub metrics: Metrics,
+    /// The usage ledger decisions and the filters' tallies are counted into
+    /// (`crate::usage`); `None` keeps none.
+    pub usage: Option<Arc<UsageBook>>,
 }
 
 impl Options {
@@ -136,6 +141,75 @@ impl Options {
         self.metrics = metrics;
         self
     }
+
+    /// Keep the usage ledger in `book`.
+    pub fn with_usage(mut self, book: Arc<UsageBook>) -> Options {
+        self.usage = Some(book);
+        self
+    }
+}
+
+/// What a caller says for the usage ledger, from the gRPC request metadata: the class of a
+/// decision or renewal ([`usage::CLASS_METADATA`]) and a worker's tally
+/// ([`usage::METADATA`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UsageMeta {
+    pub class: Option<String>,
+    pub tally: Vec<(usage::Key, usage::Counts)>,
+}
+
+/// The longest class name [`usage::CLASS_METADATA`] may carry.
+pub const MAX_CLASS_BYTES: usize = 256;
+
+impl UsageMeta {
+    /// Read both. A malformed value is an error naming the metadata, not a guess.
+    pub fn from_metadata(
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<UsageMeta, ServiceError> {
+        let text = |name: &'static str| -> Result<Option<String>, ServiceError> {
+            metadata
+                .get(name)
+                .map(|v| {
+                    v.to_str()
+                        .map(|t| t.trim().to_string())
+                        .map_err(|_| ServiceError::BadUsage {
+                            name,
+                            reason: "not visible ASCII".into(),
+                        })
+                })
+                .transpose()
+        };
+        let class = text(usage::CLASS_METADATA)?;
+        if let Some(c) = &class {
+            if c.is_empty() || c.len() > MAX_CLASS_BYTES {
+                return Err(ServiceError::BadUsage {
+                    name: usage::CLASS_METADATA,
+                    reason: format!(
+                        "a class name of 1 to {MAX_CLASS_BYTES} bytes, got {}",
+                        c.len()
+                    ),
+                });
+            }
+        }
+        let tally = match text(usage::METADATA)? {
+            None => Vec::new(),
+            Some(t) => usage::decode(&t).map_err(|e| ServiceError::BadUsage {
+                name: usage::METADATA,
+                reason: e.to_string(),
+            })?,
+        };
+        Ok(UsageMeta { class, tally })
+    }
+}
+
+/// The tenant a request is for: its descriptors' first `tenant` entry.
+fn tenant_of(request: &RateLimitRequest) -> Option<&str> {
+    request
+        .descriptors
+        .iter()
+        .flat_map(|d| d.entries.iter())
+        .find(|e| e.key == "tenant")
+        .map(|e| e.value.as_str())
 }
 
 /// Why a request got no answer.
@@ -148,6 +222,8 @@ pub enum ServiceError {
          a non-negative 32-bit integer, `{REPORT_METADATA}` takes 0, 1 or refund)"
     )]
     BadMetadata { name: &'static str, value: String },
+    #[error("invalid request: metadata `{name}`: {reason}")]
+    BadUsage { name: &'static str, reason: String },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -156,9 +232,9 @@ impl ServiceError {
     /// The `outcome` label of the gRPC error this becomes.
     fn outcome(&self) -> metrics::Outcome {
         match self {
-            ServiceError::Request(_) | ServiceError::BadMetadata { .. } => {
-                metrics::Outcome::InvalidArgument
-            }
+            ServiceError::Request(_)
+            | ServiceError::BadMetadata { .. }
+            | ServiceError::BadUsage { .. } => metrics::Outcome::InvalidArgument,
             ServiceError::Store(s) if s.is_transient() => metrics::Outcome::Unavailable,
             ServiceError::Store(_) => metrics::Outcome::Internal,
         }
@@ -168,9 +244,9 @@ impl ServiceError {
 impl From<ServiceError> for Status {
     fn from(e: ServiceError) -> Status {
         match &e {
-            ServiceError::Request(_) | ServiceError::BadMetadata { .. } => {
-                Status::invalid_argument(e.to_string())
-            }
+            ServiceError::Request(_)
+            | ServiceError::BadMetadata { .. }
+            | ServiceError::BadUsage { .. } => Status::invalid_argument(e.to_string()),
             // UNAVAILABLE sends the caller down its configured failure mode.
             ServiceError::Store(s) if s.is_transient() => Status::unavailable(e.to_string()),
             ServiceError::Store(_) => Status::internal(e.to_string()),
@@ -231,7 +307,29 @@ impl RateLimiter {
         request: &RateLimitRequest,
         ask: Ask,
     ) -> Result<RateLimitResponse, ServiceError> {
+        self.evaluate_with_usage(request, ask, &UsageMeta::default())
+            .await
+    }
+
+    /// [`RateLimiter::evaluate_ask`], counting into the usage ledger what `meta` says: an
+    /// answered decision or renewal of a named class, and a worker's tally (only when the
+    /// call is answered: a failed call's tally is sent again).
+    pub async fn evaluate_with_usage(
+        &self,
+        request: &RateLimitRequest,
+        ask: Ask,
+        meta: &UsageMeta,
+    ) -> Result<RateLimitResponse, ServiceError> {
         let result = self.answer(request, ask).await;
+        if let (Some(book), Ok(a)) = (&self.options.usage, &result) {
+            if let (Ask::Decide { .. }, Some(class), Some(tenant)) =
+                (ask, &meta.class, tenant_of(request))
+            {
+                let admitted = a.response.overall_code == Code::Ok as i32;
+                book.decided(tenant, class, admitted, a.charged > 0, a.grant, a.now_ns);
+            }
+            book.reported(&meta.tally);
+        }
         let m = &self.options.metrics;
         let outcome = match &result {
             Ok(a) if a.response.overall_code == Code::OverLimit as i32 => {
@@ -272,6 +370,7 @@ impl RateLimiter {
                 response,
                 grant: 0,
                 charged: 0,
+                now_ns: self.clock.now_ns(),
             });
         }
 
@@ -343,6 +442,7 @@ impl RateLimiter {
             response,
             grant: outcome.grant,
             charged: charges.iter().map(|c| u64::from(c.cost)).sum(),
+            now_ns,
         })
     }
 }
@@ -352,8 +452,11 @@ struct Answer {
     response: RateLimitResponse,
     /// Lease units granted.
     grant: u32,
-    /// Cost units over the request's buckets (charged, reported or refunded).
+    /// Cost units over the request's buckets (charged, reported or refunded); 0 for a
+    /// renewal, which asks for a lease and charges no request.
     charged: u64,
+    /// The `now` the request was decided at (its ledger hour).
+    now_ns: u64,
 }
 
 fn bucket_status(charge: &Charge, bucket: &BucketStatus, quota: Option<Quota>) -> DescriptorStatus {
@@ -406,16 +509,19 @@ impl RateLimitService for RateLimiter {
         request: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, Status> {
         let ask = Ask::from_metadata(request.metadata());
+        let meta = UsageMeta::from_metadata(request.metadata());
         let request = request.into_inner();
-        let result = match ask {
-            Ok(ask) => self.evaluate_ask(&request, ask).await,
-            Err(e) => Err(e),
+        let result = match (ask, meta) {
+            (Ok(ask), Ok(meta)) => self.evaluate_with_usage(&request, ask, &meta).await,
+            (Err(e), _) | (_, Err(e)) => Err(e),
         };
         match result {
             Ok(response) => Ok(Response::new(response)),
             Err(e) => {
                 match &e {
-                    ServiceError::Request(_) | ServiceError::BadMetadata { .. } => {
+                    ServiceError::Request(_)
+                    | ServiceError::BadMetadata { .. }
+                    | ServiceError::BadUsage { .. } => {
                         log::debug!("domain={}: {e}", request.domain)
                     }
                     ServiceError::Store(_) => log::warn!("domain={}: {e}", request.domain),

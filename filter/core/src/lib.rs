@@ -10,7 +10,8 @@
 //! escaped before it reaches a log or a record ([`logsafe`]). AI traffic's token quotas,
 //! reserved at admission and settled from the response, are in [`ai`]. The assignments of the
 //! RLQS server (Envoy's native quota filter) are in [`quota`]. The offline replay ([`replay`]) drives the same decision
-//! code with a recorded trace and a virtual clock.
+//! code with a recorded trace and a virtual clock. The usage ledger that billing reads,
+//! and the rule for how decisions, grants and the filters' tallies move it, is [`usage`].
 //!
 //! It knows nothing of proxy-wasm, tokio or Redis, and time is always an argument
 //! (`now_ns`, nanoseconds since the Unix epoch), so every behaviour is deterministic in
@@ -36,6 +37,7 @@ pub mod rate;
 pub mod reconnect;
 pub mod replay;
 pub mod rollout;
+pub mod usage;
 
 pub use engine::{
     plan, Bucket, BucketKind, Evaluation, Level, LocalTable, Plan, Reject, RequestInfo, Unreported,

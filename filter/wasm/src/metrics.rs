@@ -217,6 +217,9 @@ pub struct Metrics {
     /// Hits admitted without the service and forgotten: the VM's published ledger was at
     /// its cap (`reconcile::MAX_LEDGER_ENTRIES` buckets) during an outage.
     pub unreported_dropped: Counter,
+    /// Requests left out of the usage tally because it was at its cap
+    /// (`laneguard_core::usage::Tally::MAX_KEYS` tenant-class-hours) between two syncs.
+    pub usage_dropped: Counter,
     /// Shared-data keys of this filter in this Envoy and the bytes of their values
     /// (`reconcile::footprint`; the same figure in every VM): keys never carry a tenant.
     pub shared_data_keys: Gauge,
@@ -514,6 +517,7 @@ impl Metrics {
             buckets: g("buckets"),
             buckets_evicted: c("buckets.evicted"),
             unreported_dropped: c("unreported_dropped"),
+            usage_dropped: c("usage.dropped"),
             shared_data_keys: g("shared_data.keys"),
             shared_data_bytes: g("shared_data.bytes"),
             vm_memory_bytes: g("vm.memory_bytes"),

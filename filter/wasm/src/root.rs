@@ -13,6 +13,7 @@ use laneguard_core::headers::{error_body, limited_body};
 use laneguard_core::peer::Peer;
 use laneguard_core::reconnect::{Due, ReportTrigger};
 use laneguard_core::rollout::{Watch, DEFAULT_WATCH_TENANTS};
+use laneguard_core::usage::{self, Admission, Counts, Key, Tally};
 use laneguard_core::{Bucket, FailureMode, LocalTable, Plan, Policy, Unreported};
 use laneguard_protos::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use std::cell::{Cell, RefCell};
@@ -28,7 +29,8 @@ pub(crate) struct Shared {
     pub metrics: Metrics,
     /// Bucket sets whose lease runs low: the root context renews them on its next tick,
     /// so no request waits for a renewal.
-    pub renewals: RefCell<Vec<Vec<Bucket>>>,
+    /// Each with the class of the request that found the lease low (`x-laneguard-class`).
+    pub renewals: RefCell<Vec<(String, Vec<Bucket>)>>,
     /// Hits admitted without the service, to report on the sync tick.
     pub unreported: RefCell<Unreported>,
     /// Which classes of which tenants were active lately; squeezes already reported.
@@ -49,6 +51,9 @@ pub(crate) struct Shared {
     /// Whether the service answers; its first answer after a failure makes the report of
     /// the hits admitted without it due at once (`laneguard_core::reconnect`).
     pub reporting: RefCell<ReportTrigger>,
+    /// What this worker admitted and refused, per tenant, class and hour, not yet sent to
+    /// the service's usage ledger (`laneguard_core::usage`).
+    pub usage: RefCell<Tally>,
 }
 
 impl Shared {
@@ -72,7 +77,15 @@ impl Shared {
             refunds: RefCell::new(Unreported::default()),
             tokens_in_flight: Cell::new(0),
             reporting: RefCell::new(ReportTrigger::default()),
+            usage: RefCell::new(Tally::default()),
         }
+    }
+
+    /// Count one request in the usage tally.
+    pub fn note_usage(&self, plan: &Plan, how: Admission, now: u64) {
+        self.usage
+            .borrow_mut()
+            .note(&plan.tenant, &plan.class_name, how, plan.cost, now);
     }
 
     /// A call to the service got a usable answer (`answered`) or none.
@@ -95,11 +108,16 @@ pub(crate) struct Queued {
 
 /// A call the root context is waiting for.
 enum RootCall {
-    Renew(Vec<Bucket>),
+    /// A renewal, and the usage tally entries it carried.
+    Renew(Vec<Bucket>, Vec<(Key, Counts)>),
+    /// The usage tally sent on the sync tick (`x-laneguard-usage`, no descriptors).
+    Usage(Vec<(Key, Counts)>),
     /// The central decision that pays for a queued request before it is released (its
     /// context, what it pays, when the call was sent).
     Release(u32, Box<Queued>, u64),
-    Report(Vec<(String, RateLimitDescriptor, u64)>),
+    /// A report of hits admitted without the service, and the usage tally entries it
+    /// carried.
+    Report(Vec<(String, RateLimitDescriptor, u64)>, Vec<(Key, Counts)>),
     Audit(Vec<String>),
     Refund(Vec<(Bucket, u64)>),
     /// The startup probe of a cluster the policy names: only whether it could be sent matters.
@@ -128,6 +146,8 @@ const REPORT_BATCH: usize = 1_000;
 const PROBE_SERVICE: &str = "grpc.health.v1.Health";
 const PROBE_METHOD: &str = "Check";
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// gRPC `UNAVAILABLE`: what Envoy reports for a call that found no service (or timed out).
+const GRPC_UNAVAILABLE: u32 = 14;
 /// Ask for a renewal when the lease would run out within this horizon.
 pub(crate) const RENEW_HORIZON_NS: u64 = 300_000_000;
 
@@ -181,6 +201,7 @@ impl Root {
                 hit
             };
             if leased {
+                shared.note_usage(&q.plan, Admission::Leased, now);
                 release(h, shared, id);
                 continue;
             }
@@ -191,7 +212,11 @@ impl Root {
                 .want(&attempt, q.plan.cost, now, svc.max_lease)
                 .to_string();
             let msg = rls::encode_plan(&svc.domain, &q.plan, q.borrowing, attempt.len());
-            let metadata = vec![(rls::LEASE_HEADER, want.as_bytes())];
+            let class = q.plan.class_name.clone();
+            let metadata = vec![
+                (rls::LEASE_HEADER, want.as_bytes()),
+                (usage::CLASS_METADATA, class.as_bytes()),
+            ];
             if let Err(RootCall::Release(id, q, _)) = self.dispatch(
                 h,
                 shared,
@@ -229,6 +254,7 @@ impl Root {
                 request::apply_statuses(&mut table, &attempt, &v.statuses, shared.peer.get(), now);
                 if v.allowed {
                     drop(table);
+                    shared.note_usage(&q.plan, Admission::Central, now);
                     release(h, shared, id);
                 } else {
                     // Refused fleet-wide: its place on the mirror was never used.
@@ -236,6 +262,7 @@ impl Root {
                     let levels = table.levels(&attempt, now);
                     drop(table);
                     shared.metrics.queue_refused.inc(h);
+                    shared.note_usage(&q.plan, Admission::Refused, now);
                     let bucket = v
                         .tripped
                         .and_then(|i| attempt.get(i))
@@ -364,9 +391,13 @@ impl Root {
         }
     }
 
+    /// Renew the leases that ran low. Each renewal also carries a batch of the usage tally
+    /// (`x-laneguard-usage`): the spent lease counts travel on calls the worker makes
+    /// anyway.
     fn renew(&mut self, h: &dyn Host, shared: &Rc<Shared>, now: u64) {
-        let pending: Vec<Vec<Bucket>> = std::mem::take(&mut *shared.renewals.borrow_mut());
-        for buckets in pending {
+        let pending: Vec<(String, Vec<Bucket>)> =
+            std::mem::take(&mut *shared.renewals.borrow_mut());
+        for (class, buckets) in pending {
             let refs: Vec<&Bucket> = buckets.iter().collect();
             let want = shared
                 .table
@@ -375,13 +406,51 @@ impl Root {
             let descriptors = refs.iter().map(|b| rls::descriptor(b, Some(0))).collect();
             let msg = rls::encode_descriptors(&shared.policy.service.domain, descriptors, 0);
             let want = want.to_string();
-            let metadata = vec![(rls::LEASE_HEADER, want.as_bytes())];
+            let entries = take_usage(shared);
+            let tally = (!entries.is_empty()).then(|| usage::encode(&entries));
+            let mut metadata = vec![
+                (rls::LEASE_HEADER, want.as_bytes()),
+                (usage::CLASS_METADATA, class.as_bytes()),
+            ];
+            if let Some(t) = &tally {
+                metadata.push((usage::METADATA, t.as_bytes()));
+            }
             shared.metrics.lease_renewals.inc(h);
-            if self
-                .dispatch(h, shared, &msg, metadata, RootCall::Renew(buckets.clone()))
-                .is_err()
-            {
+            if let Err(RootCall::Renew(_, entries)) = self.dispatch(
+                h,
+                shared,
+                &msg,
+                metadata,
+                RootCall::Renew(buckets.clone(), entries),
+            ) {
                 shared.table.borrow_mut().renewal_done(&refs);
+                shared.usage.borrow_mut().give_back(entries);
+            }
+        }
+    }
+
+    /// Send what is left of the usage tally (the sync tick): calls without descriptors,
+    /// carrying only `x-laneguard-usage`, at most [`usage::MAX_ENTRIES_PER_CALL`] entries
+    /// each. A plain RLS server answers them like any empty request and ignores the
+    /// metadata.
+    fn send_usage(&mut self, h: &dyn Host, shared: &Rc<Shared>) {
+        shared
+            .metrics
+            .usage_dropped
+            .add(h, shared.usage.borrow_mut().take_dropped());
+        let msg = rls::encode_descriptors(&shared.policy.service.domain, Vec::new(), 0);
+        loop {
+            let entries = take_usage(shared);
+            if entries.is_empty() {
+                return;
+            }
+            let tally = usage::encode(&entries);
+            let metadata = vec![(usage::METADATA, tally.as_bytes())];
+            if let Err(RootCall::Usage(entries)) =
+                self.dispatch(h, shared, &msg, metadata, RootCall::Usage(entries))
+            {
+                shared.usage.borrow_mut().give_back(entries);
+                return;
             }
         }
     }
@@ -428,17 +497,22 @@ impl Root {
                 })
                 .collect();
             let msg = rls::encode_descriptors(&shared.policy.service.domain, descriptors, 0);
-            if self
-                .dispatch(
-                    h,
-                    shared,
-                    &msg,
-                    vec![(rls::REPORT_HEADER, b"1")],
-                    RootCall::Report(batch.to_vec()),
-                )
-                .is_err()
-            {
+            // The degraded admissions' tally rides on the report of their hits.
+            let usage = take_usage(shared);
+            let tally = (!usage.is_empty()).then(|| usage::encode(&usage));
+            let mut metadata = vec![(rls::REPORT_HEADER, &b"1"[..])];
+            if let Some(t) = &tally {
+                metadata.push((usage::METADATA, t.as_bytes()));
+            }
+            if let Err(RootCall::Report(_, usage)) = self.dispatch(
+                h,
+                shared,
+                &msg,
+                metadata,
+                RootCall::Report(batch.to_vec(), usage),
+            ) {
                 reconcile::give_back(h, batch);
+                shared.usage.borrow_mut().give_back(usage);
             }
         }
     }
@@ -506,6 +580,15 @@ impl Root {
             }
             return;
         }
+        if let RootCall::Usage(entries) = call {
+            // Kept for the next sync when the service could not be reached (or gave no
+            // answer); an error status from a server that answers (a plain RLS server
+            // refusing an empty request) drops the batch: such a server keeps no ledger.
+            if status_code == GRPC_UNAVAILABLE || (status_code == 0 && body.is_none()) {
+                shared.usage.borrow_mut().give_back(entries);
+            }
+            return;
+        }
         let verdict = body.and_then(|b| rls::decode(&b).ok());
         shared.service_answered(verdict.is_some());
         match call {
@@ -523,17 +606,25 @@ impl Root {
                 };
                 self.released(h, &shared, id, &q, verdict, may_have_counted, now)
             }
-            RootCall::Renew(buckets) => {
+            RootCall::Renew(buckets, entries) => {
                 let refs: Vec<&Bucket> = buckets.iter().collect();
                 let mut table = shared.table.borrow_mut();
-                if let Some(v) = verdict {
-                    request::apply_statuses(&mut table, &refs, &v.statuses, shared.peer.get(), now);
+                match verdict {
+                    Some(v) => request::apply_statuses(
+                        &mut table,
+                        &refs,
+                        &v.statuses,
+                        shared.peer.get(),
+                        now,
+                    ),
+                    None => shared.usage.borrow_mut().give_back(entries),
                 }
                 table.renewal_done(&refs);
             }
-            RootCall::Report(entries) => {
+            RootCall::Report(entries, usage) => {
                 if verdict.is_none() {
                     reconcile::give_back(h, &entries);
+                    shared.usage.borrow_mut().give_back(usage);
                 }
             }
             RootCall::Refund(entries) => {
@@ -541,7 +632,7 @@ impl Root {
                     Self::keep_refunds(&shared, entries);
                 }
             }
-            RootCall::Audit(_) | RootCall::Probe => {}
+            RootCall::Audit(_) | RootCall::Probe | RootCall::Usage(_) => {}
         }
     }
 
@@ -602,6 +693,7 @@ impl Root {
         }
         if sync_tick {
             self.refund(h, &shared);
+            self.send_usage(h, &shared);
         }
         self.resume_queued(h, &shared, now);
         self.ship_audit(h, &shared);
@@ -627,6 +719,11 @@ impl Root {
 
 #[cfg(test)]
 mod tests;
+
+/// One call's batch of the usage tally.
+fn take_usage(shared: &Shared) -> Vec<(Key, Counts)> {
+    shared.usage.borrow_mut().take(usage::MAX_ENTRIES_PER_CALL)
+}
 
 /// Resume a queued request that is paid for.
 fn release(h: &dyn Host, shared: &Shared, id: u32) {
@@ -662,6 +759,7 @@ fn release_degraded(
             if laneguard_core::engine::report_unanswered(&q.plan, q.borrowing, may_have_counted) {
                 shared.unreported.borrow_mut().add(&attempt, q.plan.cost);
             }
+            shared.note_usage(&q.plan, Admission::Degraded, now);
             release(h, shared, id);
         }
         FailureMode::Closed => {

@@ -22,7 +22,10 @@ use laneguard_core::gcra::Gcra;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 
-use super::{decide, decide_refund, decide_report, Charge, Decision, Outcome, Store, StoreFuture};
+use super::{
+    decide, decide_refund, decide_report, Charge, Decision, Outcome, Store, StoreFuture, UsageKey,
+    UsageRow,
+};
 
 /// Never sweep maps smaller than this.
 const MIN_SWEEP_LEN: usize = 1024;
@@ -35,6 +38,8 @@ pub const DEFAULT_MAX_BUCKETS: usize = 1_000_000;
 #[derive(Debug)]
 pub struct MemoryStore {
     inner: Mutex<Inner>,
+    /// The usage ledger (`Store::add_usage`): gone with the process, like the buckets.
+    usage: Mutex<laneguard_core::usage::Ledger>,
     /// `laneguard_service_memory_buckets`.
     held: Gauge,
     /// `laneguard_service_memory_evictions_total`: buckets in debt evicted at the cap.
@@ -75,6 +80,7 @@ impl MemoryStore {
                 sweep_at_len: MIN_SWEEP_LEN,
                 max_buckets: max_buckets.max(1),
             }),
+            usage: Mutex::default(),
             held: Gauge::default(),
             evictions: Counter::default(),
         }
@@ -233,6 +239,23 @@ impl Store for MemoryStore {
 
     fn refund<'a>(&'a self, charges: &'a [Charge], now_ns: u64) -> StoreFuture<'a, Outcome> {
         Box::pin(std::future::ready(Ok(self.refund_now(charges, now_ns))))
+    }
+
+    fn add_usage<'a>(&'a self, rows: &'a [(UsageKey, UsageRow)]) -> StoreFuture<'a, ()> {
+        let mut ledger = self.usage.lock().unwrap_or_else(PoisonError::into_inner);
+        for (k, r) in rows {
+            ledger.add(k.clone(), r);
+        }
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn usage(&self, from_hour: u64, to_hour: u64) -> StoreFuture<'_, Vec<(UsageKey, UsageRow)>> {
+        let rows = self
+            .usage
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .rows(from_hour, to_hour);
+        Box::pin(std::future::ready(Ok(rows)))
     }
 }
 

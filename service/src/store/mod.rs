@@ -21,6 +21,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use laneguard_core::gcra::Gcra;
+pub use laneguard_core::usage::{Key as UsageKey, Row as UsageRow};
 use laneguard_core::Rate;
 
 pub use self::redis::{RedisSettings, RedisStore};
@@ -134,6 +135,25 @@ pub trait Store: Send + Sync + 'static {
         let _ = (charges, now_ns);
         Box::pin(std::future::ready(Err(StoreError::Backend(format!(
             "the {} store does not take refunds",
+            self.name()
+        )))))
+    }
+
+    /// Add usage-ledger rows (`laneguard_core::usage`) to what the store holds: every field
+    /// of each row is added to the stored row of its key, atomically per hour.
+    fn add_usage<'a>(&'a self, rows: &'a [(UsageKey, UsageRow)]) -> StoreFuture<'a, ()> {
+        let _ = rows;
+        Box::pin(std::future::ready(Err(StoreError::Backend(format!(
+            "the {} store keeps no usage ledger",
+            self.name()
+        )))))
+    }
+
+    /// The stored usage rows of the hours in `[from_hour, to_hour)`, in key order.
+    fn usage(&self, from_hour: u64, to_hour: u64) -> StoreFuture<'_, Vec<(UsageKey, UsageRow)>> {
+        let _ = (from_hour, to_hour);
+        Box::pin(std::future::ready(Err(StoreError::Backend(format!(
+            "the {} store keeps no usage ledger",
             self.name()
         )))))
     }

@@ -35,7 +35,7 @@ use tokio::sync::Mutex;
 
 use super::{
     decide, decide_refund, decide_report, first_mentions, Charge, Outcome, Store, StoreError,
-    StoreFuture,
+    StoreFuture, UsageKey, UsageRow,
 };
 
 /// The scheme of a standalone Redis URL.
@@ -193,6 +193,8 @@ pub struct RedisStore {
     target: Target,
     settings: RedisSettings,
     script: Script,
+    /// Adds a batch of usage-ledger counts to one hour's hash, atomically.
+    usage_script: Script,
     slot: Mutex<Slot>,
     round_trips: Counter,
 }
@@ -269,6 +271,7 @@ impl RedisStore {
             target,
             settings,
             script: Script::new(include_str!("gcra.lua")),
+            usage_script: Script::new(USAGE_LUA),
             slot: Mutex::new(Slot::default()),
             round_trips: Counter::default(),
         }
@@ -780,6 +783,108 @@ fn classify(e: &RedisError, timeout: Duration) -> StoreError {
     }
 }
 
+/// The usage ledger in Redis: one hash per hour, `laneguard:usage:v1:{h<HOUR>}` (the
+/// hour is the hash tag, so one hour's rows live on one node), whose fields are
+/// `<tenant>/<class>/<column>` (names escaped with `laneguard_core::usage::escape`) and
+/// whose values are counts. Nothing expires: a billing ledger is kept until an operator
+/// removes hours (`DEL`) after exporting them.
+pub fn usage_key(hour: u64) -> String {
+    format!("laneguard:usage:v1:{{h{hour}}}")
+}
+
+/// One HINCRBY per field, in one script so that a batch is added whole or not at all (a
+/// failed flush is retried; a half-applied one would be counted twice).
+const USAGE_LUA: &str = r#"
+for i = 1, #ARGV, 2 do
+  redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+return #ARGV / 2
+"#;
+
+/// The most hours one export reads (one `HGETALL` each): a little over a year.
+pub const MAX_USAGE_HOURS: u64 = 24 * 400;
+
+impl RedisStore {
+    async fn add_usage_rows(&self, rows: &[(UsageKey, UsageRow)]) -> Result<(), StoreError> {
+        let mut by_hour: std::collections::BTreeMap<u64, Vec<String>> = Default::default();
+        for (k, r) in rows {
+            let args = by_hour.entry(k.hour).or_default();
+            let prefix = format!(
+                "{}/{}/",
+                laneguard_core::usage::escape(&k.tenant),
+                laneguard_core::usage::escape(&k.class)
+            );
+            for (field, value) in r.fields() {
+                if value > 0 {
+                    args.push(format!("{prefix}{field}"));
+                    args.push(value.to_string());
+                }
+            }
+        }
+        for (hour, args) in by_hour {
+            if args.is_empty() {
+                continue;
+            }
+            let key = usage_key(hour);
+            let mut inv = self.usage_script.key(&key);
+            for a in &args {
+                inv.arg(a);
+            }
+            self.invoke::<i64>(&inv).await?;
+        }
+        Ok(())
+    }
+
+    async fn usage_rows(
+        &self,
+        from_hour: u64,
+        to_hour: u64,
+    ) -> Result<Vec<(UsageKey, UsageRow)>, StoreError> {
+        if to_hour.saturating_sub(from_hour) > MAX_USAGE_HOURS {
+            return Err(StoreError::Backend(format!(
+                "a usage export reads at most {MAX_USAGE_HOURS} hours; asked for {}",
+                to_hour - from_hour
+            )));
+        }
+        let mut ledger = laneguard_core::usage::Ledger::default();
+        for hour in from_hour..to_hour {
+            let key = usage_key(hour);
+            let fields: Vec<(String, u64)> = self.query(redis::cmd("HGETALL").arg(&key)).await?;
+            for (field, value) in fields {
+                let corrupt = |reason: &str| StoreError::Corrupt {
+                    key: key.clone(),
+                    reason: format!("field `{field}`: {reason}"),
+                };
+                let mut parts = field.split('/');
+                let (Some(t), Some(c), Some(column), None) =
+                    (parts.next(), parts.next(), parts.next(), parts.next())
+                else {
+                    return Err(corrupt("not TENANT/CLASS/COLUMN"));
+                };
+                let (Some(tenant), Some(class)) = (
+                    laneguard_core::usage::unescape(t),
+                    laneguard_core::usage::unescape(c),
+                ) else {
+                    return Err(corrupt("bad escape"));
+                };
+                let mut row = UsageRow::default();
+                if !row.set(column, value) {
+                    return Err(corrupt("unknown column"));
+                }
+                ledger.add(
+                    UsageKey {
+                        hour,
+                        tenant,
+                        class,
+                    },
+                    &row,
+                );
+            }
+        }
+        Ok(ledger.rows(from_hour, to_hour))
+    }
+}
+
 impl Store for RedisStore {
     fn name(&self) -> &'static str {
         match self.target {
@@ -828,6 +933,14 @@ impl Store for RedisStore {
             }
             self.run_refund(charges, now_ns).await
         })
+    }
+
+    fn add_usage<'a>(&'a self, rows: &'a [(UsageKey, UsageRow)]) -> StoreFuture<'a, ()> {
+        Box::pin(self.add_usage_rows(rows))
+    }
+
+    fn usage(&self, from_hour: u64, to_hour: u64) -> StoreFuture<'_, Vec<(UsageKey, UsageRow)>> {
+        Box::pin(self.usage_rows(from_hour, to_hour))
     }
 }
 

@@ -42,7 +42,13 @@ impl Request {
             cluster: &svc.cluster,
             service: rls::SERVICE,
             method: rls::METHOD,
-            metadata: vec![(rls::LEASE_HEADER, want.as_bytes())],
+            metadata: vec![
+                (rls::LEASE_HEADER, want.as_bytes()),
+                (
+                    laneguard_core::usage::CLASS_METADATA,
+                    plan.class_name.as_bytes(),
+                ),
+            ],
             message: &msg,
             timeout: Duration::from_millis(u64::from(svc.timeout_ms)),
         }) {

@@ -17,7 +17,10 @@ impl Request {
         if table.try_lease(&primary, plan.cost, now) {
             if table.claim_renewal(&primary, now, RENEW_HORIZON_NS) {
                 let set = primary.iter().map(|b| (*b).clone()).collect();
-                shared.renewals.borrow_mut().push(set);
+                shared
+                    .renewals
+                    .borrow_mut()
+                    .push((plan.class_name.clone(), set));
             }
             let levels = table.levels(&primary, now);
             drop(table);

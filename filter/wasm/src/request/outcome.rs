@@ -12,6 +12,7 @@ use laneguard_core::engine::{Evaluation, Level};
 use laneguard_core::headers::{limited_body, rate_limit_headers};
 use laneguard_core::policy::Fallback;
 use laneguard_core::rollout;
+use laneguard_core::usage::Admission;
 use laneguard_core::{Bucket, BucketKind, Plan};
 use std::rc::Rc;
 
@@ -84,6 +85,8 @@ pub(super) struct CachedAttempt {
     reject_body: String,
     reject_headers: Vec<(&'static str, String)>,
     retry_after_s: u64,
+    /// Tenant and class, to count a miss's 429 in the usage tally.
+    usage: (String, String),
 }
 
 /// What a second decision is for, and what its outcome means. The second plan is decided
@@ -109,6 +112,14 @@ impl Request {
         borrowed: bool,
         now: u64,
     ) -> Action {
+        // Admitted, whatever the outcome below (shadow or routed included): the ledger
+        // counts it by the path that paid for it.
+        let how = match by {
+            DecidedBy::Local => Admission::Leased,
+            DecidedBy::Central => Admission::Central,
+            DecidedBy::Degraded(_) => Admission::Degraded,
+        };
+        self.shared.note_usage(plan, how, now);
         match self.then.take() {
             Some(Then::Shadow(l)) => return self.shadow(h, l.verdict(by)),
             Some(Then::Route(l)) => return self.finish(h, Step::Route, l.verdict(by)),
@@ -534,10 +545,12 @@ impl Request {
                     reject_body,
                     reject_headers,
                     retry_after_s: retry,
+                    usage: (plan.tenant.clone(), plan.class_name.clone()),
                 }));
                 Action::Continue
             }
             Step::Reject { .. } => {
+                shared.note_usage(plan, Admission::Refused, now);
                 let (retry, hs, body) = the_429(&rec);
                 rec.status = 429;
                 rec.retry_after_s = Some(retry);
@@ -561,6 +574,7 @@ impl Request {
             reject_body,
             reject_headers,
             retry_after_s,
+            usage,
         } = *c;
         let m = &self.shared.metrics;
         if h.response_header("age").is_some() {
@@ -570,6 +584,11 @@ impl Request {
             return Action::Continue;
         }
         m.cache_miss.inc(h);
+        let (tenant, class) = &usage;
+        self.shared
+            .usage
+            .borrow_mut()
+            .note(tenant, class, Admission::Refused, 1, h.now_ns());
         self.response_headers.clear();
         rec.events.retain(|e| *e != Event::Degraded);
         rec.fallback = Some(Fallback::Reject.as_str());

@@ -54,6 +54,18 @@ fn the_tick_renews_a_lease_running_low() {
         "a renewal charges nothing: {rl:?}"
     );
     assert!(renewal.metadata_value("x-laneguard-lease").is_some());
+    assert!(renewal.metadata_value("x-laneguard-class").is_some());
+    // The renewal carries the tally: one central admission and three on the lease.
+    let tally = renewal
+        .metadata_value("x-laneguard-usage")
+        .expect("a tally");
+    let entries = laneguard_core::usage::decode(&tally).unwrap();
+    assert_eq!(entries.len(), 1, "{tally}");
+    assert_eq!(
+        (entries[0].1.central, entries[0].1.leased),
+        (1, 3),
+        "{tally}"
+    );
     tick(&h, &mut root, 1);
     assert_eq!(h.call_count(), 2, "one renewal at a time");
 
@@ -332,7 +344,20 @@ fn audit_shipping_retries_after_a_failure_and_gives_up_on_unimplemented() {
     answer_root(&h, &mut root, &retry, 12, None);
     assert_eq!(h.metric("laneguard.audit.dropped"), 1);
     tick(&h, &mut root, 400);
-    assert_eq!(h.call_count(), before + 2);
+    // Only the usage tally (the two 429s) went out since, once, on the sync tick.
+    assert_eq!(h.call_count(), before + 3);
+    let usage = h.last_call().unwrap();
+    assert!(usage.metadata_value("x-laneguard-usage").is_some());
+    assert_eq!(usage.message, retry_rls_empty());
+}
+
+/// An empty `ShouldRateLimit` of the test policy's domain: the usage call's message.
+fn retry_rls_empty() -> Vec<u8> {
+    crate::rls::encode_descriptors(
+        &laneguard_core::parse(POLICY).unwrap().service.domain,
+        Vec::new(),
+        0,
+    )
 }
 
 #[test]
@@ -380,4 +405,44 @@ fn the_first_tick_probes_each_named_cluster_once_and_counts_an_unknown_one() {
     tick(&h, &mut root, 3);
     assert_eq!(h.metric("laneguard.service_cluster_unknown"), 1);
     assert!(h.probes.borrow().is_empty());
+}
+
+#[test]
+fn the_usage_tally_goes_out_on_the_sync_tick_and_survives_an_unreachable_service() {
+    let (h, mut root) = configured(POLICY);
+    refused_centrally(&h, &root, 2, "batch", 2_000);
+    refused_centrally(&h, &root, 3, "batch", 2_000);
+    let before = h.call_count();
+    tick(&h, &mut root, 100);
+    let usage = calls_since(&h, before)
+        .into_iter()
+        .find(|c| c.metadata_value("x-laneguard-usage").is_some())
+        .expect("the sync tick sends the tally");
+    assert!(
+        usage.rls_request().descriptors.is_empty(),
+        "no bucket is charged"
+    );
+    let entries =
+        laneguard_core::usage::decode(&usage.metadata_value("x-laneguard-usage").unwrap()).unwrap();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].1.refused, 2);
+    // The service was unreachable: kept, and sent again on the next sync tick.
+    answer_root(&h, &mut root, &usage, 14, None);
+    let before = h.call_count();
+    tick(&h, &mut root, 100);
+    let again = calls_since(&h, before)
+        .into_iter()
+        .find(|c| c.metadata_value("x-laneguard-usage").is_some())
+        .expect("sent again");
+    assert_eq!(
+        again.metadata_value("x-laneguard-usage"),
+        usage.metadata_value("x-laneguard-usage")
+    );
+    // Answered: nothing left to send.
+    answer_root(&h, &mut root, &again, 0, Some(rls_answer(Code::Ok, &[])));
+    let before = h.call_count();
+    tick(&h, &mut root, 100);
+    assert!(calls_since(&h, before)
+        .iter()
+        .all(|c| c.metadata_value("x-laneguard-usage").is_none()));
 }
