@@ -214,3 +214,54 @@ fn the_ledger_admits_exactly_what_envoy_served_per_class() {
     assert_eq!(web["drift"].as_i64(), Some(0), "{ctx}");
     assert_eq!(repair["drift"].as_i64(), Some(0), "{ctx}");
 }
+
+/// With `--store redis` the ledger survives a restart of the service: after a run, the
+/// service is killed (SIGKILL, past its 1 s flush) and started again on the same real
+/// Redis; its export still equals Envoy's 2xx counts per class.
+#[test]
+fn the_ledger_in_redis_survives_a_restart_of_the_service() {
+    let dir = RunDir::new("usage-redis").unwrap();
+    let redis = laneguard_tests::RedisServer::start(&dir).unwrap();
+    let url = redis.url();
+    let mut fleet = fleet(
+        "usage-redis-fleet",
+        &["--metrics-addr", "127.0.0.1:0", "--store", &url],
+    );
+    let streams = [
+        Stream::new("web", &token("NORTHWIND_WEB").unwrap(), "/orders/1", 30.0),
+        Stream::new(
+            "recon",
+            &token("NORTHWIND_RECON").unwrap(),
+            "/orders/1",
+            8.0,
+        ),
+    ];
+    let results = fleet.drive(&streams, Duration::from_secs(3));
+    let web_2xx = fleet.upstream_2xx("upstream_shared");
+    let repair_2xx = fleet.upstream_2xx("upstream_protected");
+    let before = settled(&fleet, &[("interactive", web_2xx), ("repair", repair_2xx)]);
+    // Past the flush interval, then a crash and a new process on the same Redis.
+    std::thread::sleep(Duration::from_millis(1500));
+    fleet.service.restart().unwrap();
+    let after = export(&fleet.service);
+    let ctx = format!(
+        "before {before:#?}\nafter {after:#?}\n{}",
+        results
+            .iter()
+            .map(|r| r.summary())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(web_2xx > 0 && repair_2xx > 0, "{ctx}");
+    assert_eq!(
+        after["interactive"]["admitted"].as_u64(),
+        Some(web_2xx),
+        "{ctx}"
+    );
+    assert_eq!(
+        after["repair"]["admitted"].as_u64(),
+        Some(repair_2xx),
+        "{ctx}"
+    );
+    assert_eq!(after["interactive"]["drift"].as_i64(), Some(0), "{ctx}");
+}
