@@ -44,6 +44,7 @@ UNBOUNDED = {"per_second": 1_000_000_000, "burst": 1_000_000_000}
 STAT_PATTERN = r"^http\.bench\.downstream_rq_total$|^cluster\.laneguard_rls\.upstream_rq_total$"
 OUT = RESULTS / "rtt.json"
 DOC = ROOT / "docs" / "benchmarks.md"
+README = ROOT / "README.md"
 PLOT = ROOT / "docs" / "benchmarks" / "rtt.svg"
 LOGS = RESULTS / "logs" / "rtt"
 
@@ -169,13 +170,59 @@ def sustained(row: dict, slo_ms: float) -> bool:
 def max_rate(name: str, rtt: float, upstream: Binary, slo_ms: float, duration: float) -> dict:
     """Step the offered rate up until the configuration stops sustaining it."""
     best, tried = 0.0, []
-    for rate in floats("BENCH_RTT_MAX_STEPS", "5000,10000,15000,20000,25000,30000,35000,40000"):
+    for rate in floats("BENCH_RTT_MAX_STEPS", "1000,2000,3000,4000,5000,7500,10000,15000,20000,25000,30000,40000"):
         row = one(name, rtt, rate, upstream, duration, 1.0)
         tried.append(row)
         if not sustained(row, slo_ms):
             break
         best = rate
     return {"config": name, "rtt_ms": rtt, "slo_p99_ms": slo_ms, "max_sustained_rps": best, "steps": tried}
+
+
+def goals(rows: list[dict], maxes: list[dict]) -> list[tuple[str, str, bool | None]]:
+    """The benchmark issue's goals on a network, each (goal, measured, met; None: no data)."""
+    def at(config: str, rtt: float, rate: float) -> dict | None:
+        m = [r for r in rows if r["config"] == config and r["rtt_ms"] == rtt and r["offered_rps"] == rate]
+        return m[0] if m else None
+
+    out = []
+    for rtt in sorted({r["rtt_ms"] for r in rows if r["rtt_ms"] > 0}):
+        for rate in sorted({r["offered_rps"] for r in rows}):
+            lg, rt, ng = at("laneguard", rtt, rate), at("router", rtt, rate), at("native_global", rtt, rate)
+            if lg and rt:
+                gap = lg["p99_us"] - rt["p99_us"]
+                # Only meaningful where the router itself kept up with the offered rate.
+                kept_up = sustained(rt, 1e9)
+                out.append((f"{rtt:g} ms RTT, {rate:,.0f} req/s: laneguard p99 within 0.3 ms of router",
+                            f"{lg['p99_us']:,} vs {rt['p99_us']:,} µs ({gap / 1000:+.2f} ms)"
+                            + ("" if kept_up else "; the router itself fell behind"),
+                            gap <= 300 if kept_up else None))
+            if ng:
+                out.append((f"{rtt:g} ms RTT, {rate:,.0f} req/s: native_global pays the RTT (p50 ≥ RTT)",
+                            f"p50 {ng['p50_us']:,} µs", ng["p50_us"] >= rtt * 1000))
+    by = {(m["config"], m["rtt_ms"]): m["max_sustained_rps"] for m in maxes}
+    for rtt in sorted({m["rtt_ms"] for m in maxes}):
+        ng, lg = by.get(("native_global", rtt)), by.get(("laneguard", rtt))
+        if ng is not None and lg is not None:
+            ratio = lg / ng if ng else float("inf")
+            out.append((f"{rtt:g} ms RTT: laneguard's max sustained rate ≥ 2× native_global's",
+                        f"{lg:,.0f} vs {ng:,.0f} req/s ({ratio:.2f}×)", ng > 0 and ratio >= 2.0))
+    return out
+
+
+def headline(rows: list[dict], maxes: list[dict]) -> str:
+    """The README's lines: p99 at the largest RTT and lowest rate, and the max-rate ratio."""
+    rtt = max(r["rtt_ms"] for r in rows)
+    rate = min(r["offered_rps"] for r in rows)
+    p = {r["config"]: r for r in rows if r["rtt_ms"] == rtt and r["offered_rps"] == rate}
+    line = (f"With {rtt:g} ms of round trip between Envoy and the rate-limit service, at {rate:,.0f} req/s "
+            "offered (open loop): p99 " + ", ".join(f"`{c}` {p[c]['p99_us'] / 1000:.2f} ms" for c in CONFIGS if c in p)
+            + ".")
+    by = {m["config"]: m["max_sustained_rps"] for m in maxes if m["rtt_ms"] == rtt}
+    if "native_global" in by and "laneguard" in by:
+        line += (f" Highest rate sustained at that RTT: `laneguard` {by['laneguard']:,.0f} req/s, "
+                 f"`native_global` {by['native_global']:,.0f} req/s.")
+    return line + " Method and every row: [docs/benchmarks.md](docs/benchmarks.md#on-a-network-rtt-between-envoy-and-the-service)."
 
 
 def section(rows: list[dict], accuracy: list[dict], maxes: list[dict], machine: dict) -> str:
@@ -198,6 +245,9 @@ def section(rows: list[dict], accuracy: list[dict], maxes: list[dict], machine: 
                 "| config | RTT | p99 SLO | max sustained req/s |", "|---|---:|---:|---:|"]
         for m in maxes:
             out.append(f"| {m['config']} | {m['rtt_ms']:g} ms | {m['slo_p99_ms']:g} ms | {m['max_sustained_rps']:,.0f} |")
+    out += ["", "Against the goals of the benchmark issue:", "", "| goal | measured | met |", "|---|---|---|"]
+    for g, m, ok in goals(rows, maxes):
+        out.append(f"| {g} | {m} | {'n/a' if ok is None else ('met' if ok else '**missed**')} |")
     out += ["", "![p99 vs RTT](benchmarks/rtt.svg)"]
     return "\n".join(out)
 
@@ -251,6 +301,9 @@ def main() -> int:
     if "<!-- bench:rtt -->" not in doc:
         doc += "\n## On a network: RTT between Envoy and the service\n\n<!-- bench:rtt -->\n<!-- /bench:rtt -->\n"
     DOC.write_text(replace_between(doc, "rtt", section(rows, accuracy, maxes, machine)))
+    readme = README.read_text()
+    if "<!-- bench:readme-rtt -->" in readme:
+        README.write_text(replace_between(readme, "readme-rtt", headline(rows, maxes)))
     for m in maxes:
         log(f"max sustained at {m['rtt_ms']:g} ms RTT: {m['config']} {m['max_sustained_rps']:,.0f} req/s")
     log(f"wrote {OUT.relative_to(ROOT)}, {PLOT.relative_to(ROOT)}, {DOC.relative_to(ROOT)}")
