@@ -437,6 +437,10 @@ impl RedisCluster {
                     free_port()?.to_string(),
                     "--cluster-node-timeout".into(),
                     shape.node_timeout_ms.to_string(),
+                    // A replica's first sync starts at once (the default waits 5 s for more
+                    // replicas to share one diskless transfer).
+                    "--repl-diskless-sync-delay".into(),
+                    "0".into(),
                 ])
             })?;
             let public = front(node.port())?;
@@ -477,7 +481,35 @@ impl RedisCluster {
             shape,
         };
         cluster.wait_healthy(shape.masters, Duration::from_secs(30))?;
+        cluster.wait_replicas_synced(Duration::from_secs(30))?;
         Ok(cluster)
+    }
+
+    /// Wait until every running replica has finished its sync with its primary
+    /// (`master_link_status:up`). A replica that never synced refuses to take over ("Disconnected
+    /// from master for longer than allowed"), so a test that kills a primary right after the
+    /// start would find its slots down for good.
+    pub fn wait_replicas_synced(&self, within: Duration) -> Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            let mut pending = Vec::new();
+            for n in self.running() {
+                let info = n.cli(&["INFO", "replication"]).unwrap_or_default();
+                if info.contains("role:slave") && !info.contains("master_link_status:up") {
+                    pending.push(n.name.clone());
+                }
+            }
+            if pending.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(Error::new(format!(
+                    "Redis Cluster replicas not in sync with their primaries after {within:?}: {}",
+                    pending.join(", ")
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// `redis-cluster://127.0.0.1:p1,...` over every node (the announced ports).
