@@ -91,6 +91,19 @@ impl Fleet {
             .sum()
     }
 
+    /// [`Fleet::counter`] once it reaches `want`, or after 5 s: the admitted-request counters
+    /// (`allowed`, `decided.*`) reach Envoy's stats on the filter's 100 ms tick.
+    fn wait_counter(&self, needle: &str, want: u64) -> u64 {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let n = self.counter(needle);
+            if n >= want || std::time::Instant::now() > deadline {
+                return n;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// ShouldRateLimit calls Envoy made to the service, over every Envoy.
     fn rpcs(&self) -> u64 {
         self.envoys
@@ -133,7 +146,7 @@ fn grants_are_spent_locally_and_renewed_before_they_run_out() {
     let ok = results[0].count(200);
     let ctx = format!("{}\n{}", results[0].summary(), fleet.logs());
     assert_eq!(ok, sent, "under its budget every request passes\n{ctx}");
-    let local = fleet.counter("laneguard.decided.local");
+    let local = fleet.wait_counter("laneguard.decided.local", (sent as u64).div_ceil(2));
     let rpcs = fleet.rpcs();
     let renewals = fleet.counter("laneguard.lease.renewals");
     assert!(
@@ -165,7 +178,7 @@ fn without_grants_every_request_is_checked_centrally_and_limits_hold() {
         "admitted only {ok}\n{ctx}"
     );
     assert_eq!(fleet.counter("laneguard.lease.renewals"), 0, "{ctx}");
-    let central = fleet.counter("laneguard.decided.central");
+    let central = fleet.wait_counter("laneguard.decided.central", ok as u64);
     assert_eq!(
         central as f64, ok,
         "every admission was a central decision\n{ctx}"
@@ -181,12 +194,13 @@ fn an_expired_lease_is_not_spent() {
     for _ in 0..3 {
         assert_eq!(client.get_as("/orders/1", &web, &[]).unwrap().status, 200);
     }
-    let central_before = fleet.counter("laneguard.decided.central");
-    // Wait out the lease (300 ms) and the renewal horizon; nothing else is sent meanwhile.
+    // Wait out the lease (300 ms) and the renewal horizon; nothing else is sent meanwhile
+    // (and the filter's ticks have brought the counters up to date).
     std::thread::sleep(Duration::from_millis(1200));
+    let central_before = fleet.counter("laneguard.decided.central");
     let r = client.get_as("/orders/1", &web, &[]).unwrap();
     assert_eq!(r.status, 200);
-    let central_after = fleet.counter("laneguard.decided.central");
+    let central_after = fleet.wait_counter("laneguard.decided.central", central_before + 1);
     assert_eq!(
         central_after,
         central_before + 1,

@@ -15,6 +15,7 @@ use laneguard_protos::prost::Message;
 use laneguard_protos::prost_types;
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
 use std::time::Duration;
 
 /// A local reply the filter sent.
@@ -81,6 +82,13 @@ pub struct MockHost {
     pub request_body: RefCell<Vec<u8>>,
     pub response_body: RefCell<Vec<u8>>,
     metrics: RefCell<Vec<(String, MetricKind, i64)>>,
+    /// Every host call since the last [`MockHost::take_host_calls`], in order, as
+    /// `method` or `method name` (a header, a key, a metric): what a request costs in
+    /// crossings into Envoy. Metric definitions are not listed (they happen once per VM).
+    host_calls: RefCell<Vec<String>>,
+    /// The VM states whose batched counters [`MockHost::metric`] flushes first, as the root
+    /// tick would (`Metrics::flush`), so that a test reads what Envoy shows after a tick.
+    flushed: RefCell<Vec<std::rc::Weak<crate::root::Shared>>>,
 }
 
 impl MockHost {
@@ -134,8 +142,38 @@ impl MockHost {
         serde_json::from_slice(bytes).ok()
     }
 
-    /// A metric's value (0 if never defined).
+    /// The host calls made since the last call of this, and forget them.
+    pub fn take_host_calls(&self) -> Vec<String> {
+        std::mem::take(&mut *self.host_calls.borrow_mut())
+    }
+
+    fn note(&self, call: &str, arg: &str) {
+        let entry = if arg.is_empty() {
+            call.to_string()
+        } else {
+            format!("{call} {arg}")
+        };
+        self.host_calls.borrow_mut().push(entry);
+    }
+
+    /// Flush `root`'s batched counters whenever a test reads a metric.
+    pub fn flush_on_read(&self, root: &Root) {
+        if let Some(s) = root.shared() {
+            self.flushed.borrow_mut().push(Rc::downgrade(s));
+        }
+    }
+
+    /// A metric's value (0 if never defined), after a flush of the batched counters.
     pub fn metric(&self, name: &str) -> i64 {
+        let live: Vec<_> = self
+            .flushed
+            .borrow()
+            .iter()
+            .filter_map(|w| w.upgrade())
+            .collect();
+        for s in live {
+            s.metrics.flush(self);
+        }
         self.metrics
             .borrow()
             .iter()
@@ -146,44 +184,53 @@ impl MockHost {
 
 impl Host for MockHost {
     fn now_ns(&self) -> u64 {
+        self.note("now_ns", "");
         self.now.get()
     }
 
     fn request_headers(&self) -> Vec<(String, String)> {
+        self.note("request_headers", "");
         self.request_headers.borrow().clone()
     }
 
     fn request_header(&self, name: &str) -> Option<String> {
+        self.note("request_header", name);
         self.request_header_value(name)
     }
 
     fn set_request_header(&self, name: &str, value: &str) {
+        self.note("set_request_header", name);
         let mut hs = self.request_headers.borrow_mut();
         hs.retain(|(k, _)| k != name);
         hs.push((name.to_string(), value.to_string()));
     }
 
     fn remove_request_header(&self, name: &str) {
+        self.note("remove_request_header", name);
         self.request_headers.borrow_mut().retain(|(k, _)| k != name);
     }
 
     fn set_response_header(&self, name: &str, value: &str) {
+        self.note("set_response_header", name);
         let mut hs = self.response_headers.borrow_mut();
         hs.retain(|(k, _)| k != name);
         hs.push((name.to_string(), value.to_string()));
     }
 
     fn response_header(&self, name: &str) -> Option<String> {
+        self.note("response_header", name);
         find(&self.response_headers.borrow(), name).map(str::to_string)
     }
 
     fn request_body(&self, start: usize, size: usize) -> Option<Vec<u8>> {
+        self.note("request_body", "");
         let b = self.request_body.borrow();
         let end = start.saturating_add(size).min(b.len());
         b.get(start.min(end)..end).map(<[u8]>::to_vec)
     }
 
     fn set_request_body(&self, old_size: usize, body: &[u8]) -> Result<(), HostError> {
+        self.note("set_request_body", "");
         let mut b = self.request_body.borrow_mut();
         let at = old_size.min(b.len());
         let keep = b.split_off(at);
@@ -193,12 +240,14 @@ impl Host for MockHost {
     }
 
     fn response_body(&self, start: usize, size: usize) -> Option<Vec<u8>> {
+        self.note("response_body", "");
         let b = self.response_body.borrow();
         let end = start.saturating_add(size).min(b.len());
         b.get(start.min(end)..end).map(<[u8]>::to_vec)
     }
 
     fn send_reply(&self, status: u32, headers: Vec<(&str, &str)>, body: &[u8]) {
+        self.note("send_reply", "");
         self.replies.borrow_mut().push(Reply {
             status,
             headers: headers
@@ -210,11 +259,13 @@ impl Host for MockHost {
     }
 
     fn resume_request(&self) -> Result<(), HostError> {
+        self.note("resume_request", "");
         self.resumed.set(self.resumed.get() + 1);
         Ok(())
     }
 
     fn set_filter_state(&self, key: &str, value: &[u8]) -> Result<(), HostError> {
+        self.note("set_filter_state", key);
         self.filter_state
             .borrow_mut()
             .insert(key.to_string(), value.to_vec());
@@ -222,6 +273,7 @@ impl Host for MockHost {
     }
 
     fn dispatch_grpc(&self, call: GrpcCall<'_>) -> Result<u32, DispatchError> {
+        self.note("dispatch_grpc", call.service);
         if call.service == "grpc.health.v1.Health" {
             if self
                 .unknown_clusters
@@ -258,10 +310,12 @@ impl Host for MockHost {
     }
 
     fn grpc_response_body(&self, _size: usize) -> Option<Vec<u8>> {
+        self.note("grpc_response_body", "");
         self.grpc_body.borrow().clone()
     }
 
     fn set_effective_context(&self, context_id: u32) -> Result<(), HostError> {
+        self.note("set_effective_context", "");
         if self.gone.borrow().contains(&context_id) {
             return Err(HostError("NotFound".to_string()));
         }
@@ -278,6 +332,7 @@ impl Host for MockHost {
     }
 
     fn get_shared_data(&self, key: &str) -> Result<SharedValue, HostError> {
+        self.note("get_shared_data", key);
         Ok(match self.shared.borrow().get(key) {
             Some((v, cas)) => (Some(v.clone()), Some(*cas)),
             None => (None, None),
@@ -290,6 +345,7 @@ impl Host for MockHost {
         value: &[u8],
         cas: Option<u32>,
     ) -> Result<(), SharedDataError> {
+        self.note("set_shared_data", key);
         let mut data = self.shared.borrow_mut();
         let current = data.get(key).map_or(0, |(_, c)| *c);
         if cas.is_some_and(|c| c != current) {
@@ -311,7 +367,10 @@ impl Host for MockHost {
     fn increment_metric(&self, id: u32, delta: i64) -> Result<(), HostError> {
         let mut m = self.metrics.borrow_mut();
         match m.get_mut(id as usize) {
-            Some((_, _, v)) => {
+            Some((name, _, v)) => {
+                self.host_calls
+                    .borrow_mut()
+                    .push(format!("increment_metric {name}"));
                 *v += delta;
                 Ok(())
             }
@@ -330,6 +389,7 @@ pub fn configured(policy: &str) -> (MockHost, Root) {
     let mut root = Root::with_vm(1, 7);
     assert!(root.on_vm_start(&h));
     assert!(root.on_configure(&h));
+    h.flush_on_read(&root);
     (h, root)
 }
 

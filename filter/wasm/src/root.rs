@@ -157,6 +157,12 @@ impl Root {
     }
 
     /// A root context with a given VM id (tests pick it, to be deterministic).
+    /// The VM's state, once a policy loaded (tests).
+    #[cfg(test)]
+    pub(crate) fn shared(&self) -> Option<&Rc<Shared>> {
+        self.shared.as_ref()
+    }
+
     pub fn with_vm(id: u32, vm: u64) -> Root {
         Root {
             id,
@@ -683,6 +689,7 @@ impl Root {
         if self.ticks == 1 {
             self.probe_clusters(h, &shared);
         }
+        shared.metrics.flush(h);
         let now = h.now_ns();
         self.renew(h, &shared, now);
         let sync_ticks = u64::from(shared.policy.service.sync_interval_s) * TICKS_PER_SECOND;

@@ -134,16 +134,16 @@ impl Request {
             .add_leases(&mut levels, &plan.attempt(borrowed), now);
         let levels = levels.as_slice();
         self.reserved(h, plan);
-        m.allowed.inc(h);
+        m.allowed.inc();
         if let Some(c) = m.class(plan.class) {
-            c.allowed.inc(h);
+            c.allowed.inc();
         }
         if let Some(t) = m.tenant(&plan.tenant) {
-            t.allowed.inc(h);
+            t.allowed.inc();
         }
         match by {
-            DecidedBy::Local => m.decided_local.inc(h),
-            DecidedBy::Central => m.decided_central.inc(h),
+            DecidedBy::Local => m.decided_local.inc(),
+            DecidedBy::Central => m.decided_central.inc(),
             DecidedBy::Degraded(_) => {}
         }
         self.response_headers = rate_limit_headers(levels, shared.policy.draft03_headers);
@@ -355,7 +355,7 @@ impl Request {
             pick(t.limited, t.shadow_limited).inc(h);
         }
         if by == DecidedBy::Local {
-            m.decided_local.inc(h);
+            m.decided_local.inc();
         }
     }
 

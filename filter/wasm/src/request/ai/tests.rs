@@ -45,6 +45,7 @@ fn configured() -> (MockHost, Root) {
     let mut root = Root::with_vm(1, 7);
     assert!(root.on_vm_start(&h));
     assert!(root.on_configure(&h), "the test policy parses");
+    h.flush_on_read(&root);
     (h, root)
 }
 
