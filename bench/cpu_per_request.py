@@ -7,9 +7,10 @@ Compares laneguard builds (copies of target/wasm32-wasip1/release/laneguard_wasm
 before and after a change) in interleaved rounds with bench/run.py's `measure` (same Envoy,
 policy, pinning and load as `make bench`'s main part) and prints the median Envoy CPU per
 request. CPU time per request survives a loaded machine better than throughput. Needs
-`make bench-build`. Logs in bench/results/logs/cpu_per_request/.
+`make bench-build`. CPU_HOSTCALLS=0 leaves wasm_hostcalls out. Logs in bench/results/logs/cpu_per_request/.
 """
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ variants = dict(a.split("=", 1) for a in sys.argv[3:])
 logdir = run.LOGS / "cpu_per_request"; logdir.mkdir(parents=True, exist_ok=True)
 up = benchlib.start_upstream(logdir, run.cpus(1))
 grants = run.grants_flag()
-names = ["router", "wasm_noop", "wasm_hostcalls"] + [f"laneguard:{k}" for k in variants]
+names = ["router", "wasm_noop"] + (["wasm_hostcalls"] if os.environ.get("CPU_HOSTCALLS", "1") == "1" else []) + [f"laneguard:{k}" for k in variants]
 res = {n: [] for n in names}
 try:
     for r in range(rounds):

@@ -69,22 +69,35 @@ fn needs_escape(c: char) -> bool {
 /// One access-log word: clipped, control characters, spaces, `"` and `%` escaped as `%XX`
 /// (each UTF-8 byte). `-` for an absent or empty value, as Envoy prints one.
 pub fn word(s: Option<&str>) -> String {
+    let mut out = String::new();
+    push_word(&mut out, s);
+    out
+}
+
+/// [`word`], appended to `out` (no allocation of its own: the caller fields are built in
+/// one string on every request).
+fn push_word(out: &mut String, s: Option<&str>) {
     let s = match s {
         Some(s) if !s.is_empty() => clip(s),
-        _ => return "-".to_string(),
+        _ => {
+            out.push('-');
+            return;
+        }
     };
-    let mut out = String::with_capacity(s.len());
+    out.reserve(s.len());
     for c in s.chars() {
         if needs_escape(c) {
             let mut buf = [0u8; 4];
             for b in c.encode_utf8(&mut buf).bytes() {
-                out.push_str(&format!("%{b:02X}"));
+                const HEX: &[u8; 16] = b"0123456789ABCDEF";
+                out.push('%');
+                out.push(char::from(HEX[usize::from(b >> 4)]));
+                out.push(char::from(HEX[usize::from(b & 0xf)]));
             }
         } else {
             out.push(c);
         }
     }
-    out
 }
 
 /// The inverse of [`word`]'s escaping (not of the clipping). `None` for a malformed escape.
@@ -113,14 +126,18 @@ pub fn unword(s: &str) -> Option<String> {
 /// puts it in the filter state `wasm.laneguard_caller`; the access log prints it with
 /// `%FILTER_STATE(wasm.laneguard_caller:PLAIN)%`.
 pub fn caller_fields(info: &RequestInfo<'_>, request_id: Option<&str>) -> String {
-    format!(
-        "tenant={} principal={} user={} declared={} request_id={}",
-        word(info.tenant),
-        word(info.principal),
-        word(info.user),
-        word(info.declared_class),
-        word(request_id),
-    )
+    let mut out = String::with_capacity(128);
+    for (name, value) in [
+        ("tenant=", info.tenant),
+        (" principal=", info.principal),
+        (" user=", info.user),
+        (" declared=", info.declared_class),
+        (" request_id=", request_id),
+    ] {
+        out.push_str(name);
+        push_word(&mut out, value);
+    }
+    out
 }
 
 #[cfg(test)]

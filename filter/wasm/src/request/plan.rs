@@ -17,11 +17,12 @@ impl Request {
         // more than scanning a dozen short pairs). Envoy's header names are lower case, and
         // so are the policy's (the validator lowercases them).
         let headers = h.request_headers();
-        let header = |name: &str| -> Option<String> {
+        // Values are borrowed from that map: no copy per header read.
+        let header = |name: &str| -> Option<&str> {
             headers
                 .iter()
                 .find(|(k, _)| k == name)
-                .map(|(_, v)| v.clone())
+                .map(|(_, v)| v.as_str())
         };
         let tenant = header(&p.identity.tenant_header);
         let principal = header(&p.identity.principal_header);
@@ -32,28 +33,28 @@ impl Request {
         let purpose = p.purposes.as_ref().and_then(|x| header(&x.header));
         let model = p.models.as_ref().and_then(|x| header(&x.header));
         let info = RequestInfo {
-            tenant: tenant.as_deref(),
-            principal: principal.as_deref(),
-            user: user.as_deref(),
-            declared_class: declared.as_deref(),
-            method: &method,
-            path: &path,
-            purpose: purpose.as_deref(),
-            model: model.as_deref(),
+            tenant,
+            principal,
+            user,
+            declared_class: declared,
+            method,
+            path,
+            purpose,
+            model,
         };
-        self.ctx.method.clone_from(&method);
-        self.ctx.path.clone_from(&path);
+        method.clone_into(&mut self.ctx.method);
+        path.clone_into(&mut self.ctx.path);
         // The access log's caller fields, bounded and escaped, for every request the filter
         // sees (refused ones too): the raw headers could forge a line (issue 14, items 7, 9).
         let request_id = header("x-request-id");
-        let oversized = logsafe::oversized_values(&info, request_id.as_deref());
+        let oversized = logsafe::oversized_values(&info, request_id);
         if oversized > 0 {
             shared
                 .metrics
                 .oversized_declared
                 .add(h, u64::from(oversized));
         }
-        let fields = logsafe::caller_fields(&info, request_id.as_deref());
+        let fields = logsafe::caller_fields(&info, request_id);
         // A missing access-log field must never fail the request.
         let _ = h.set_filter_state(audit::CALLER_STATE, fields.as_bytes());
         let mut plan = match plan(p, &info) {
@@ -108,8 +109,8 @@ impl Request {
             .watch
             .borrow_mut()
             .note(&plan.tenant, plan.class, now);
-        if laneguard_core::ai::inspects(p, &path) {
-            return self.hold_for_body(h, plan, model);
+        if laneguard_core::ai::inspects(p, path) {
+            return self.hold_for_body(h, plan, model.map(str::to_string));
         }
         self.fast_path(h, plan, now)
     }
