@@ -99,7 +99,8 @@ bench: bench-build
 	python3 bench/ai.py
 
 # Only the AI part of make bench (bench/ai.py: token overshoot vs the bound under
-# concurrency, tokens charged vs used, RPCs with settlement; settings in docs/benchmarks.md).
+# concurrency, tokens charged vs used, RPCs with settlement, body inspection CPU per request;
+# settings in docs/benchmarks.md).
 bench-ai: bench-build
 	python3 bench/ai.py
 
