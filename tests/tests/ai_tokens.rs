@@ -354,6 +354,76 @@ fn a_full_model_falls_back_to_the_cheaper_one_then_429_names_the_bucket() {
 }
 
 #[test]
+fn per_user_and_per_tool_token_budgets_refuse_before_the_models_quota_naming_their_bucket() {
+    // Issue 9, item 1: a request is admitted only if every token bucket it touches has
+    // room. The model's quota is ample here; each user of northwind has 300 tokens an hour
+    // (`tokens.users`) and the chat family (the tool) 450 for the tenant (`tokens.tools`).
+    // Every answer uses exactly its reservation (1 prompt token + max_tokens - 1), so no
+    // settlement moves the arithmetic.
+    let p = policy(|doc| {
+        model(doc, 0)["tokens"]["capacity"] = yaml("{ per_hour: 100000, burst: 100000 }");
+        let tokens = &mut doc["tokens"];
+        tokens["users"] = yaml("{ per_hour: 300, burst: 300 }");
+        tokens["tools"] = yaml("{ chat: { limit: { per_hour: 450, burst: 450 } } }");
+    });
+    let ai = Ai::start("ai-user-tool", &p);
+    let alice = token("NORTHWIND_WEB").unwrap();
+    let ask_as = |tok: &str, max_tokens: u32| {
+        let body = json!({"model": "large", "max_tokens": max_tokens,
+                          "messages": [{"role": "user", "content": "hi"}]});
+        let used = (max_tokens - 1).to_string();
+        ai.stack
+            .client
+            .post_as(
+                COMPLETIONS,
+                tok,
+                &[
+                    ("content-type", "application/json"),
+                    ("x-demo-completion-tokens", used.as_str()),
+                ],
+                body.to_string().as_bytes(),
+            )
+            .unwrap()
+    };
+    // svc-assistant: 190 of its 300; the tool has 260 left.
+    let r = ask_as(&ai.token, 190);
+    assert_eq!(r.status, 200, "{}", r.describe());
+    // 110 left for this user: the next 190 is refused by the user's token bucket, while the
+    // model and the tool have room (and nothing is charged to them: all or nothing).
+    let r = ask_as(&ai.token, 190);
+    assert_eq!(r.status, 429, "{}", r.describe());
+    assert!(
+        r.json_str("bucket").starts_with("user_tokens"),
+        "{}",
+        r.describe()
+    );
+    assert_eq!(r.header("x-laneguard-fallback"), Some("reject"));
+    // Another user of the tenant (alice, class interactive) has her own 300: 100 of them;
+    // the tool has 160 left.
+    let r = ask_as(&alice, 100);
+    assert_eq!(r.status, 200, "{}", r.describe());
+    // 170 fits alice's 200 but not the tool's 160: the tool's token bucket refuses it.
+    let r = ask_as(&alice, 170);
+    assert_eq!(r.status, 429, "{}", r.describe());
+    assert!(
+        r.json_str("bucket").starts_with("tool_tokens"),
+        "{}",
+        r.describe()
+    );
+    assert_eq!(
+        ai.served("large"),
+        2,
+        "the refused requests never reached the model"
+    );
+    assert_eq!(ai.wait_stat("settled.exact", 2), 2);
+    assert_eq!(
+        ai.stat("cheaper_model"),
+        0,
+        "not a model bucket: no downgrade"
+    );
+}
+
+#[test]
 fn bad_input_has_a_defined_outcome() {
     let ai = Ai::start("ai-bad-input", &policy(|_| {}));
     let post = |body: &[u8]| {
@@ -411,6 +481,44 @@ fn bad_input_has_a_defined_outcome() {
     assert_eq!(ai.stat("bad_max_tokens"), 2);
     assert_eq!(ai.stat("too_many_tokens"), 1);
     assert_eq!(ai.stat("body_too_large"), 1);
+}
+
+#[test]
+fn a_response_larger_than_the_inspection_limit_settles_at_the_reservation_unharmed() {
+    // tokens.inspect_bytes at its least, 1 KiB: a JSON answer of 350 completion tokens
+    // (about 2 KB) is too large to read its usage from, so the request settles at its
+    // reservation (docs/ai.md, "Bad input"); the caller still gets the whole answer.
+    let ai = Ai::start(
+        "ai-response-too-large",
+        &policy(|doc| doc["tokens"]["inspect_bytes"] = 1024.into()),
+    );
+    let long = [("x-demo-completion-tokens", "350")];
+    let r = ai.ask("large", 390, &long);
+    assert_eq!(r.status, 200, "{}", r.describe());
+    assert!(r.body.len() > 1024, "{} bytes", r.body.len());
+    assert_eq!(usage_total(&r), 351, "the body reached the caller whole");
+    assert_eq!(
+        ai.wait_stat("settled.too_large", 1),
+        1,
+        "{}",
+        ai.stack.logs()
+    );
+    assert_eq!(
+        ai.stat("refunded"),
+        0,
+        "settled at the reservation: nothing back"
+    );
+    // The same answer streamed: every SSE event is under the limit, so the stream's final
+    // usage still settles it (a refund of 390 - 351).
+    let body = json!({"model": "large", "max_tokens": 390, "stream": true,
+                      "messages": [{"role": "user", "content": "hi"}]});
+    let r = ai.ask_with(&body, &long);
+    assert_eq!(r.status, 200, "{}", r.describe());
+    assert!(r.body.len() > 1024, "{} bytes", r.body.len());
+    assert!(r.body.trim_end().ends_with("data: [DONE]"), "{}", r.body);
+    assert_eq!(ai.wait_stat("settled.refund", 1), 1, "{}", ai.stack.logs());
+    assert_eq!(ai.stat("refunded"), 390 - 351);
+    assert_eq!(ai.stat("in_flight_reserved"), 0, "both settled");
 }
 
 #[test]
