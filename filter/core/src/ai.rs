@@ -410,6 +410,27 @@ pub fn usage_from_header(value: &str) -> Usage {
         .map_or(Usage::Invalid, Usage::Tokens)
 }
 
+/// Whether an SSE event's data can carry a usage: it has a `"usage"` that is not the key of
+/// a `null` (OpenAI streams with `include_usage` send `"usage":null` in every content chunk).
+/// A JSON string cannot hold an unescaped quote, so these bytes are a key or a string
+/// value; skipping the others changes nothing, since `usage_of` finds no usage in them.
+fn may_carry_usage(data: &[u8]) -> bool {
+    const KEY: &[u8] = b"\"usage\"";
+    let mut rest = data;
+    while let Some(i) = rest.windows(KEY.len()).position(|w| w == KEY) {
+        let after = rest
+            .get(i + KEY.len()..)
+            .unwrap_or_default()
+            .trim_ascii_start();
+        let value = after.strip_prefix(b":").map(<[u8]>::trim_ascii_start);
+        if !value.is_some_and(|v| v.starts_with(b"null")) {
+            return true;
+        }
+        rest = after;
+    }
+    false
+}
+
 /// Reads a `text/event-stream` response as it passes, without holding it up: it keeps only
 /// the event being received (at most `limit` bytes) and the last usage seen. OpenAI-style
 /// streams carry `usage` in their final chunk, before `data: [DONE]`.
@@ -439,53 +460,92 @@ impl SseScanner {
         }
     }
 
-    /// Feed the next bytes of the stream.
+    /// Feed the next bytes of the stream. A line at a time (its bytes copied in one go):
+    /// a stream is read as it passes, so this runs on every chunk of every AI answer.
     pub fn feed(&mut self, chunk: &[u8]) {
-        for &byte in chunk {
+        let mut rest = chunk;
+        while !rest.is_empty() {
             if self.skipping {
-                // The rest of an oversized event: wait for its blank line.
-                if byte == b'\r' {
-                    continue;
-                }
-                if byte == b'\n' && self.last == b'\n' {
-                    self.skipping = false;
-                }
-                self.last = byte;
+                rest = self.skip(rest);
                 continue;
             }
-            if self.pending.len() >= self.limit {
-                self.overflowed = true;
-                self.skipping = true;
-                self.last = self.pending.last().copied().unwrap_or(0);
-                self.pending.clear();
-                if byte == b'\n' && self.last == b'\n' {
-                    self.skipping = false;
-                }
-                self.last = byte;
+            let line_end = rest.iter().position(|&b| b == b'\n');
+            let take = line_end.map_or(rest.len(), |i| i + 1);
+            let room = self.limit.saturating_sub(self.pending.len());
+            if take > room {
+                // The event passes the limit before this line ends: keep what fits, and the
+                // next byte starts the skip (the line's newline lies beyond `room`).
+                let (fits, after) = rest.split_at(room);
+                self.pending.extend_from_slice(fits);
+                rest = self.overflow(after);
                 continue;
             }
-            self.pending.push(byte);
-            if byte == b'\n'
+            let (line, after) = rest.split_at(take);
+            self.pending.extend_from_slice(line);
+            rest = after;
+            if line_end.is_some()
                 && (self.pending.ends_with(b"\n\n") || self.pending.ends_with(b"\r\n\r\n"))
             {
                 let event = std::mem::take(&mut self.pending);
                 self.event(&event);
+                // Keep the buffer's capacity for the next event.
+                self.pending = event;
+                self.pending.clear();
             }
         }
     }
 
+    /// The event being received is `limit` bytes long and `rest` goes on: drop it, and skip
+    /// to its end. Returns what is left of `rest`.
+    fn overflow<'a>(&mut self, rest: &'a [u8]) -> &'a [u8] {
+        let Some((&byte, after)) = rest.split_first() else {
+            return rest;
+        };
+        self.overflowed = true;
+        self.skipping = true;
+        self.last = self.pending.last().copied().unwrap_or(0);
+        self.pending.clear();
+        if byte == b'\n' && self.last == b'\n' {
+            self.skipping = false;
+        }
+        self.last = byte;
+        after
+    }
+
+    /// The rest of an oversized event: wait for its blank line. Returns what follows it.
+    fn skip<'a>(&mut self, rest: &'a [u8]) -> &'a [u8] {
+        for (i, &byte) in rest.iter().enumerate() {
+            if byte == b'\r' {
+                continue;
+            }
+            let blank = byte == b'\n' && self.last == b'\n';
+            self.last = byte;
+            if blank {
+                self.skipping = false;
+                return rest.get(i + 1..).unwrap_or_default();
+            }
+        }
+        &[]
+    }
+
     fn event(&mut self, event: &[u8]) {
-        let text = String::from_utf8_lossy(event);
-        for line in text.lines() {
-            let Some(data) = line.strip_prefix("data:") else {
+        for line in event.split(|&b| b == b'\n') {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            let Some(data) = line.strip_prefix(b"data:") else {
                 continue;
             };
-            let data = data.trim();
-            if data == "[DONE]" {
+            let data = data.trim_ascii();
+            if data == b"[DONE]" {
                 self.done = true;
                 continue;
             }
-            if let Ok(v) = serde_json::from_str::<Value>(data) {
+            // Most events are content deltas without a usage: not worth a JSON parse.
+            if !may_carry_usage(data) {
+                continue;
+            }
+            let parsed = serde_json::from_slice::<Value>(data)
+                .or_else(|_| serde_json::from_str::<Value>(&String::from_utf8_lossy(data)));
+            if let Ok(v) = parsed {
                 match usage_of(&v) {
                     Usage::Missing => {}
                     u => self.usage = u,

@@ -398,3 +398,27 @@ fn an_ai_request_is_never_queued() {
         }
     );
 }
+
+#[test]
+fn only_events_that_can_carry_a_usage_are_parsed() {
+    assert!(!may_carry_usage(
+        br#"{"choices":[{"delta":{"content":"a"}}]}"#
+    ));
+    assert!(!may_carry_usage(br#"{"choices":[],"usage" : null}"#));
+    assert!(!may_carry_usage(
+        br#"{"choices":[{"delta":{"content":"say \"usage\""}}]}"#
+    ));
+    assert!(may_carry_usage(br#"{"usage":{"total_tokens":7}}"#));
+    assert!(may_carry_usage(
+        br#"{"usage":null,"x":{"usage":{"total_tokens":7}}}"#
+    ));
+    assert!(may_carry_usage(br#"{"usage":"lots"}"#));
+    // OpenAI's include_usage streams: "usage":null in every content chunk, the total last.
+    let mut s = SseScanner::new(1024);
+    for _ in 0..3 {
+        s.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}],\"usage\":null}\n\n");
+    }
+    s.feed(b"data: {\"choices\":[],\"usage\":{\"total_tokens\":12}}\n\ndata: [DONE]\n\n");
+    assert!(s.done);
+    assert_eq!(s.finish(), Usage::Tokens(12));
+}
