@@ -520,8 +520,16 @@ struct LocalBucket {
     last_grant: u32,
     /// A renewal for this bucket is in flight.
     renewing: bool,
-    /// The service said the bucket is empty: refuse locally until then (see [`EMPTY_HOLD_NS`]).
+    /// The service said the bucket is empty, or leased this worker its share of a saturated
+    /// bucket: refuse locally (beyond the lease) until then ([`hold_ns`]).
     hold_until_ns: u64,
+    /// The service's last word on the bucket was that it is saturated: empty, or less than
+    /// half its burst left after a grant. While it is, one central ask at a time
+    /// ([`LocalTable::begin_ask`]) and no renewals during the hold.
+    saturated: bool,
+    /// A central ask on this saturated bucket is in flight until then (its timeout at the
+    /// latest): other requests are refused locally meanwhile, the answer brings the lease.
+    asking_until_ns: u64,
     /// Spend counted in the current and the previous one-second slot, to size leases.
     slot: u64,
     spent_slot: u32,
@@ -591,14 +599,36 @@ pub struct LocalTable {
 /// counted ([`LocalTable::take_evicted`], stat `buckets.evicted`).
 pub const DEFAULT_MAX_BUCKETS: usize = 100_000;
 
-/// How long a worker refuses locally after the service reported a bucket empty, at least.
+/// The longest a worker refuses locally, on a saturated bucket, before it asks the service
+/// again (unless the bucket has no room for one request for longer: then until it has).
 ///
-/// Without it, a saturated bucket shows room in the local mirror again one emission interval
-/// later, and every worker asks the service at once, so a binding limit costs about one call
-/// per admitted request. Held, the workers ask at most ~20 times a second each; the capacity
-/// that refills meanwhile stays in the service's bucket (up to its burst) and goes to the next
-/// ask as a lease, so nothing is lost unless the hold outlasts the burst.
+/// Without a hold, a saturated bucket shows room in the local mirror again one emission
+/// interval later, and every worker asks the service at once, so a binding limit costs about
+/// one call per admitted request. Held, a worker asks at most ~20 times a second per bucket;
+/// the capacity that refills meanwhile stays in the service's bucket and goes to the next
+/// ask as a lease. See [`hold_ns`] for why nothing is lost.
 pub const EMPTY_HOLD_NS: u64 = 50_000_000;
+
+/// How long to hold a saturated bucket: half the time it takes to fill from empty (its
+/// burst's worth of intervals), at most [`EMPTY_HOLD_NS`], and never less than
+/// `until_room`, the time until it has room for one request.
+///
+/// Half the fill time keeps the hold shorter than the time the service's bucket needs to
+/// fill again, so the capacity that refills while this worker holds is still there (not
+/// capped at the burst) when the next worker asks: the hold moves capacity between workers
+/// and loses none. A fixed 50 ms hold outlasted the fill time of a small burst (10 at
+/// 1000/s fills in 10 ms) and threw the rest away.
+pub fn hold_ns(rate: &Rate, until_room_ns: u64) -> u64 {
+    let interval = rate.interval_ns();
+    let fill = interval.saturating_mul(u64::from(rate.burst.get()));
+    (fill / 2).min(EMPTY_HOLD_NS).max(until_room_ns)
+}
+
+/// Whether a bucket can be leased at all: a protected reserve and token buckets never are
+/// ([`LocalTable::want`]), so they are never held on a grant nor asked one at a time.
+fn leasable(bucket: &Bucket) -> bool {
+    bucket.kind != BucketKind::Reserve && !bucket.kind.is_tokens()
+}
 
 impl Default for LocalTable {
     fn default() -> Self {
@@ -658,10 +688,15 @@ impl LocalTable {
         for (i, &(b, cost)) in buckets.iter().enumerate() {
             let rate = scaled(&b.rate, share);
             let mut check = self.state(&b.key).check(&rate, cost, now_ns);
-            let hold = self.buckets.get(&b.key).map_or(0, |s| s.hold_until_ns);
-            if check.allowed && hold > now_ns {
+            let (hold, asking) = self.buckets.get(&b.key).map_or((0, 0), |s| {
+                (
+                    s.hold_until_ns,
+                    if s.saturated { s.asking_until_ns } else { 0 },
+                )
+            });
+            if check.allowed && hold.max(asking) > now_ns {
                 check.allowed = false;
-                check.retry_after_ns = hold - now_ns;
+                check.retry_after_ns = hold.max(asking) - now_ns;
             }
             if !check.allowed && tripped.is_none() {
                 tripped = Some(i);
@@ -727,10 +762,14 @@ impl LocalTable {
         let interval = bucket.rate.interval_ns();
         let capacity = interval.saturating_mul(u64::from(bucket.rate.burst.get()));
         let debt = entry.gcra.tat_ns().saturating_sub(now_ns);
-        if capacity.saturating_sub(debt) < interval {
-            let until_room = debt.saturating_add(interval).saturating_sub(capacity);
-            let hold = now_ns.saturating_add(until_room.max(EMPTY_HOLD_NS));
+        let room = capacity.saturating_sub(debt);
+        if room < interval {
+            let until_room = interval - room;
+            let hold = now_ns.saturating_add(hold_ns(&bucket.rate, until_room));
             entry.hold_until_ns = entry.hold_until_ns.max(hold);
+            entry.saturated = leasable(bucket);
+        } else if room >= capacity / 2 {
+            entry.saturated = false;
         }
     }
 
@@ -863,16 +902,26 @@ impl LocalTable {
     /// Whether the lease on these buckets is running low (a quarter of the last grant or
     /// less, or gone within the next `horizon_ns`) and no renewal is in flight. Marks the
     /// buckets as renewing when it says yes, so one renewal is asked at a time.
+    ///
+    /// Never while a saturated bucket is held: its lease was this worker's share of what
+    /// had refilled, and the first request after the hold asks for the next one (a renewal
+    /// as well made two calls per hold).
     pub fn claim_renewal(&mut self, buckets: &[&Bucket], now_ns: u64, horizon_ns: u64) -> bool {
-        let low = buckets.iter().any(|b| {
-            self.buckets.get(&b.key).is_some_and(|s| {
-                let left = s.lease_left(now_ns);
-                s.last_grant > 0
-                    && !s.renewing
-                    && (left <= (s.last_grant / 4).max(1)
-                        || s.lease_until_ns <= now_ns + horizon_ns)
-            })
+        let held = buckets.iter().any(|b| {
+            self.buckets
+                .get(&b.key)
+                .is_some_and(|s| s.saturated && s.hold_until_ns > now_ns)
         });
+        let low = !held
+            && buckets.iter().any(|b| {
+                self.buckets.get(&b.key).is_some_and(|s| {
+                    let left = s.lease_left(now_ns);
+                    s.last_grant > 0
+                        && !s.renewing
+                        && (left <= (s.last_grant / 4).max(1)
+                            || s.lease_until_ns <= now_ns + horizon_ns)
+                })
+            });
         if low {
             for b in buckets {
                 if let Some(s) = self.buckets.get_mut(&b.key) {
@@ -881,6 +930,31 @@ impl LocalTable {
             }
         }
         low
+    }
+
+    /// A request is about to ask the service about these buckets (it passed
+    /// [`LocalTable::precheck`]). On a saturated bucket the ask is the only one until its
+    /// answer ([`LocalTable::ask_done`]) or `timeout_ns`: the other requests meanwhile are
+    /// refused locally, since the answer's lease is this worker's share of what refilled.
+    /// Without it every request that arrived during the call passed the precheck too, and a
+    /// binding limit cost a call per connection per hold (issue 10 §3).
+    pub fn begin_ask(&mut self, buckets: &[&Bucket], now_ns: u64, timeout_ns: u64) {
+        for b in buckets {
+            if let Some(s) = self.buckets.get_mut(&b.key) {
+                if s.saturated {
+                    s.asking_until_ns = now_ns.saturating_add(timeout_ns);
+                }
+            }
+        }
+    }
+
+    /// The ask of [`LocalTable::begin_ask`] ended (answered, failed or not sent).
+    pub fn ask_done(&mut self, buckets: &[&Bucket]) {
+        for b in buckets {
+            if let Some(s) = self.buckets.get_mut(&b.key) {
+                s.asking_until_ns = 0;
+            }
+        }
     }
 
     /// A renewal finished (granted or not): allow the next one.
@@ -922,6 +996,22 @@ impl LocalTable {
         s.lease_until_ns = s.lease_until_ns.max(valid_until_ns);
         s.last_grant = requests;
         s.renewing = false;
+        // Less than half the burst left after the grant (the mirror has just synced with the
+        // service's answer): the bucket is saturated, and this lease is the worker's share
+        // of what had refilled since the last ask. Spend it, then refuse locally for a hold
+        // rather than ask again at once; the capacity refilling meanwhile waits in the
+        // service's bucket for the next ask (of this worker or another), which it cannot
+        // overflow since the hold is shorter than the time it takes to fill half the burst.
+        let interval = bucket.rate.interval_ns();
+        let capacity = interval.saturating_mul(u64::from(bucket.rate.burst.get()));
+        let room = capacity.saturating_sub(s.gcra.tat_ns().saturating_sub(now_ns));
+        if leasable(bucket) && room < capacity / 2 {
+            let hold = now_ns.saturating_add(hold_ns(&bucket.rate, interval.saturating_sub(room)));
+            s.hold_until_ns = s.hold_until_ns.max(hold);
+            s.saturated = true;
+        } else {
+            s.saturated = false;
+        }
     }
 
     /// Drop buckets that are full again and hold no lease: they carry no information.
@@ -930,7 +1020,8 @@ impl LocalTable {
             !(b.gcra.is_idle(now_ns)
                 && b.lease_left(now_ns) == 0
                 && !b.renewing
-                && b.hold_until_ns <= now_ns)
+                && b.hold_until_ns <= now_ns
+                && b.asking_until_ns <= now_ns)
         });
     }
 

@@ -32,10 +32,12 @@ impl Request {
         let msg = rls::encode_plan(&svc.domain, &plan, borrowing, sent.len());
         let now = h.now_ns();
         // No lease on a reserve, nor on a borrowing attempt (`LocalTable::want_for`).
-        let want = shared
-            .table
-            .borrow()
-            .want_for(&plan, borrowing, now, svc.max_lease);
+        let want = {
+            let mut table = shared.table.borrow_mut();
+            // On a saturated bucket, this call is the only one until it is answered.
+            table.begin_ask(&attempt, now, u64::from(svc.timeout_ms) * 1_000_000);
+            table.want_for(&plan, borrowing, now, svc.max_lease)
+        };
         let asked_lease = want > 0;
         let want = want.to_string();
         match h.dispatch_grpc(GrpcCall {
@@ -63,6 +65,7 @@ impl Request {
                 Action::Pause
             }
             Err(status) => {
+                shared.table.borrow_mut().ask_done(&attempt);
                 shared.metrics.service_error_dispatch.inc(h);
                 let reason = match status {
                     DispatchError::UnknownCluster(_) => "unknown_cluster",
@@ -89,6 +92,7 @@ impl Request {
             asked_lease,
             ..
         } = pending;
+        shared.table.borrow_mut().ask_done(&plan.attempt(borrowing));
         if status_code != 0 {
             let timed_out = laneguard_core::engine::call_timed_out(
                 status_code,
