@@ -996,16 +996,20 @@ impl LocalTable {
         s.lease_until_ns = s.lease_until_ns.max(valid_until_ns);
         s.last_grant = requests;
         s.renewing = false;
-        // Less than half the burst left after the grant (the mirror has just synced with the
-        // service's answer): the bucket is saturated, and this lease is the worker's share
-        // of what had refilled since the last ask. Spend it, then refuse locally for a hold
+        // Less left after the grant than one hold refills (the mirror has just synced with
+        // the service's answer; a hold is at most half the fill time, so this is also under
+        // half the burst): the bucket is saturated, and this lease is the worker's share of
+        // what had refilled since the last ask. Spend it, then refuse locally for a hold
         // rather than ask again at once; the capacity refilling meanwhile waits in the
         // service's bucket for the next ask (of this worker or another), which it cannot
         // overflow since the hold is shorter than the time it takes to fill half the burst.
+        // A slow bucket with more left than a hold refills (5 an hour with 1 left) is not
+        // held: refusing for 50 ms would turn away requests the service has room for, and
+        // its calls are bounded by what it admits anyway.
         let interval = bucket.rate.interval_ns();
         let capacity = interval.saturating_mul(u64::from(bucket.rate.burst.get()));
         let room = capacity.saturating_sub(s.gcra.tat_ns().saturating_sub(now_ns));
-        if leasable(bucket) && room < capacity / 2 {
+        if leasable(bucket) && room < hold_ns(&bucket.rate, 0) {
             let hold = now_ns.saturating_add(hold_ns(&bucket.rate, interval.saturating_sub(room)));
             s.hold_until_ns = s.hold_until_ns.max(hold);
             s.saturated = true;

@@ -727,6 +727,9 @@ mod fleet {
         Flood { connections: usize, think_ns: u64 },
         /// One request every `every_ns` on each worker (open loop).
         Every { every_ns: u64 },
+        /// One request every `every_ns` on the fleet's first worker, `n` in all: one client
+        /// in quick succession.
+        Few { n: u64, every_ns: u64 },
     }
 
     #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -820,6 +823,8 @@ mod fleet {
                     every_ns * w as u64 / workers as u64,
                     Ev::Request { w, c: 0 },
                 ),
+                Load::Few { .. } if w == 0 => push(&mut q, 0, Ev::Request { w, c: 0 }),
+                Load::Few { .. } => {}
             }
         }
         let end = seconds * S;
@@ -831,7 +836,7 @@ mod fleet {
         // The next request on a connection, once the client has its answer.
         let next = |now: u64, load: Load| match load {
             Load::Flood { think_ns, .. } => now + think_ns,
-            Load::Every { every_ns } => now + every_ns,
+            Load::Every { every_ns } | Load::Few { every_ns, .. } => now + every_ns,
         };
         while let Some(Reverse((now, _, ev))) = q.pop() {
             if now >= end {
@@ -844,8 +849,12 @@ mod fleet {
                         tally.requests += 1;
                     }
                     let t = &mut tables[w];
-                    if let Load::Every { .. } = load {
-                        push(&mut q, next(now, load), Ev::Request { w, c });
+                    match load {
+                        Load::Every { .. } => push(&mut q, next(now, load), Ev::Request { w, c }),
+                        Load::Few { n, .. } if tally.requests < n => {
+                            push(&mut q, next(now, load), Ev::Request { w, c })
+                        }
+                        _ => {}
                     }
                     let answered = if t.try_lease(&b, 1, now) {
                         if t.claim_renewal(&b, now, RENEW_HORIZON_NS) {
@@ -1026,4 +1035,24 @@ fn under_the_limit_everything_is_admitted_on_leases() {
         t.admitted,
         t.requests
     );
+}
+
+/// A slow bucket (5 an hour) asked by one client in quick succession: each of its 5
+/// requests is admitted. A grant that left it under half its burst held it 50 ms, and the
+/// 5th request, sent within the hold while the service still had room for it, was refused
+/// locally (the over-budget fallback answered it: ai_tokens' cached-GET test on CI).
+#[test]
+fn a_slow_bucket_asked_in_quick_succession_admits_its_whole_burst() {
+    let rate = Rate::new(5, crate::rate::Window::Hour, 5).unwrap();
+    let load = fleet::Load::Few {
+        n: 5,
+        every_ns: 2_000_000,
+    };
+    let t = fleet::run(rate, 2, load, 1_000_000, 1, 0);
+    println!(
+        "requests {} admitted {} rpcs {}",
+        t.requests, t.admitted, t.rpcs
+    );
+    assert_eq!(t.requests, 5);
+    assert_eq!(t.admitted, 5, "{} of 5", t.admitted);
 }
