@@ -317,10 +317,16 @@ fn a_full_model_falls_back_to_the_cheaper_one_then_429_names_the_bucket() {
             last = Some(r);
             break;
         }
-        served.push((
-            r.json().unwrap()["model"].as_str().unwrap().to_string(),
-            r.header("x-laneguard-fallback").map(str::to_string),
-        ));
+        let model = r.json().unwrap()["model"].as_str().unwrap().to_string();
+        // Routed by the rewritten x-model: the demo's model-small route carries only the
+        // small model's requests.
+        assert_eq!(
+            r.header("x-demo-model-route"),
+            (model == "small").then_some("small"),
+            "{}",
+            r.describe()
+        );
+        served.push((model, r.header("x-laneguard-fallback").map(str::to_string)));
     }
     let large = served.iter().filter(|(m, _)| m == "large").count();
     let small: Vec<_> = served.iter().filter(|(m, _)| m == "small").collect();
