@@ -388,6 +388,10 @@ fn soak_mixed_traffic_with_a_service_restart() {
 /// (100,000): docs/reliability.md.
 const VM_MEMORY_CAP: u64 = 128 * 1024 * 1024;
 
+/// The cap on one VM's published ledger of hits admitted without the service
+/// (`reconcile::MAX_LEDGER_BYTES` in the filter).
+const LEDGER_CAP: u64 = 1 << 20;
+
 /// Send `count` requests, each from a tenant never seen before (random 64-bit names), on
 /// `threads` connections; returns the statuses.
 fn fresh_tenants(base: &str, count: u64, threads: u64, seed: u64) -> BTreeMap<u16, u64> {
@@ -569,6 +573,16 @@ fn a_million_tenants_keep_vm_memory_and_shared_data_bounded() {
         down.max("laneguard.shared_data.keys") <= WORKERS * (2 + 4),
         "more keys than the index, the lease and one ledger per VM"
     );
+    // Each VM's ledger is capped at 1 MiB (reconcile::MAX_LEDGER_BYTES); every worker VM
+    // reports the Envoy-wide figure, so the gauge is WORKERS times it.
+    let ledgers = (down.max("laneguard.shared_data.keys") / WORKERS).saturating_sub(2);
+    for (label, f) in [("a tenth", &early), ("down", &down)] {
+        let bytes = f.max("laneguard.shared_data.bytes");
+        assert!(
+            bytes <= WORKERS * (ledgers * LEDGER_CAP + 1024),
+            "{label}: {bytes} bytes of shared data, over {ledgers} ledgers of {LEDGER_CAP}"
+        );
+    }
     assert!(
         back.max("laneguard.shared_data.bytes") < WORKERS * 1024,
         "the ledgers were not drained: {} bytes",

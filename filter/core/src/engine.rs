@@ -1092,12 +1092,19 @@ pub fn call_timed_out(status: u32, elapsed_ns: u64, timeout_ms: u32) -> bool {
     status == GRPC_DEADLINE_EXCEEDED || elapsed_ms * 10 >= u64::from(timeout_ms) * 9
 }
 
+/// The most buckets one [`Unreported`] holds: a worker's ledger between two sync ticks
+/// (about 200 bytes a bucket, so a few MiB of the VM's memory at most). Hits for a bucket
+/// not yet in a full ledger are forgotten and counted ([`Unreported::take_dropped`]); the
+/// buckets already in it keep counting.
+pub const MAX_UNREPORTED_BUCKETS: usize = 20_000;
+
 /// Hits this worker admitted without the service (fail-open or local degraded decisions),
 /// per bucket, waiting to be reported with `hits_addend` so the central accounting
-/// converges once the service is back.
+/// converges once the service is back. Holds at most [`MAX_UNREPORTED_BUCKETS`] buckets.
 #[derive(Debug, Clone, Default)]
 pub struct Unreported {
     hits: HashMap<String, (Bucket, u64)>,
+    dropped: u64,
 }
 
 impl Unreported {
@@ -1115,11 +1122,19 @@ impl Unreported {
     }
 
     fn add_one(&mut self, b: &Bucket, cost: u32) {
-        let e = self
-            .hits
-            .entry(b.key.clone())
-            .or_insert_with(|| (b.clone(), 0));
-        e.1 = e.1.saturating_add(u64::from(cost));
+        if let Some(e) = self.hits.get_mut(&b.key) {
+            e.1 = e.1.saturating_add(u64::from(cost));
+        } else if self.hits.len() < MAX_UNREPORTED_BUCKETS {
+            self.hits
+                .insert(b.key.clone(), (b.clone(), u64::from(cost)));
+        } else {
+            self.dropped = self.dropped.saturating_add(u64::from(cost));
+        }
+    }
+
+    /// The hits forgotten because the ledger was full, since the last call.
+    pub fn take_dropped(&mut self) -> u64 {
+        std::mem::take(&mut self.dropped)
     }
 
     /// Take everything, leaving the ledger empty.

@@ -41,6 +41,7 @@ pub mod usage;
 
 pub use engine::{
     plan, Bucket, BucketKind, Evaluation, Level, LocalTable, Plan, Reject, RequestInfo, Unreported,
+    MAX_UNREPORTED_BUCKETS,
 };
 pub use policy::{parse, parse_raw, FailureMode, Fallback, Mode, Policy, PolicyError};
 pub use rate::{Rate, Window};

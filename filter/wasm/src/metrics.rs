@@ -245,8 +245,9 @@ pub struct Metrics {
     pub buckets: Gauge,
     /// Live buckets evicted from this worker's table at its cap (`service.max_buckets`).
     pub buckets_evicted: Counter,
-    /// Hits admitted without the service and forgotten: the VM's published ledger was at
-    /// its cap (`reconcile::MAX_LEDGER_ENTRIES` buckets) during an outage.
+    /// Hits admitted without the service and forgotten during an outage: the VM's published
+    /// ledger was at its cap (`reconcile::MAX_LEDGER_BYTES`), or the worker's own ledger
+    /// between two sync ticks was (`laneguard_core::MAX_UNREPORTED_BUCKETS` buckets).
     pub unreported_dropped: Counter,
     /// Requests left out of the usage tally because it was at its cap
     /// (`laneguard_core::usage::Tally::MAX_KEYS` tenant-class-hours) between two syncs.
@@ -289,6 +290,9 @@ pub struct TokenCounters {
     pub over_reservation: Counter,
     /// Tokens given back to the service (on the sync tick).
     pub refunds_sent: Counter,
+    /// Tokens not given back because the worker's refunds held `MAX_UNREPORTED_BUCKETS`
+    /// buckets between two sync ticks (an over-charge, never an overshoot).
+    pub refunds_dropped: Counter,
     /// Settlements, by outcome.
     pub settled_exact: Counter,
     pub settled_refund: Counter,
@@ -320,6 +324,7 @@ impl TokenCounters {
             refunded: c("refunded"),
             over_reservation: c("over_reservation"),
             refunds_sent: c("refunds_sent"),
+            refunds_dropped: c("refunds_dropped"),
             settled_exact: c("settled.exact"),
             settled_refund: c("settled.refund"),
             settled_extra: c("settled.extra"),

@@ -13,9 +13,10 @@
 //! So keys never carry a tenant, user or bucket: there are two fixed keys plus one per VM
 //! ever started (workers times configuration loads), whatever the traffic. A drained ledger
 //! is written back empty, so its bytes go back to a few; while the service is down a ledger
-//! holds at most [`MAX_LEDGER_ENTRIES`] buckets (beyond that the buckets with the fewest
-//! hits are forgotten, counted in `unreported_dropped`). [`footprint`] counts the keys and
-//! their bytes (stats `shared_data.keys`, `shared_data.bytes`).
+//! holds at most [`MAX_LEDGER_BYTES`] (beyond that the buckets with the fewest hits are
+//! forgotten, counted in `unreported_dropped`), so neither the shared data nor the VM
+//! memory that reads and rewrites it grows with the tenants an outage sees. [`footprint`]
+//! counts the keys and their bytes (stats `shared_data.keys`, `shared_data.bytes`).
 //!
 //! proxy-wasm has no atomic create-if-absent (CAS with no token is an unconditional write),
 //! so the two shared keys are seeded at VM start when absent, and a worker only creates
@@ -30,8 +31,18 @@ use std::collections::HashMap;
 const INDEX: &str = "laneguard/unreported/index";
 const LEADER: &str = "laneguard/reconciler";
 const CAS_TRIES: usize = 8;
-/// The most buckets one VM's published ledger holds (the default `service.max_buckets`).
-pub const MAX_LEDGER_ENTRIES: usize = 100_000;
+/// The most bytes one VM's published ledger holds: about 10,000 buckets of a tenant, a
+/// user and a class (some 100 bytes each). Every publish reads, merges and rewrites the
+/// whole value, and the reporter decodes every ledger at once, so this bounds the shared
+/// data (one ledger per worker VM), the VM memory a publish or a report needs, and the
+/// time a worker spends on it in a tick. The million-tenant soak (docs/reliability.md)
+/// reached 54 MB of shared data and 234 MiB of VM memory with a 100,000-bucket cap instead.
+pub const MAX_LEDGER_BYTES: usize = 1 << 20;
+
+/// One ledger entry's encoded size.
+fn entry_bytes(descriptor: &[u8]) -> usize {
+    12 + descriptor.len()
+}
 
 /// Seed the shared keys if no VM has yet (see the module doc).
 pub fn seed(h: &dyn Host) {
@@ -79,8 +90,9 @@ fn decode_ledger(mut bytes: &[u8]) -> Ledger {
     out
 }
 
-/// Merge `add` into `ledger` (by descriptor), keeping at most [`MAX_LEDGER_ENTRIES`]: beyond
-/// that the entries with the fewest hits go. Returns how many hits were dropped.
+/// Merge `add` into `ledger` (by descriptor), keeping at most [`MAX_LEDGER_BYTES`] encoded:
+/// beyond that the entries with the fewest hits go (of equal hits, the newest). Returns how
+/// many hits were dropped.
 fn merge(ledger: &mut Ledger, add: &[(u64, Vec<u8>)]) -> u64 {
     let mut at: HashMap<Vec<u8>, usize> = ledger
         .iter()
@@ -100,15 +112,21 @@ fn merge(ledger: &mut Ledger, add: &[(u64, Vec<u8>)]) -> u64 {
             }
         }
     }
-    if ledger.len() <= MAX_LEDGER_ENTRIES {
+    drop(at);
+    if ledger.iter().map(|(_, d)| entry_bytes(d)).sum::<usize>() <= MAX_LEDGER_BYTES {
         return 0;
     }
-    ledger.sort_unstable_by_key(|e| std::cmp::Reverse(e.0));
-    ledger
-        .split_off(MAX_LEDGER_ENTRIES)
+    // Stable: of equal hits the entries already published stay.
+    ledger.sort_by_key(|e| std::cmp::Reverse(e.0));
+    let mut bytes = 0usize;
+    let keep = ledger
         .iter()
-        .map(|(h, _)| *h)
-        .sum()
+        .take_while(|(_, d)| {
+            bytes += entry_bytes(d);
+            bytes <= MAX_LEDGER_BYTES
+        })
+        .count();
+    ledger.split_off(keep).iter().map(|(h, _)| *h).sum()
 }
 
 /// Merge entries into a ledger key with CAS. `Err` when it could not (the caller keeps
@@ -164,7 +182,7 @@ fn index_add(h: &dyn Host, key: &str) -> bool {
 pub struct Published {
     /// Hits that could not be published: the caller keeps them for the next round.
     pub failed: Vec<(Bucket, u64)>,
-    /// Hits forgotten because the ledger was at [`MAX_LEDGER_ENTRIES`].
+    /// Hits forgotten because the ledger was at [`MAX_LEDGER_BYTES`].
     pub dropped: u64,
 }
 
@@ -213,6 +231,17 @@ pub fn footprint(h: &dyn Host) -> (u64, u64) {
         }
     }
     (keys, bytes)
+}
+
+/// The hits in every published ledger (tests: what a drain would report).
+#[cfg(test)]
+pub(crate) fn published_hits(h: &dyn Host) -> u64 {
+    let keys = index_keys(h).map(|(k, _)| k).unwrap_or_default();
+    keys.iter()
+        .filter_map(|k| h.get_shared_data(k).ok().and_then(|(v, _)| v))
+        .flat_map(|v| decode_ledger(&v))
+        .map(|(hits, _)| hits)
+        .sum()
 }
 
 /// Take or renew the reporter lease. Exactly one VM holds it at a time (CAS); it expires
@@ -316,11 +345,70 @@ mod tests {
 
     #[test]
     fn a_full_ledger_forgets_the_buckets_with_the_fewest_hits() {
-        let mut l: Ledger = (0..MAX_LEDGER_ENTRIES as u64)
+        // Entries of 12 + 8 bytes: the ledger holds this many.
+        let fit = (MAX_LEDGER_BYTES / 20) as u64;
+        let mut l: Ledger = (0..fit)
             .map(|i| (i + 10, i.to_le_bytes().to_vec()))
             .collect();
-        let dropped = merge(&mut l, &[(1, b"new-a".to_vec()), (2, b"new-b".to_vec())]);
+        assert_eq!(
+            merge(&mut l, &[(4, 3u64.to_le_bytes().to_vec())]),
+            0,
+            "no room needed"
+        );
+        let dropped = merge(
+            &mut l,
+            &[(1, b"new-a-xx".to_vec()), (2, b"new-b-xx".to_vec())],
+        );
         assert_eq!(dropped, 3, "the two newcomers had the fewest hits");
-        assert_eq!(l.len(), MAX_LEDGER_ENTRIES);
+        assert_eq!(l.len() as u64, fit);
+        assert_eq!(
+            l.iter()
+                .find(|(_, d)| d == &3u64.to_le_bytes())
+                .map(|e| e.0),
+            Some(17)
+        );
+        assert!(encode_ledger(&l).len() <= MAX_LEDGER_BYTES);
+    }
+
+    #[test]
+    fn a_ledger_stays_under_its_byte_cap_however_many_tenants_an_outage_sees() {
+        // 200,000 tenants' buckets of a realistic size, published 1,000 a tick: the value
+        // never passes the cap, and the hits it forgets are exactly the ones it lost.
+        let descriptor = |i: u64| {
+            crate::rls::descriptor(
+                &laneguard_core::Bucket {
+                    kind: laneguard_core::BucketKind::Class,
+                    tenant: format!("r{i:016x}"),
+                    label: "interactive".into(),
+                    rate: laneguard_core::Rate::new(50, laneguard_core::Window::Second, 50)
+                        .unwrap(),
+                    key: format!("laneguard|r{i:016x}|interactive"),
+                },
+                None,
+            )
+            .encode_to_vec()
+        };
+        let mut l = Ledger::new();
+        let mut dropped = 0;
+        let mut total = 0;
+        for tick in 0..200u64 {
+            let add: Ledger = (0..1_000)
+                .map(|i| (1 + i % 3, descriptor(tick * 1_000 + i)))
+                .collect();
+            total += add.iter().map(|e| e.0).sum::<u64>();
+            dropped += merge(&mut l, &add);
+            assert!(encode_ledger(&l).len() <= MAX_LEDGER_BYTES, "tick {tick}");
+        }
+        let kept: u64 = l.iter().map(|e| e.0).sum();
+        assert_eq!(kept + dropped, total, "every hit is kept or counted");
+        assert!(
+            l.len() > 5_000,
+            "the cap holds thousands of buckets: {}",
+            l.len()
+        );
+        assert!(
+            l.iter().all(|e| e.0 == 3),
+            "the buckets with the most hits stay"
+        );
     }
 }

@@ -718,6 +718,12 @@ impl Root {
             m.lease_outstanding.set(h, table.outstanding_lease(now));
             m.buckets.set(h, table.len() as u64);
             m.unreported_hits.set(h, shared.unreported.borrow().total());
+            // What the worker's own ledgers (capped at MAX_UNREPORTED_BUCKETS) forgot.
+            m.unreported_dropped
+                .add(h, shared.unreported.borrow_mut().take_dropped());
+            m.tokens
+                .refunds_dropped
+                .add(h, shared.refunds.borrow_mut().take_dropped());
             m.queue_depth.set(h, shared.queue.borrow().len() as u64);
             m.audit_buffered.set(h, shared.audit.borrow().len() as u64);
         }

@@ -503,6 +503,43 @@ fn unreported_hits_accumulate_per_bucket() {
 }
 
 #[test]
+fn a_full_unreported_ledger_counts_what_it_forgets_and_keeps_counting_its_buckets() {
+    let p = policy();
+    let mut u = Unreported::default();
+    let mut buckets = Vec::new();
+    for t in 0..MAX_UNREPORTED_BUCKETS {
+        let plan = plan(&p, &req(&format!("t{t}"), "erp", None)).unwrap();
+        buckets.push(plan.attempt(false)[0].clone());
+    }
+    for b in &buckets {
+        u.add(&[b], 1);
+    }
+    assert_eq!(u.take_dropped(), 0, "exactly full");
+    let newcomer = plan(&p, &req("late", "erp", None)).unwrap();
+    u.add(&newcomer.attempt(false), 3);
+    assert_eq!(
+        u.take_dropped(),
+        6,
+        "a full ledger forgets a new bucket's hits"
+    );
+    assert_eq!(u.take_dropped(), 0, "taken once");
+    u.add(&[&buckets[7]], 4);
+    assert_eq!(u.take_dropped(), 0, "a bucket already in it keeps counting");
+    let taken = u.take();
+    assert_eq!(taken.len(), MAX_UNREPORTED_BUCKETS);
+    assert_eq!(
+        taken.iter().map(|(_, h)| h).sum::<u64>(),
+        MAX_UNREPORTED_BUCKETS as u64 + 4
+    );
+    u.add(&newcomer.attempt(false), 3);
+    assert_eq!(
+        (u.take_dropped(), u.total()),
+        (0, 6),
+        "room again once taken"
+    );
+}
+
+#[test]
 fn an_empty_bucket_is_held_locally_for_a_while() {
     let p = policy();
     let plan = plan(&p, &req("nw", "erp", None)).unwrap();

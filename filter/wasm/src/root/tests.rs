@@ -217,6 +217,44 @@ fn the_first_answer_after_a_failure_reports_at_once_not_on_the_sync_tick() {
 }
 
 #[test]
+fn an_outage_with_more_tenants_than_a_ledger_holds_keeps_it_under_its_byte_cap() {
+    use crate::reconcile::{footprint, published_hits, MAX_LEDGER_BYTES};
+    let (h, mut root) = configured(POLICY);
+    // Another VM holds the reporter lease: this one only publishes (no drain empties it).
+    h.shared.borrow_mut().insert(
+        "laneguard/reconciler".into(),
+        (format!("{:016x} {}", 99, u64::MAX).into_bytes(), 1),
+    );
+    // One tenant first: the hits a request leaves in the ledger.
+    fail_open_while_unreachable(&h, &root, 2..3, "probe");
+    tick(&h, &mut root, 100);
+    let per_request = published_hits(&h);
+    assert!(per_request > 0);
+    // Then 18,000 tenants over three sync intervals, each admitted fail-open once.
+    let mut id = 10;
+    for round in 0..3 {
+        for t in 0..6_000 {
+            fail_open_while_unreachable(&h, &root, id..id + 1, &format!("t{round}-{t:05}"));
+            id += 1;
+        }
+        tick(&h, &mut root, 100);
+        let (keys, bytes) = footprint(&h);
+        assert_eq!(keys, 3, "round {round}");
+        assert!(
+            bytes <= MAX_LEDGER_BYTES as u64 + 100,
+            "round {round}: {bytes} bytes of shared data"
+        );
+    }
+    let dropped = h.metric("laneguard.unreported_dropped") as u64;
+    assert!(dropped > 0, "18,000 tenants do not fit in one ledger");
+    assert_eq!(
+        published_hits(&h) + dropped,
+        per_request * 18_001,
+        "every hit admitted is published or counted as forgotten"
+    );
+}
+
+#[test]
 fn shared_data_keys_do_not_grow_with_tenants() {
     let (h, mut root) = configured(POLICY);
     // 300 tenants admitted fail-open while the service is unreachable: one ledger key for
