@@ -216,3 +216,63 @@ fn service_stopped_local_failure_mode_limits_at_the_local_share() {
     }
     assert_eq!(limited[0].json().unwrap()["class"], "interactive", "{ctx}");
 }
+
+/// A service outage under load writes about one warning a second, not one a request: the
+/// million-tenant soak wrote 500,288 "answered gRPC status 14" lines in four minutes. The
+/// lines held back are counted in the next one, and the filter's counters keep every error.
+#[test]
+fn an_outage_writes_one_warning_a_second_not_one_a_request() {
+    let mut stack = Stack::start("failure-log-gate", &policy()).unwrap();
+    stack.service.stop();
+    let web = token("NORTHWIND_WEB").unwrap();
+    let started = Instant::now();
+    let mut sent = 0u64;
+    // Past two seconds, so that a second line says how many the first held back; bounded.
+    while sent < 3_000 && started.elapsed() < Duration::from_millis(2_500) {
+        let r = stack.client.get_as("/orders/1", &web, &[]).unwrap();
+        within_timeout(&r, &stack.logs());
+        assert!(
+            matches!(r.status, 200 | 429),
+            "interactive fails local\n{}\n{}",
+            r.describe(),
+            stack.logs()
+        );
+        sent += 1;
+    }
+    let seconds = started.elapsed().as_secs() + 1;
+    // Failed calls, counted when they fail (not batched). Fewer than the requests: the
+    // worker refuses locally once its local share is spent, without a call.
+    let errors = stack
+        .envoy
+        .counter_sum("laneguard", "laneguard.service_error.")
+        .unwrap();
+    let log = stack.envoy.log();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| {
+            l.contains("laneguard: rate-limit service answered gRPC status")
+                || l.contains("laneguard: cannot call")
+        })
+        .collect();
+    // One worker VM, two kinds of line (the call could not be sent, or came back non-OK),
+    // at most one of each a second, plus one for a second boundary.
+    assert!(
+        !warnings.is_empty() && warnings.len() as u64 <= 2 * (seconds + 1),
+        "{} warnings for {sent} failed requests in {seconds} s:\n{}",
+        warnings.len(),
+        warnings.join("\n")
+    );
+    assert!(
+        errors > warnings.len() as u64,
+        "the outage must fail more calls than it writes lines for the test to mean anything: \
+         {errors} failed calls, {} warnings",
+        warnings.len()
+    );
+    assert!(
+        warnings
+            .iter()
+            .any(|l| l.contains("more like it since the last such line")),
+        "{errors} failed calls and no warning says how many were held back:\n{}",
+        warnings.join("\n")
+    );
+}

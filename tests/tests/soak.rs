@@ -23,6 +23,10 @@ use std::time::{Duration, Instant};
 const PRINCIPALS: [&str; 5] = ["web", "erp", "recon", "support", "export"];
 /// Envoy's worker threads in both tests (each a VM with its own table).
 const WORKERS: u64 = 2;
+/// The VMs whose root context ticks and so adds its share to the filter's gauges: the
+/// workers' and the main thread's (the base VM does not tick). Each reports the Envoy-wide
+/// shared-data figures, so `shared_data.*` are VIEWS times them.
+const VIEWS: u64 = WORKERS + 1;
 /// fast.yaml's interactive budget, per second.
 const FLOOD_RATE: f64 = 50.0;
 
@@ -478,7 +482,7 @@ fn a_million_tenants_keep_vm_memory_and_shared_data_bounded() {
     let row = |label: &str, sent: u64, f: &FilterStats, stack: &Stack| {
         tenants_row(label, sent, started, f, stack)
     };
-    println!("| point | tenants sent | elapsed | VM memory, bytes (max VM) | buckets (a VM) | evicted (all VMs) | shared-data keys | shared-data bytes | Envoy RSS, KiB |");
+    println!("| point | tenants sent | elapsed | VM memory, bytes (all VMs) | buckets (a VM) | evicted (all VMs) | shared-data keys | shared-data bytes | Envoy RSS, KiB |");
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     let up = tenants / 2;
     let mut statuses = BTreeMap::new();
@@ -527,7 +531,7 @@ fn a_million_tenants_keep_vm_memory_and_shared_data_bounded() {
         );
         std::thread::sleep(Duration::from_secs(1));
         let now = filter_stats(&stack);
-        if now.max("laneguard.shared_data.bytes") < WORKERS * 1024
+        if now.max("laneguard.shared_data.bytes") < VIEWS * 1024
             && now.sum("laneguard.unreported_hits") == 0
         {
             break;
@@ -564,27 +568,32 @@ fn a_million_tenants_keep_vm_memory_and_shared_data_bounded() {
             "{label}: table over its cap"
         );
     }
-    assert_eq!(
-        early.max("laneguard.shared_data.keys"),
-        down.max("laneguard.shared_data.keys"),
-        "shared-data keys grew with the tenants"
+    // Keys can never be deleted: after all of the outage's tenants there are no more than
+    // after a tenth of them, and no more than the index, the reporter lease and one ledger
+    // per VM that admitted without the service (the workers).
+    let keys = |f: &FilterStats| f.max("laneguard.shared_data.keys");
+    assert!(
+        keys(&down) <= keys(&early),
+        "shared-data keys grew with the tenants: {} after a tenth, {} after all",
+        keys(&early),
+        keys(&down)
     );
     assert!(
-        down.max("laneguard.shared_data.keys") <= WORKERS * (2 + 4),
-        "more keys than the index, the lease and one ledger per VM"
+        keys(&down) <= VIEWS * (2 + WORKERS),
+        "more keys than the index, the lease and one ledger per worker VM: {}",
+        keys(&down)
     );
-    // Each VM's ledger is capped at 1 MiB (reconcile::MAX_LEDGER_BYTES); every worker VM
-    // reports the Envoy-wide figure, so the gauge is WORKERS times it.
-    let ledgers = (down.max("laneguard.shared_data.keys") / WORKERS).saturating_sub(2);
+    // Each VM's ledger is capped at 1 MiB (reconcile::MAX_LEDGER_BYTES).
+    let ledgers = (keys(&down) / VIEWS).saturating_sub(2);
     for (label, f) in [("a tenth", &early), ("down", &down)] {
         let bytes = f.max("laneguard.shared_data.bytes");
         assert!(
-            bytes <= WORKERS * (ledgers * LEDGER_CAP + 1024),
+            bytes <= VIEWS * (ledgers * LEDGER_CAP + 1024),
             "{label}: {bytes} bytes of shared data, over {ledgers} ledgers of {LEDGER_CAP}"
         );
     }
     assert!(
-        back.max("laneguard.shared_data.bytes") < WORKERS * 1024,
+        back.max("laneguard.shared_data.bytes") < VIEWS * 1024,
         "the ledgers were not drained: {} bytes",
         back.max("laneguard.shared_data.bytes")
     );

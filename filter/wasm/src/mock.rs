@@ -333,7 +333,10 @@ impl Host for MockHost {
 
     fn get_shared_data(&self, key: &str) -> Result<SharedValue, HostError> {
         self.note("get_shared_data", key);
+        // As Envoy does: an empty value comes back as absent (nothing is allocated for 0
+        // bytes), with its compare-and-swap token.
         Ok(match self.shared.borrow().get(key) {
+            Some((v, cas)) if v.is_empty() => (None, Some(*cas)),
             Some((v, cas)) => (Some(v.clone()), Some(*cas)),
             None => (None, None),
         })

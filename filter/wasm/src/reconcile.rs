@@ -211,26 +211,25 @@ pub fn publish(h: &dyn Host, vm: u64, hits: Vec<(Bucket, u64)>) -> Published {
     }
 }
 
-/// Shared data this filter holds in this Envoy: (keys, bytes of their values). Keys: the
-/// index, the reporter lease and every VM's ledger the index lists.
-pub fn footprint(h: &dyn Host) -> (u64, u64) {
+/// Shared data this filter holds in this Envoy: (keys, bytes of their values), or `None`
+/// when the index cannot be read (the caller keeps its last figure). Keys: the index and
+/// the reporter lease (both seeded at VM start) and every ledger the index lists. They are
+/// counted from the index, not by reading each key: Envoy hands an empty value back as
+/// absent (it allocates nothing for 0 bytes), so a drained ledger, which still exists (there
+/// is no delete), would not be counted by reading it, and the count would fall and rise with
+/// every drain. A ledger is listed just before its first write and never unlisted.
+pub fn footprint(h: &dyn Host) -> Option<(u64, u64)> {
     let size = |k: &str| match h.get_shared_data(k) {
-        Ok((Some(v), _)) => Some(v.len() as u64),
-        _ => None,
+        Ok((Some(v), _)) => v.len() as u64,
+        _ => 0,
     };
-    let mut keys = 0;
-    let mut bytes = 0;
-    let ledgers = index_keys(h).map(|(k, _)| k).unwrap_or_default();
-    for k in [INDEX, LEADER]
+    let (ledgers, _) = index_keys(h)?;
+    let bytes = [INDEX, LEADER]
         .into_iter()
         .chain(ledgers.iter().map(String::as_str))
-    {
-        if let Some(n) = size(k) {
-            keys += 1;
-            bytes += n;
-        }
-    }
-    (keys, bytes)
+        .map(size)
+        .sum();
+    Some((2 + ledgers.len() as u64, bytes))
 }
 
 /// The hits in every published ledger (tests: what a drain would report).

@@ -10,6 +10,7 @@ use crate::request::{self, Request};
 use crate::{audit, reconcile, rls};
 use laneguard_core::degrade::WaitQueue;
 use laneguard_core::headers::{error_body, limited_body};
+use laneguard_core::logsafe::LogGate;
 use laneguard_core::peer::Peer;
 use laneguard_core::reconnect::{Due, ReportTrigger};
 use laneguard_core::rollout::{Watch, DEFAULT_WATCH_TENANTS};
@@ -54,6 +55,27 @@ pub(crate) struct Shared {
     /// What this worker admitted and refused, per tenant, class and hour, not yet sent to
     /// the service's usage ledger (`laneguard_core::usage`).
     pub usage: RefCell<Tally>,
+    /// The per-request warnings about the service (a call that could not be sent, a
+    /// non-OK status, an undecodable answer): at most one line a second each.
+    pub log_gates: RefCell<ServiceLogGates>,
+}
+
+/// One [`LogGate`] per kind of per-request warning about the service.
+pub(crate) struct ServiceLogGates {
+    pub dispatch: LogGate,
+    pub status: LogGate,
+    pub decode: LogGate,
+}
+
+impl Default for ServiceLogGates {
+    fn default() -> Self {
+        let g = || LogGate::new(laneguard_core::logsafe::LOG_EVERY_NS);
+        ServiceLogGates {
+            dispatch: g(),
+            status: g(),
+            decode: g(),
+        }
+    }
 }
 
 impl Shared {
@@ -78,6 +100,7 @@ impl Shared {
             tokens_in_flight: Cell::new(0),
             reporting: RefCell::new(ReportTrigger::default()),
             usage: RefCell::new(Tally::default()),
+            log_gates: RefCell::new(ServiceLogGates::default()),
         }
     }
 
@@ -706,9 +729,10 @@ impl Root {
         self.ship_audit(h, &shared);
         if self.ticks.is_multiple_of(PRUNE_EVERY) {
             shared.table.borrow_mut().prune(now);
-            let (keys, bytes) = reconcile::footprint(h);
-            shared.metrics.shared_data_keys.set(h, keys);
-            shared.metrics.shared_data_bytes.set(h, bytes);
+            if let Some((keys, bytes)) = reconcile::footprint(h) {
+                shared.metrics.shared_data_keys.set(h, keys);
+                shared.metrics.shared_data_bytes.set(h, bytes);
+            }
         }
         if self.ticks.is_multiple_of(TICKS_PER_SECOND) {
             let mut table = shared.table.borrow_mut();

@@ -7,6 +7,7 @@ use crate::rls;
 use laneguard_core::audit::Event;
 use laneguard_core::engine::{ceil_s, Level};
 use laneguard_core::headers::error_body;
+use laneguard_core::logsafe::held_back;
 use laneguard_core::peer::{Answer, Peer};
 use laneguard_core::{Bucket, FailureMode, LocalTable, Plan};
 use laneguard_protos::envoy::service::ratelimit::v3::rate_limit_response::{
@@ -71,7 +72,14 @@ impl Request {
                     DispatchError::UnknownCluster(_) => "unknown_cluster",
                     DispatchError::Failed(_) => "dispatch_failed",
                 };
-                log::warn!("laneguard: cannot call {:?}: {status:?}", svc.cluster);
+                let gate = shared.log_gates.borrow_mut().dispatch.pass(now);
+                if let Some(held) = gate {
+                    log::warn!(
+                        "laneguard: cannot call {:?}: {status:?}{}",
+                        svc.cluster,
+                        held_back(held)
+                    );
+                }
                 self.degrade(h, &plan, reason)
             }
         }
@@ -106,7 +114,13 @@ impl Request {
                 shared.metrics.service_error_status.inc(h);
                 "service_error"
             };
-            log::warn!("laneguard: rate-limit service answered gRPC status {status_code}");
+            let gate = shared.log_gates.borrow_mut().status.pass(h.now_ns());
+            if let Some(held) = gate {
+                log::warn!(
+                    "laneguard: rate-limit service answered gRPC status {status_code}{}",
+                    held_back(held)
+                );
+            }
             return self.degrade(h, &plan, reason);
         }
         let body = h.grpc_response_body(size).unwrap_or_default();
@@ -114,7 +128,13 @@ impl Request {
             Ok(v) => v,
             Err(e) => {
                 shared.metrics.service_error_decode.inc(h);
-                log::warn!("laneguard: undecodable rate-limit answer: {e}");
+                let gate = shared.log_gates.borrow_mut().decode.pass(h.now_ns());
+                if let Some(held) = gate {
+                    log::warn!(
+                        "laneguard: undecodable rate-limit answer: {e}{}",
+                        held_back(held)
+                    );
+                }
                 return self.degrade(h, &plan, "bad_response");
             }
         };
