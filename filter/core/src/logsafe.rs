@@ -13,6 +13,9 @@
 //! - [`caller_fields`] is the filter's part of the demo access-log line (`tenant=..
 //!   principal=.. user=.. declared=.. request_id=..`), built from the raw headers, so it is
 //!   safe even for a request the filter refuses.
+//! - [`LogGate`] bounds how often one kind of line is written (once a second, with a count of
+//!   the lines held back: [`held_back`]), so a service outage does not write a warning per
+//!   request.
 //!
 //! Audit records are JSON: `serde_json` already escapes control characters inside strings,
 //! so a record is always one line.
@@ -140,6 +143,57 @@ pub fn caller_fields(info: &RequestInfo<'_>, request_id: Option<&str>) -> String
     out
 }
 
+/// A rate limit on one kind of log line: at most one line per `every_ns`. The lines held
+/// back meanwhile are counted, and the next line that passes says how many. A service
+/// outage under 1,000 req/s would otherwise write one warning per request (the million-tenant
+/// soak wrote 500,288 in four minutes); the filter's counters keep the exact totals.
+#[derive(Clone, Debug)]
+pub struct LogGate {
+    every_ns: u64,
+    next_ns: u64,
+    held: u64,
+}
+
+/// How often a gated kind of line may be written: once a second.
+pub const LOG_EVERY_NS: u64 = 1_000_000_000;
+
+/// Once every [`LOG_EVERY_NS`].
+impl Default for LogGate {
+    fn default() -> LogGate {
+        LogGate::new(LOG_EVERY_NS)
+    }
+}
+
+impl LogGate {
+    pub const fn new(every_ns: u64) -> LogGate {
+        LogGate {
+            every_ns,
+            next_ns: 0,
+            held: 0,
+        }
+    }
+
+    /// At `now_ns`: `Some(lines held back since the last one)` when a line may be written,
+    /// `None` (and counted) when it must not.
+    pub fn pass(&mut self, now_ns: u64) -> Option<u64> {
+        if now_ns < self.next_ns {
+            self.held = self.held.saturating_add(1);
+            return None;
+        }
+        self.next_ns = now_ns.saturating_add(self.every_ns);
+        Some(std::mem::take(&mut self.held))
+    }
+}
+
+/// The suffix of a gated line that says how many like it were held back (empty for none).
+pub fn held_back(held: u64) -> String {
+    if held == 0 {
+        String::new()
+    } else {
+        format!(" ({held} more like it since the last such line)")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,49 +296,5 @@ mod tests {
             held_back(999),
             " (999 more like it since the last such line)"
         );
-    }
-}
-
-/// A rate limit on one kind of log line: at most one line per `every_ns`. The lines held
-/// back meanwhile are counted, and the next line that passes says how many. A service
-/// outage under 1,000 req/s would otherwise write one warning per request (the million-tenant
-/// soak wrote 500,288 in four minutes); the filter's counters keep the exact totals.
-#[derive(Clone, Debug, Default)]
-pub struct LogGate {
-    every_ns: u64,
-    next_ns: u64,
-    held: u64,
-}
-
-/// How often a gated kind of line may be written: once a second.
-pub const LOG_EVERY_NS: u64 = 1_000_000_000;
-
-impl LogGate {
-    pub const fn new(every_ns: u64) -> LogGate {
-        LogGate {
-            every_ns,
-            next_ns: 0,
-            held: 0,
-        }
-    }
-
-    /// At `now_ns`: `Some(lines held back since the last one)` when a line may be written,
-    /// `None` (and counted) when it must not.
-    pub fn pass(&mut self, now_ns: u64) -> Option<u64> {
-        if now_ns < self.next_ns {
-            self.held = self.held.saturating_add(1);
-            return None;
-        }
-        self.next_ns = now_ns.saturating_add(self.every_ns);
-        Some(std::mem::take(&mut self.held))
-    }
-}
-
-/// The suffix of a gated line that says how many like it were held back (empty for none).
-pub fn held_back(held: u64) -> String {
-    if held == 0 {
-        String::new()
-    } else {
-        format!(" ({held} more like it since the last such line)")
     }
 }

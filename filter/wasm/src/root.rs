@@ -60,22 +60,12 @@ pub(crate) struct Shared {
     pub log_gates: RefCell<ServiceLogGates>,
 }
 
-/// One [`LogGate`] per kind of per-request warning about the service.
+/// One [`LogGate`] (once a second) per kind of per-request warning about the service.
+#[derive(Default)]
 pub(crate) struct ServiceLogGates {
     pub dispatch: LogGate,
     pub status: LogGate,
     pub decode: LogGate,
-}
-
-impl Default for ServiceLogGates {
-    fn default() -> Self {
-        let g = || LogGate::new(laneguard_core::logsafe::LOG_EVERY_NS);
-        ServiceLogGates {
-            dispatch: g(),
-            status: g(),
-            decode: g(),
-        }
-    }
 }
 
 impl Shared {
