@@ -21,6 +21,12 @@ use crate::unit::Unit;
 /// The parameter entry that carries a bucket's burst.
 pub const BURST_ENTRY: &str = "lg.burst";
 
+/// The parameter entry of a report's descriptor: how long ago, in whole milliseconds, the
+/// first of its hits was admitted (`laneguard_core::engine::report_age_ms`). Only what the
+/// hits exceeded the bucket's refill over that time by is charged
+/// (`laneguard_core::engine::charge_reported`). Only reports carry it.
+pub const AGE_ENTRY: &str = "lg.age_ms";
+
 /// A request the service cannot evaluate: answered with gRPC `INVALID_ARGUMENT`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RequestError {
@@ -28,6 +34,16 @@ pub enum RequestError {
     BadBurst { index: usize, value: String },
     #[error("descriptors[{index}]: `lg.burst` appears more than once")]
     DuplicateBurst { index: usize },
+    #[error(
+        "descriptors[{index}]: `lg.age_ms` value `{value}` is not a non-negative 64-bit integer"
+    )]
+    BadAge { index: usize, value: String },
+    #[error("descriptors[{index}]: `lg.age_ms` appears more than once")]
+    DuplicateAge { index: usize },
+    #[error(
+        "descriptors[{index}]: `lg.age_ms` is only for reports (`x-laneguard-report: 1`); a decision or a refund is as of now"
+    )]
+    AgeOutsideReport { index: usize },
     #[error("descriptors[{index}].limit.requests_per_unit: must be positive")]
     ZeroLimit { index: usize },
     #[error("descriptors[{index}].limit.unit: {unit} is not a defined RateLimitUnit")]
@@ -107,6 +123,7 @@ fn plan_descriptor(
     rules: Option<&Config>,
 ) -> Result<Option<Charge>, RequestError> {
     let mut burst: Option<NonZeroU32> = None;
+    let mut age_ms: Option<u64> = None;
     let mut entries: Vec<(&str, &str)> = Vec::with_capacity(descriptor.entries.len());
     for (entry, e) in descriptor.entries.iter().enumerate() {
         for (field, text) in [("key", &e.key), ("value", &e.value)] {
@@ -131,6 +148,15 @@ fn plan_descriptor(
                     value: quoted(&e.value),
                 })?;
             burst = Some(n);
+        } else if e.key == AGE_ENTRY {
+            if age_ms.is_some() {
+                return Err(RequestError::DuplicateAge { index });
+            }
+            let n = e.value.parse::<u64>().map_err(|_| RequestError::BadAge {
+                index,
+                value: quoted(&e.value),
+            })?;
+            age_ms = Some(n);
         } else {
             entries.push((e.key.as_str(), e.value.as_str()));
         }
@@ -173,7 +199,12 @@ fn plan_descriptor(
             bytes: key.len(),
         });
     }
-    Ok(Some(Charge { key, rate, cost }))
+    Ok(Some(Charge {
+        key,
+        rate,
+        cost,
+        age_ns: age_ms.unwrap_or(0).saturating_mul(1_000_000),
+    }))
 }
 
 #[cfg(test)]
@@ -198,9 +229,14 @@ mod tests {
     }
 
     #[test]
-    fn burst_entry_is_stripped_from_the_key_and_sets_the_burst() {
+    fn parameter_entries_are_stripped_from_the_key_and_set_the_burst_and_age() {
         let with = descriptor(
-            &[("tenant", "acme"), ("bucket", "shared"), ("lg.burst", "7")],
+            &[
+                ("tenant", "acme"),
+                ("lg.age_ms", "4000"),
+                ("bucket", "shared"),
+                ("lg.burst", "7"),
+            ],
             Some((60, RateLimitUnit::Minute)),
         );
         let without = descriptor(
@@ -209,7 +245,10 @@ mod tests {
         );
         let p = plan(&request(vec![with, without], 0), None).unwrap();
         let (a, b) = (p[0].clone().unwrap(), p[1].clone().unwrap());
-        assert_eq!(a.key, b.key, "lg.burst is not part of the bucket identity");
+        assert_eq!(
+            a.key, b.key,
+            "lg.burst and lg.age_ms are not the bucket's identity"
+        );
         assert_eq!(
             a.key,
             key::encode("laneguard", &[("tenant", "acme"), ("bucket", "shared")])
@@ -219,6 +258,45 @@ mod tests {
         assert_eq!(b.rate, Rate::new(60, Window::Minute, 60).unwrap());
         // hits_addend 0 on the wire means 1.
         assert_eq!(a.cost, 1);
+        assert_eq!(a.age_ns, 4_000_000_000);
+        assert_eq!(b.age_ns, 0);
+    }
+
+    #[test]
+    fn age_entry_values_are_checked() {
+        // Huge ages saturate rather than wrap (such a report charges nothing).
+        let d = descriptor(
+            &[("tenant", "t"), ("lg.age_ms", &u64::MAX.to_string())],
+            Some((1, RateLimitUnit::Second)),
+        );
+        assert_eq!(
+            plan(&request(vec![d], 1), None).unwrap()[0]
+                .as_ref()
+                .unwrap()
+                .age_ns,
+            u64::MAX
+        );
+        for bad in ["-1", "1.5", "", "soon"] {
+            let d = descriptor(
+                &[("tenant", "t"), ("lg.age_ms", bad)],
+                Some((1, RateLimitUnit::Second)),
+            );
+            assert_eq!(
+                plan(&request(vec![d], 1), None).unwrap_err(),
+                RequestError::BadAge {
+                    index: 0,
+                    value: bad.into()
+                }
+            );
+        }
+        let twice = descriptor(
+            &[("lg.age_ms", "1"), ("tenant", "t"), ("lg.age_ms", "2")],
+            Some((1, RateLimitUnit::Second)),
+        );
+        assert_eq!(
+            plan(&request(vec![twice], 1), None).unwrap_err(),
+            RequestError::DuplicateAge { index: 0 }
+        );
     }
 
     #[test]

@@ -358,6 +358,14 @@ impl RateLimiter {
 
     async fn answer(&self, request: &RateLimitRequest, ask: Ask) -> Result<Answer, ServiceError> {
         let plan = limits::plan(request, self.rules.as_deref())?;
+        if ask != Ask::Report {
+            if let Some(index) = plan
+                .iter()
+                .position(|c| c.as_ref().is_some_and(|c| c.age_ns > 0))
+            {
+                return Err(limits::RequestError::AgeOutsideReport { index }.into());
+            }
+        }
         let charges: Vec<Charge> = plan.iter().flatten().cloned().collect();
         if charges.is_empty() {
             // Empty or wholly unlimited: OK without touching the store.
@@ -777,6 +785,57 @@ mod tests {
         // A report asks for no lease, even with grants on.
         let r = svc.evaluate_ask(&report, Ask::Report).await.unwrap();
         assert!(r.statuses.iter().all(|s| s.quota.is_none()));
+    }
+
+    #[tokio::test]
+    async fn a_report_charges_what_exceeded_the_refill_of_its_age_and_only_a_report_has_one() {
+        let clock = Arc::new(ManualClock::new(T0));
+        let svc = limiter(clock.clone());
+        // 10/s, burst 10. 40 hits admitted over the last 4 s (the ceiling's rate): the
+        // bucket refilled as fast as they spent it, so the report charges nothing.
+        let d = |hits, age: Option<&str>| {
+            let mut entries = vec![("tenant", "t"), ("bucket", "shared")];
+            if let Some(a) = age {
+                entries.push(("lg.age_ms", a));
+            }
+            let mut d = descriptor(&entries, Some((10, RateLimitUnit::Second)));
+            d.hits_addend = Some(hits);
+            d
+        };
+        let request = |d| RateLimitRequest {
+            domain: "laneguard".into(),
+            descriptors: vec![d],
+            hits_addend: 0,
+        };
+        let r = svc
+            .evaluate_ask(&request(d(40, Some("4000"))), Ask::Report)
+            .await
+            .unwrap();
+        assert_eq!(r.statuses[0].code, Code::Ok as i32);
+        assert_eq!(r.statuses[0].limit_remaining, 10);
+        // The same report as of now: 4 s of debt on a bucket that holds 1 s.
+        let r = svc
+            .evaluate_ask(&request(d(40, None)), Ask::Report)
+            .await
+            .unwrap();
+        assert_eq!(r.statuses[0].code, Code::OverLimit as i32);
+        assert_eq!(r.statuses[0].limit_remaining, 0);
+        // A decision or a refund is as of now: an age there is refused, and names its
+        // descriptor.
+        for ask in [Ask::Decide { lease: 0 }, Ask::Refund] {
+            let e = svc
+                .evaluate_ask(&request(d(1, Some("10"))), ask)
+                .await
+                .unwrap_err();
+            let status = Status::from(e);
+            assert_eq!(status.code(), tonic::Code::InvalidArgument);
+            assert!(
+                status.message().contains("descriptors[0]")
+                    && status.message().contains("lg.age_ms"),
+                "{}",
+                status.message()
+            );
+        }
     }
 
     #[tokio::test]

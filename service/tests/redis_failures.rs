@@ -253,6 +253,7 @@ async fn corrupt_state_is_internal() {
         key: key.clone(),
         rate: laneguard_core::Rate::new(10, laneguard_core::Window::Second, 10).unwrap(),
         cost: 1,
+        age_ns: 0,
     };
     match store.check_and_charge(&[charge], 0, T0).await {
         Err(e @ StoreError::Corrupt { .. }) => {

@@ -77,6 +77,7 @@ impl B {
             key: self.key.clone(),
             rate: self.rate,
             cost,
+            age_ns: 0,
         }
     }
 }
@@ -315,10 +316,11 @@ mod cases {
         let out = leased(&*s, &[shared.cost(1), total.cost(0)], 50, T0 + 20 * S).await;
         assert!(out.admitted);
         // total: 1 left at T0, +1 per 20 s: 2 left, nothing charged by cost 0 -> room 2.
-        assert_eq!(out.grant, lease_size(2, 50));
+        // Of a burst of 3 it gives at most 1 (half, rounded down).
+        assert_eq!(out.grant, lease_size(&[(2, 3)], 50));
         assert_eq!(out.grant, 1);
         // shared: full again by T0 + 20 s (100), - 1 - grant 1. In a cluster its slot first
-        // granted a quarter of its own room (24) and was refunded the excess.
+        // granted up to half its own burst (50) and was refunded the excess.
         assert_eq!(out.buckets[0].remaining, 98);
         assert_eq!(remaining(&*s, &shared, T0 + 20 * S).await, 98);
         assert_eq!(remaining(&*s, &total, T0 + 20 * S).await, 1);
@@ -408,29 +410,30 @@ mod cases {
         );
         let req = [wide.cost(1), narrow.cost(1)];
 
-        // narrow has 40 left after the request: a quarter is 10, asked 50 -> 10.
+        // narrow has 40 left after the request: it gives up to half its burst of 41, 20;
+        // wide (99 left, burst 100) would give 50; asked 50 -> 20.
         let out = leased(&*s, &req, 50, T0).await;
         assert!(out.admitted);
-        assert_eq!(out.grant, 10);
+        assert_eq!(out.grant, 20);
         // Statuses count the grant as spent.
-        assert_eq!(out.buckets[0].remaining, 89);
-        assert_eq!(out.buckets[1].remaining, 30);
-        assert_eq!(remaining(&*s, &wide, T0).await, 89);
-        assert_eq!(remaining(&*s, &narrow, T0).await, 30);
+        assert_eq!(out.buckets[0].remaining, 79);
+        assert_eq!(out.buckets[1].remaining, 20);
+        assert_eq!(remaining(&*s, &wide, T0).await, 79);
+        assert_eq!(remaining(&*s, &narrow, T0).await, 20);
 
         // Never more than asked.
         let out = leased(&*s, &req, 3, T0).await;
         assert_eq!(out.grant, 3);
-        assert_eq!(remaining(&*s, &narrow, T0).await, 26);
+        assert_eq!(remaining(&*s, &narrow, T0).await, 16);
 
         // Asking for nothing grants nothing.
         let out = leased(&*s, &req, 0, T0).await;
         assert_eq!(out.grant, 0);
-        assert_eq!(remaining(&*s, &narrow, T0).await, 25);
+        assert_eq!(remaining(&*s, &narrow, T0).await, 15);
 
         // Draining with leases: what is admitted plus what is granted never exceeds the
-        // bucket, grants shrink as the room does, and end at 1 unit at a time.
-        let mut spent = 41 - 25;
+        // bucket. Under half the burst left, a grant is all of the room: one ask empties it.
+        let mut spent = 41 - 15;
         let mut grants = Vec::new();
         loop {
             let out = leased(&*s, &req, 1000, T0).await;
@@ -443,7 +446,7 @@ mod cases {
         }
         assert_eq!(spent, 41, "grants {grants:?}");
         assert!(grants.windows(2).all(|w| w[0] >= w[1]), "{grants:?}");
-        assert_eq!(grants, vec![6, 4, 3, 2, 1, 1, 1]);
+        assert_eq!(grants, vec![14]);
     }
 
     /// A long pseudo-random sequence of requests (odd rates, weighted costs, leases, repeated
@@ -566,6 +569,73 @@ mod cases {
 
     /// A report of hits already admitted is charged unconditionally, across slots, even into
     /// debt beyond the burst, and that debt then holds decisions shut until it drains.
+    /// A report charges what its hits exceeded the bucket's refill over their age
+    /// (`lg.age_ms`) by: max(TAT, now) + max(0, cost x T - age), the same in every store as
+    /// in the core (`laneguard_core::engine::charge_reported`), across slots, with a key
+    /// mentioned twice at two ages.
+    pub async fn reports_charge_what_exceeded_the_refill_of_their_age(be: &Backend) {
+        let s = be.store();
+        let d = "report_age";
+        let shared = B::new(
+            d,
+            &[("tenant", "acme"), ("bucket", "shared")],
+            10,
+            Window::Second,
+            10,
+        );
+        let total = B::new(
+            d,
+            &[("bucket", "model_total"), ("model", "m")],
+            10,
+            Window::Second,
+            10,
+        );
+        let aged = |b: &B, cost: u32, age_ns: u64| Charge {
+            age_ns,
+            ..b.cost(cost)
+        };
+        // The fleet's traffic resumed when the service came back (shared is empty at
+        // T0 + 4 s), then the report of a 4 s outage lands: 40 hits on shared (its rate)
+        // charge nothing more, 60 on total (20 beyond its rate, 2 s) put it in 2 s of debt
+        // (past empty by 1 s).
+        let now = T0 + 4 * S;
+        assert!(run(&*s, &[shared.cost(10)], now).await.admitted);
+        let report = [aged(&shared, 40, 4 * S), aged(&total, 60, 4 * S)];
+        let reference = MemoryStore::new();
+        reference.check_and_charge_now(&[shared.cost(10)], 0, now);
+        let out = s.report(&report, now).await.unwrap();
+        assert_eq!(out, reference.report_now(&report, now));
+        assert_eq!(out.buckets[0].remaining, 0);
+        assert_eq!(out.buckets[0].reset_ns, S, "as empty as before the report");
+        assert!(!out.buckets[1].has_room);
+        assert_eq!(out.buckets[1].reset_ns, 2 * S);
+        assert_eq!(remaining(&*s, &shared, now + S / 10).await, 1);
+        // Two mentions of one key: 15 hits over 2 s (under the rate) charge nothing, then 5
+        // as of now charge 5.
+        let later = now + 10 * S;
+        let twice = [aged(&shared, 15, 2 * S), aged(&shared, 5, 0)];
+        let reference = MemoryStore::new();
+        let out = s.report(&twice, later).await.unwrap();
+        assert_eq!(out, reference.report_now(&twice, later));
+        assert_eq!(out.buckets[0].remaining, 5);
+        assert_eq!(out.buckets[0].reset_ns, S / 2);
+        // Ages past what the hits cost, up to u64::MAX, charge nothing and give nothing
+        // back.
+        let fresh = B::new(
+            d,
+            &[("tenant", "acme"), ("bucket", "fresh")],
+            10,
+            Window::Second,
+            10,
+        );
+        assert!(run(&*s, &[total.cost(0)], later).await.admitted);
+        let ancient = [aged(&fresh, 1000, u64::MAX), aged(&total, 1000, u64::MAX)];
+        let out = s.report(&ancient, later).await.unwrap();
+        assert_eq!(out, MemoryStore::new().report_now(&ancient, later));
+        assert_eq!(out.buckets[0].remaining, 10);
+        assert_eq!(out.buckets[1].remaining, 10);
+    }
+
     pub async fn reports_charge_unconditionally(be: &Backend) {
         let s = be.store();
         let d = "reports";
@@ -706,8 +776,9 @@ mod cases {
         let out = leased(&*s, &charges, 9, T0).await;
         let want = decide(&charges, &[Gcra::default(), Gcra::default()], 9, T0).outcome;
         assert_eq!(out, want);
-        assert_eq!(out.grant, 4);
-        assert_eq!(remaining(&*s, &b, T0).await, 12);
+        // 16 left of a burst of 20: it gives up to 10, asked 9.
+        assert_eq!(out.grant, 9);
+        assert_eq!(remaining(&*s, &b, T0).await, 7);
     }
 }
 
@@ -758,5 +829,6 @@ test_with_all_stores!(
     two_replicas_account_as_one,
     lease_with_a_repeated_key,
     reports_charge_unconditionally,
+    reports_charge_what_exceeded_the_refill_of_their_age,
     refunds_give_back_never_past_full,
 );

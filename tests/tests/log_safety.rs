@@ -228,3 +228,67 @@ fn a_claim_with_a_newline_cannot_forge_an_access_log_record() {
     assert_ne!(code, 0, "the recipe must refuse a foreign line");
     assert!(err.contains("line 3"), "{err}");
 }
+
+/// A client that forges its class on every request writes about one warning a second, not
+/// one a request: any caller can send the header, and Envoy's log is shared with every other
+/// tenant. Each forgery is still counted (`forged_class`), and the line says how many like it
+/// it held back.
+#[test]
+fn a_forged_class_flood_writes_one_warning_a_second_not_one_a_request() {
+    // The leases test policy: web's class has no queue fallback, so a refusal is at once.
+    let stack = Stack::start(
+        "log-forged-flood",
+        &laneguard_tests::test_policy("valid/leases.yaml").unwrap(),
+    )
+    .unwrap();
+    let web = token("NORTHWIND_WEB").unwrap();
+    let started = Instant::now();
+    let mut sent = 0u64;
+    // Past two seconds, so that a second line says how many the first held back; bounded.
+    while sent < 3_000 && started.elapsed() < Duration::from_millis(2_500) {
+        let r = stack
+            .client
+            .get_as("/orders/1", &web, &[("x-traffic-class", "repair")])
+            .unwrap();
+        assert!(
+            matches!(r.status, 200 | 429),
+            "{}\n{}",
+            r.describe(),
+            stack.logs()
+        );
+        sent += 1;
+    }
+    let seconds = started.elapsed().as_secs() + 1;
+    let forged = poll(Duration::from_secs(5), || {
+        let n = stack
+            .envoy
+            .counter_sum("laneguard", "laneguard.forged_class")
+            .unwrap();
+        (n >= sent).then_some(n)
+    })
+    .unwrap_or_else(|| panic!("not every forgery was counted\n{}", stack.logs()));
+    assert_eq!(forged, sent);
+    let log = stack.envoy.log();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("laneguard: forged class:"))
+        .collect();
+    // One worker VM: at most one line a second, plus one for a second boundary.
+    assert!(
+        !warnings.is_empty() && warnings.len() as u64 <= seconds + 1,
+        "{} warnings for {sent} forged requests in {seconds} s:\n{}",
+        warnings.len(),
+        warnings.join("\n")
+    );
+    assert!(
+        sent > 10 * warnings.len() as u64,
+        "the flood must be much larger than the lines for the test to mean anything: {sent}"
+    );
+    assert!(
+        warnings
+            .iter()
+            .any(|l| l.contains("more like it since the last such line")),
+        "{sent} forgeries and no warning says how many were held back:\n{}",
+        warnings.join("\n")
+    );
+}

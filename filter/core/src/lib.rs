@@ -40,8 +40,8 @@ pub mod rollout;
 pub mod usage;
 
 pub use engine::{
-    plan, Bucket, BucketKind, Evaluation, Level, LocalTable, Plan, Reject, RequestInfo, Unreported,
-    MAX_UNREPORTED_BUCKETS,
+    plan, Bucket, BucketKind, Evaluation, Level, LocalTable, Pending, Plan, Reject, RequestInfo,
+    Unreported, MAX_UNREPORTED_BUCKETS,
 };
 pub use policy::{parse, parse_raw, FailureMode, Fallback, Mode, Policy, PolicyError};
 pub use rate::{Rate, Window};

@@ -14,8 +14,8 @@
 //!   principal=.. user=.. declared=.. request_id=..`), built from the raw headers, so it is
 //!   safe even for a request the filter refuses.
 //! - [`LogGate`] bounds how often one kind of line is written (once a second, with a count of
-//!   the lines held back: [`held_back`]), so a service outage does not write a warning per
-//!   request.
+//!   the lines held back: [`held_back`]), so a service outage, or a client forging its class
+//!   on every request, does not write a warning per request.
 //!
 //! Audit records are JSON: `serde_json` already escapes control characters inside strings,
 //! so a record is always one line.

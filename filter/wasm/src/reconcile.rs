@@ -2,8 +2,8 @@
 //!
 //! Hits a worker admitted without the service (fail-open, or local decisions in degraded
 //! mode) must reach the service so its accounting converges. Every worker VM publishes its
-//! own ledger under one key of its own (`laneguard/unreported/<vm>`: every bucket's hits and
-//! descriptor in one value), so no two workers ever write the same key; a shared index
+//! own ledger under one key of its own (`laneguard/ledger2/<vm>`: every bucket's hits, the
+//! time of its first hit, and its descriptor in one value), so no two workers ever write the same key; a shared index
 //! lists those keys. Every VM's root ticks, so the VMs elect one reporter with a lease in
 //! shared data (`laneguard/reconciler`, `"<vm id> <expiry ns>"`, taken with
 //! compare-and-swap). The reporter drains each ledger with CAS (so a concurrent publish is
@@ -23,12 +23,14 @@
 //! keys that carry its own VM id.
 
 use crate::host::{Host, SharedDataError};
-use laneguard_core::Bucket;
+use laneguard_core::Pending;
 use laneguard_protos::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use laneguard_protos::prost::Message;
 use std::collections::HashMap;
 
-const INDEX: &str = "laneguard/unreported/index";
+/// The keys carry the ledger format's version: `laneguard/unreported/...` held no time of
+/// first hit, and a filter of that version loaded in the same Envoy keeps its own keys.
+const INDEX: &str = "laneguard/ledger2/index";
 const LEADER: &str = "laneguard/reconciler";
 const CAS_TRIES: usize = 8;
 /// The most bytes one VM's published ledger holds: about 10,000 buckets of a tenant, a
@@ -41,8 +43,11 @@ pub const MAX_LEDGER_BYTES: usize = 1 << 20;
 
 /// One ledger entry's encoded size.
 fn entry_bytes(descriptor: &[u8]) -> usize {
-    12 + descriptor.len()
+    ENTRY_HEAD + descriptor.len()
 }
+
+/// An entry's fixed part: hits (u64), since (u64), descriptor length (u32).
+const ENTRY_HEAD: usize = 20;
 
 /// Seed the shared keys if no VM has yet (see the module doc).
 pub fn seed(h: &dyn Host) {
@@ -55,19 +60,30 @@ pub fn seed(h: &dyn Host) {
 
 /// This VM's ledger key.
 fn ledger_key(vm: u64) -> String {
-    format!("laneguard/unreported/{vm:016x}")
+    format!("laneguard/ledger2/{vm:016x}")
 }
 
-/// A ledger: (hits, encoded descriptor) per bucket, in a value of
-/// `[hits u64 LE][descriptor length u32 LE][descriptor]...`.
-type Ledger = Vec<(u64, Vec<u8>)>;
+/// One bucket's entry in a ledger: its hits, the wall-clock time of the first of them (ns),
+/// and its encoded descriptor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Entry {
+    hits: u64,
+    since_ns: u64,
+    descriptor: Vec<u8>,
+}
+
+/// A ledger: an [`Entry`] per bucket, in a value of
+/// `[hits u64 LE][since u64 LE][descriptor length u32 LE][descriptor]...`.
+type Ledger = Vec<Entry>;
 
 fn encode_ledger(entries: &Ledger) -> Vec<u8> {
-    let mut v = Vec::with_capacity(entries.iter().map(|(_, d)| 12 + d.len()).sum());
-    for (hits, d) in entries {
-        v.extend_from_slice(&hits.to_le_bytes());
-        v.extend_from_slice(&u32::try_from(d.len()).unwrap_or(u32::MAX).to_le_bytes());
-        v.extend_from_slice(d);
+    let mut v = Vec::with_capacity(entries.iter().map(|e| entry_bytes(&e.descriptor)).sum());
+    for e in entries {
+        v.extend_from_slice(&e.hits.to_le_bytes());
+        v.extend_from_slice(&e.since_ns.to_le_bytes());
+        let len = u32::try_from(e.descriptor.len()).unwrap_or(u32::MAX);
+        v.extend_from_slice(&len.to_le_bytes());
+        v.extend_from_slice(&e.descriptor);
     }
     v
 }
@@ -75,63 +91,78 @@ fn encode_ledger(entries: &Ledger) -> Vec<u8> {
 /// Decode a ledger; a damaged tail is dropped (it cannot be attributed).
 fn decode_ledger(mut bytes: &[u8]) -> Ledger {
     let mut out = Vec::new();
-    while let Some((head, rest)) = bytes.split_at_checked(12) {
-        let (h8, l4) = head.split_at(8);
-        let (Ok(h8), Ok(l4)) = (<[u8; 8]>::try_from(h8), <[u8; 4]>::try_from(l4)) else {
+    while let Some((head, rest)) = bytes.split_at_checked(ENTRY_HEAD) {
+        let (h8, rest8) = head.split_at(8);
+        let (s8, l4) = rest8.split_at(8);
+        let (Ok(h8), Ok(s8), Ok(l4)) = (
+            <[u8; 8]>::try_from(h8),
+            <[u8; 8]>::try_from(s8),
+            <[u8; 4]>::try_from(l4),
+        ) else {
             break;
         };
         let len = u32::from_le_bytes(l4) as usize;
         let Some((d, rest)) = rest.split_at_checked(len) else {
             break;
         };
-        out.push((u64::from_le_bytes(h8), d.to_vec()));
+        out.push(Entry {
+            hits: u64::from_le_bytes(h8),
+            since_ns: u64::from_le_bytes(s8),
+            descriptor: d.to_vec(),
+        });
         bytes = rest;
     }
     out
 }
 
-/// Merge `add` into `ledger` (by descriptor), keeping at most [`MAX_LEDGER_BYTES`] encoded:
-/// beyond that the entries with the fewest hits go (of equal hits, the newest). Returns how
-/// many hits were dropped.
-fn merge(ledger: &mut Ledger, add: &[(u64, Vec<u8>)]) -> u64 {
+/// Merge `add` into `ledger` (by descriptor: hits add up, the earliest time of first hit
+/// stays), keeping at most [`MAX_LEDGER_BYTES`] encoded: beyond that the entries with the
+/// fewest hits go (of equal hits, the newest). Returns how many hits were dropped.
+fn merge(ledger: &mut Ledger, add: &[Entry]) -> u64 {
     let mut at: HashMap<Vec<u8>, usize> = ledger
         .iter()
         .enumerate()
-        .map(|(i, (_, d))| (d.clone(), i))
+        .map(|(i, e)| (e.descriptor.clone(), i))
         .collect();
-    for (hits, d) in add {
-        match at.get(d) {
+    for e in add {
+        match at.get(&e.descriptor) {
             Some(&i) => {
-                if let Some(e) = ledger.get_mut(i) {
-                    e.0 = e.0.saturating_add(*hits);
+                if let Some(old) = ledger.get_mut(i) {
+                    old.hits = old.hits.saturating_add(e.hits);
+                    old.since_ns = old.since_ns.min(e.since_ns);
                 }
             }
             None => {
-                at.insert(d.clone(), ledger.len());
-                ledger.push((*hits, d.clone()));
+                at.insert(e.descriptor.clone(), ledger.len());
+                ledger.push(e.clone());
             }
         }
     }
     drop(at);
-    if ledger.iter().map(|(_, d)| entry_bytes(d)).sum::<usize>() <= MAX_LEDGER_BYTES {
+    if ledger
+        .iter()
+        .map(|e| entry_bytes(&e.descriptor))
+        .sum::<usize>()
+        <= MAX_LEDGER_BYTES
+    {
         return 0;
     }
     // Stable: of equal hits the entries already published stay.
-    ledger.sort_by_key(|e| std::cmp::Reverse(e.0));
+    ledger.sort_by_key(|e| std::cmp::Reverse(e.hits));
     let mut bytes = 0usize;
     let keep = ledger
         .iter()
-        .take_while(|(_, d)| {
-            bytes += entry_bytes(d);
+        .take_while(|e| {
+            bytes += entry_bytes(&e.descriptor);
             bytes <= MAX_LEDGER_BYTES
         })
         .count();
-    ledger.split_off(keep).iter().map(|(h, _)| *h).sum()
+    ledger.split_off(keep).iter().map(|e| e.hits).sum()
 }
 
 /// Merge entries into a ledger key with CAS. `Err` when it could not (the caller keeps
 /// them); `Ok(dropped hits)`.
-fn add(h: &dyn Host, key: &str, entries: &[(u64, Vec<u8>)]) -> Result<u64, ()> {
+fn add(h: &dyn Host, key: &str, entries: &[Entry]) -> Result<u64, ()> {
     for _ in 0..CAS_TRIES {
         let (current, cas) = h.get_shared_data(key).map_err(|_| ())?;
         let mut ledger = current.as_deref().map(decode_ledger).unwrap_or_default();
@@ -181,17 +212,21 @@ fn index_add(h: &dyn Host, key: &str) -> bool {
 #[derive(Debug, Default)]
 pub struct Published {
     /// Hits that could not be published: the caller keeps them for the next round.
-    pub failed: Vec<(Bucket, u64)>,
+    pub failed: Vec<Pending>,
     /// Hits forgotten because the ledger was at [`MAX_LEDGER_BYTES`].
     pub dropped: u64,
 }
 
 /// Publish this worker's unreported hits into its ledger key.
-pub fn publish(h: &dyn Host, vm: u64, hits: Vec<(Bucket, u64)>) -> Published {
+pub fn publish(h: &dyn Host, vm: u64, hits: Vec<Pending>) -> Published {
     let key = ledger_key(vm);
     let entries: Ledger = hits
         .iter()
-        .map(|(b, n)| (*n, crate::rls::descriptor(b, None).encode_to_vec()))
+        .map(|p| Entry {
+            hits: p.hits,
+            since_ns: p.since_ns,
+            descriptor: crate::rls::descriptor(&p.bucket, None).encode_to_vec(),
+        })
         .collect();
     if !index_add(h, &key) {
         return Published {
@@ -239,7 +274,7 @@ pub(crate) fn published_hits(h: &dyn Host) -> u64 {
     keys.iter()
         .filter_map(|k| h.get_shared_data(k).ok().and_then(|(v, _)| v))
         .flat_map(|v| decode_ledger(&v))
-        .map(|(hits, _)| hits)
+        .map(|e| e.hits)
         .sum()
 }
 
@@ -265,9 +300,34 @@ pub fn lead(h: &dyn Host, vm: u64, now_ns: u64, ttl_ns: u64) -> bool {
     h.set_shared_data(LEADER, claim.as_bytes(), cas).is_ok()
 }
 
+/// Hits drained from a ledger, to report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Drained {
+    /// The ledger key they came from (to give them back on failure).
+    pub key: String,
+    pub descriptor: RateLimitDescriptor,
+    pub hits: u64,
+    /// The wall-clock time of the first of them (ns): the report says how long ago that was.
+    pub since_ns: u64,
+}
+
+impl Drained {
+    /// The descriptor a report sends: the bucket's, with the hits as its `hits_addend` and
+    /// the age of the first of them at `now_ns` (`lg.age_ms`, `laneguard_core::engine::
+    /// report_age_ms`), so the service charges only what they exceeded the bucket's refill
+    /// over that time by.
+    pub fn report_descriptor(&self, now_ns: u64) -> RateLimitDescriptor {
+        let mut d = self.descriptor.clone();
+        d.hits_addend = Some(self.hits);
+        let age = laneguard_core::engine::report_age_ms(self.since_ns, now_ns);
+        d.entries.push(crate::rls::age_entry(age));
+        d
+    }
+}
+
 /// Drain every published ledger (CAS to empty). Returns the descriptors with the hits to
-/// report and the ledger key each came from (to give them back on failure).
-pub fn drain(h: &dyn Host) -> Vec<(String, RateLimitDescriptor, u64)> {
+/// report and the ledger key each came from.
+pub fn drain(h: &dyn Host) -> Vec<Drained> {
     let mut out = Vec::new();
     let Some((keys, _)) = index_keys(h) else {
         return out;
@@ -282,11 +342,16 @@ pub fn drain(h: &dyn Host) -> Vec<(String, RateLimitDescriptor, u64)> {
             }
             match h.set_shared_data(&key, b"", cas) {
                 Ok(()) => {
-                    for (hits, d) in decode_ledger(&value) {
+                    for e in decode_ledger(&value) {
                         if let (true, Ok(descriptor)) =
-                            (hits > 0, RateLimitDescriptor::decode(&d[..]))
+                            (e.hits > 0, RateLimitDescriptor::decode(&e.descriptor[..]))
                         {
-                            out.push((key.clone(), descriptor, hits));
+                            out.push(Drained {
+                                key: key.clone(),
+                                descriptor,
+                                hits: e.hits,
+                                since_ns: e.since_ns,
+                            });
                         }
                     }
                     break;
@@ -300,13 +365,14 @@ pub fn drain(h: &dyn Host) -> Vec<(String, RateLimitDescriptor, u64)> {
 }
 
 /// A report failed: put the hits back where they came from.
-pub fn give_back(h: &dyn Host, entries: &[(String, RateLimitDescriptor, u64)]) {
+pub fn give_back(h: &dyn Host, entries: &[Drained]) {
     let mut by_key: HashMap<&str, Ledger> = HashMap::new();
-    for (key, descriptor, hits) in entries {
-        by_key
-            .entry(key.as_str())
-            .or_default()
-            .push((*hits, descriptor.encode_to_vec()));
+    for d in entries {
+        by_key.entry(d.key.as_str()).or_default().push(Entry {
+            hits: d.hits,
+            since_ns: d.since_ns,
+            descriptor: d.descriptor.encode_to_vec(),
+        });
     }
     for (key, ledger) in by_key {
         match add(h, key, &ledger) {
@@ -315,7 +381,7 @@ pub fn give_back(h: &dyn Host, entries: &[(String, RateLimitDescriptor, u64)]) {
                 log::warn!("laneguard: ledger full, {dropped} unreported hits forgotten")
             }
             Err(()) => {
-                let lost: u64 = ledger.iter().map(|(n, _)| n).sum();
+                let lost: u64 = ledger.iter().map(|e| e.hits).sum();
                 log::warn!("laneguard: lost {lost} unreported hits for {key}");
             }
         }
@@ -326,16 +392,25 @@ pub fn give_back(h: &dyn Host, entries: &[(String, RateLimitDescriptor, u64)]) {
 mod tests {
     use super::*;
 
+    fn e(hits: u64, since_ns: u64, descriptor: &[u8]) -> Entry {
+        Entry {
+            hits,
+            since_ns,
+            descriptor: descriptor.to_vec(),
+        }
+    }
+
     #[test]
     fn a_ledger_round_trips_and_merges_by_descriptor() {
-        let mut l: Ledger = vec![(3, b"a".to_vec()), (1, b"bb".to_vec())];
+        let mut l: Ledger = vec![e(3, 50, b"a"), e(1, 60, b"bb")];
         let bytes = encode_ledger(&l);
         assert_eq!(decode_ledger(&bytes), l);
-        assert_eq!(merge(&mut l, &[(2, b"a".to_vec()), (5, b"".to_vec())]), 0);
+        // Hits add up; the earliest time of a first hit stays, whichever side holds it.
         assert_eq!(
-            l,
-            vec![(5, b"a".to_vec()), (1, b"bb".to_vec()), (5, Vec::new())]
+            merge(&mut l, &[e(2, 40, b"a"), e(5, 70, b""), e(1, 90, b"bb")]),
+            0
         );
+        assert_eq!(l, vec![e(5, 40, b"a"), e(2, 60, b"bb"), e(5, 70, b"")]);
         // A damaged tail is dropped, the whole entries before it kept.
         let bytes = encode_ledger(&l);
         assert_eq!(decode_ledger(&bytes[..bytes.len() - 1]).len(), 2);
@@ -344,27 +419,22 @@ mod tests {
 
     #[test]
     fn a_full_ledger_forgets_the_buckets_with_the_fewest_hits() {
-        // Entries of 12 + 8 bytes: the ledger holds this many.
-        let fit = (MAX_LEDGER_BYTES / 20) as u64;
-        let mut l: Ledger = (0..fit)
-            .map(|i| (i + 10, i.to_le_bytes().to_vec()))
-            .collect();
+        // Entries of 20 + 8 bytes: the ledger holds this many.
+        let fit = (MAX_LEDGER_BYTES / 28) as u64;
+        let mut l: Ledger = (0..fit).map(|i| e(i + 10, i, &i.to_le_bytes())).collect();
         assert_eq!(
-            merge(&mut l, &[(4, 3u64.to_le_bytes().to_vec())]),
+            merge(&mut l, &[e(4, 0, &3u64.to_le_bytes())]),
             0,
             "no room needed"
         );
-        let dropped = merge(
-            &mut l,
-            &[(1, b"new-a-xx".to_vec()), (2, b"new-b-xx".to_vec())],
-        );
+        let dropped = merge(&mut l, &[e(1, 0, b"new-a-xx"), e(2, 0, b"new-b-xx")]);
         assert_eq!(dropped, 3, "the two newcomers had the fewest hits");
         assert_eq!(l.len() as u64, fit);
         assert_eq!(
             l.iter()
-                .find(|(_, d)| d == &3u64.to_le_bytes())
-                .map(|e| e.0),
-            Some(17)
+                .find(|x| x.descriptor == 3u64.to_le_bytes())
+                .map(|x| (x.hits, x.since_ns)),
+            Some((17, 0))
         );
         assert!(encode_ledger(&l).len() <= MAX_LEDGER_BYTES);
     }
@@ -392,13 +462,17 @@ mod tests {
         let mut total = 0;
         for tick in 0..200u64 {
             let add: Ledger = (0..1_000)
-                .map(|i| (1 + i % 3, descriptor(tick * 1_000 + i)))
+                .map(|i| Entry {
+                    hits: 1 + i % 3,
+                    since_ns: tick,
+                    descriptor: descriptor(tick * 1_000 + i),
+                })
                 .collect();
-            total += add.iter().map(|e| e.0).sum::<u64>();
+            total += add.iter().map(|e| e.hits).sum::<u64>();
             dropped += merge(&mut l, &add);
             assert!(encode_ledger(&l).len() <= MAX_LEDGER_BYTES, "tick {tick}");
         }
-        let kept: u64 = l.iter().map(|e| e.0).sum();
+        let kept: u64 = l.iter().map(|e| e.hits).sum();
         assert_eq!(kept + dropped, total, "every hit is kept or counted");
         assert!(
             l.len() > 5_000,
@@ -406,7 +480,7 @@ mod tests {
             l.len()
         );
         assert!(
-            l.iter().all(|e| e.0 == 3),
+            l.iter().all(|e| e.hits == 3),
             "the buckets with the most hits stay"
         );
     }

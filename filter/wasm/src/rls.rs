@@ -75,6 +75,18 @@ pub fn encode_descriptors(
     .encode_to_vec()
 }
 
+/// The descriptor entry of a report saying how long ago (whole ms) the first of its hits
+/// was admitted: the service charges only what they exceeded the bucket's refill over that
+/// time by (docs/service.md, "Reports").
+pub const AGE_ENTRY: &str = "lg.age_ms";
+
+pub fn age_entry(age_ms: u64) -> Entry {
+    Entry {
+        key: AGE_ENTRY.to_string(),
+        value: age_ms.to_string(),
+    }
+}
+
 /// gRPC metadata asking the service to lease `want` requests per bucket (ignored by
 /// servers that do not grant).
 pub const LEASE_HEADER: &str = "x-laneguard-lease";

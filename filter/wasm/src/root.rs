@@ -15,8 +15,7 @@ use laneguard_core::peer::Peer;
 use laneguard_core::reconnect::{Due, ReportTrigger};
 use laneguard_core::rollout::{Watch, DEFAULT_WATCH_TENANTS};
 use laneguard_core::usage::{self, Admission, Counts, Key, Tally};
-use laneguard_core::{Bucket, FailureMode, LocalTable, Plan, Policy, Unreported};
-use laneguard_protos::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+use laneguard_core::{Bucket, FailureMode, LocalTable, Pending, Plan, Policy, Unreported};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -60,12 +59,14 @@ pub(crate) struct Shared {
     pub log_gates: RefCell<ServiceLogGates>,
 }
 
-/// One [`LogGate`] (once a second) per kind of per-request warning about the service.
+/// One [`LogGate`] (once a second) per kind of per-request warning: three about the service,
+/// and the forged class, which any client can trigger on every request it sends.
 #[derive(Default)]
 pub(crate) struct ServiceLogGates {
     pub dispatch: LogGate,
     pub status: LogGate,
     pub decode: LogGate,
+    pub forged: LogGate,
 }
 
 impl Shared {
@@ -130,9 +131,9 @@ enum RootCall {
     Release(u32, Box<Queued>, u64),
     /// A report of hits admitted without the service, and the usage tally entries it
     /// carried.
-    Report(Vec<(String, RateLimitDescriptor, u64)>, Vec<(Key, Counts)>),
+    Report(Vec<reconcile::Drained>, Vec<(Key, Counts)>),
     Audit(Vec<String>),
-    Refund(Vec<(Bucket, u64)>),
+    Refund(Vec<Pending>),
     /// The startup probe of a cluster the policy names: only whether it could be sent matters.
     Probe,
 }
@@ -483,11 +484,9 @@ impl Root {
         if !mine.is_empty() {
             let published = reconcile::publish(h, self.vm, mine);
             shared.metrics.unreported_dropped.add(h, published.dropped);
-            for (bucket, hits) in published.failed {
-                shared
-                    .unreported
-                    .borrow_mut()
-                    .add(&[&bucket], u32::try_from(hits).unwrap_or(u32::MAX));
+            let mut unreported = shared.unreported.borrow_mut();
+            for pending in published.failed {
+                unreported.put_back(pending);
             }
         }
         let interval_ns = u64::from(shared.policy.service.sync_interval_s) * 1_000_000_000;
@@ -499,7 +498,7 @@ impl Root {
         if entries.is_empty() {
             return;
         }
-        let total: u64 = entries.iter().map(|(_, _, h)| h).sum();
+        let total: u64 = entries.iter().map(|d| d.hits).sum();
         log::info!("laneguard: reporting {total} hits admitted without the service");
         shared.metrics.reported_hits.add(h, total);
         if reconnected {
@@ -508,13 +507,7 @@ impl Root {
         // In calls of at most REPORT_BATCH descriptors: a ledger after a long outage may hold
         // many buckets, and the service refuses a request over 4 MiB.
         for batch in entries.chunks(REPORT_BATCH) {
-            let descriptors = batch
-                .iter()
-                .map(|(_, d, hits)| RateLimitDescriptor {
-                    hits_addend: Some(*hits),
-                    ..d.clone()
-                })
-                .collect();
+            let descriptors = batch.iter().map(|d| d.report_descriptor(now)).collect();
             let msg = rls::encode_descriptors(&shared.policy.service.domain, descriptors, 0);
             // The degraded admissions' tally rides on the report of their hits.
             let usage = take_usage(shared);
@@ -546,10 +539,10 @@ impl Root {
         }
         let descriptors = entries
             .iter()
-            .map(|(b, n)| rls::descriptor(b, Some(*n)))
+            .map(|p| rls::descriptor(&p.bucket, Some(p.hits)))
             .collect();
         let msg = rls::encode_descriptors(&shared.policy.service.domain, descriptors, 0);
-        let total: u64 = entries.iter().map(|(_, n)| n).sum();
+        let total: u64 = entries.iter().map(|p| p.hits).sum();
         shared.metrics.tokens.refunds_sent.add(h, total);
         let metadata = vec![(rls::REPORT_HEADER, rls::REFUND)];
         if let Err(RootCall::Refund(entries)) =
@@ -559,10 +552,10 @@ impl Root {
         }
     }
 
-    fn keep_refunds(shared: &Shared, entries: Vec<(Bucket, u64)>) {
+    fn keep_refunds(shared: &Shared, entries: Vec<Pending>) {
         let mut refunds = shared.refunds.borrow_mut();
-        for (b, n) in entries {
-            refunds.add(&[&b], u32::try_from(n).unwrap_or(u32::MAX));
+        for pending in entries {
+            refunds.put_back(pending);
         }
     }
 
@@ -784,7 +777,10 @@ fn release_degraded(
     match q.plan.failure_mode {
         FailureMode::Open | FailureMode::Local => {
             if laneguard_core::engine::report_unanswered(&q.plan, q.borrowing, may_have_counted) {
-                shared.unreported.borrow_mut().add(&attempt, q.plan.cost);
+                shared
+                    .unreported
+                    .borrow_mut()
+                    .add(&attempt, q.plan.cost, now);
             }
             shared.note_usage(&q.plan, Admission::Degraded, now);
             release(h, shared, id);

@@ -31,12 +31,14 @@
 --   ARGV  mode ("charge" | "report" | "refund"), now_s, now_ns (now = now_s * 1e9 + now_ns),
 --         ttl margin ms
 --   charge: then lease (units asked, 0 = none), then per mention of a key in request order:
---           key index (1-based into KEYS), interval_ns, burst, cost
+--           key index (1-based into KEYS), interval_ns, burst, cost, age_ns (ignored here)
 --           returns {admitted 1|0, granted units, old TAT of KEYS[1], ..., KEYS[n]}
 --           (an absent key, a full bucket, reads "0")
 --   report: the same arguments (the lease is ignored), but every cost is charged
---           unconditionally (hits already admitted elsewhere; gcra::force), even into debt
---           beyond the burst; returns {1, 0, old TATs...}
+--           unconditionally (hits already admitted elsewhere), even into debt beyond the
+--           burst, less what the bucket refilled over their age_ns:
+--           TAT = max(TAT, now) + max(0, cost * interval - age)
+--           (laneguard_core::engine::charge_reported); returns {1, 0, old TATs...}
 --   refund: then one amount in ns per key: move each TAT back by it (undo a charge)
 --           returns the number of keys
 --
@@ -145,22 +147,28 @@ end
 
 -- Check every mention against the debt so far (a key named twice is charged twice), exactly
 -- as gcra::check does: admit iff max(tat, now) + cost*T - now <= burst*T. A report skips
--- the check (gcra::force).
+-- the check and charges what its hits exceeded the refill of their age by:
+-- max(tat, now) + max(0, cost*T - age) (laneguard_core::engine::charge_reported).
 local admitted = 1
-local first_t, first_cap = {}, {}
-for i = 6, #ARGV, 4 do
+local first_t, first_cap, first_burst = {}, {}, {}
+for i = 6, #ARGV, 5 do
   local k = tonumber(ARGV[i])
   local t = tonumber(ARGV[i + 1])
   local cap = t * tonumber(ARGV[i + 2])
-  local after = debt[k] + tonumber(ARGV[i + 3]) * t
+  local cost = tonumber(ARGV[i + 3])
   if first_t[k] == nil then
-    first_t[k], first_cap[k] = t, cap
+    first_t[k], first_cap[k], first_burst[k] = t, cap, tonumber(ARGV[i + 2])
   end
-  if force or after <= cap then
-    debt[k] = after
+  if force then
+    debt[k] = debt[k] + math.max(0, cost * t - tonumber(ARGV[i + 4]))
   else
-    admitted = 0
-    break
+    local after = debt[k] + cost * t
+    if after <= cap then
+      debt[k] = after
+    else
+      admitted = 0
+      break
+    end
   end
 end
 
@@ -173,23 +181,27 @@ if admitted == 0 then
   return out
 end
 
--- The lease (store::lease_size): a quarter of the smallest room left after the request,
--- at least 1 while there is room, at most what was asked; charged once to every bucket at
--- the rate of its first mention.
+-- The lease (store::lease_size, laneguard_core::engine::lease_grant): each bucket gives all
+-- of its room left after the request, up to half its burst (at least 1 while it has room);
+-- the grant is the smallest of those, at most what was asked; charged once to every bucket
+-- at the rate of its first mention.
 local grant = 0
 if lease > 0 and not force then
-  local room = nil
+  local most = nil
   for k = 1, #KEYS do
     local r = whole(first_cap[k] - debt[k], first_t[k])
     if r < 0 then
       r = 0
     end
-    if room == nil or r < room then
-      room = r
+    if r > 0 then
+      r = math.min(r, math.max(1, math.floor(first_burst[k] / 2)))
+    end
+    if most == nil or r < most then
+      most = r
     end
   end
-  if room ~= nil and room >= 1 then
-    grant = math.max(1, math.floor(room / 4))
+  if most ~= nil then
+    grant = most
   end
   if grant > lease then
     grant = lease

@@ -272,6 +272,7 @@ mod tests {
             key: key.to_string(),
             rate: Rate::new(n, window, burst).unwrap(),
             cost,
+            age_ns: 0,
         }
     }
 

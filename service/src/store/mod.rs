@@ -35,6 +35,11 @@ pub struct Charge {
     pub rate: Rate,
     /// Cost units to take (the request's `hits_addend`). 0 only reports the bucket.
     pub cost: u32,
+    /// A report only: how long before now the first of these hits was admitted (ns, from the
+    /// descriptor entry `lg.age_ms`); the report charges only what its hits exceeded the
+    /// bucket's refill over that time by (`laneguard_core::engine::charge_reported`). 0 for
+    /// every other call.
+    pub age_ns: u64,
 }
 
 /// What a store reports for one bucket of a request.
@@ -169,22 +174,15 @@ pub struct Decision {
     pub writes: Option<Vec<(usize, Gcra)>>,
 }
 
-/// How many units to grant, given the smallest room (whole cost-1 units) left in any bucket
-/// of an admitted request after its own charge, and the units asked for.
-///
-/// A quarter of the smallest room, rounded down, but at least 1 while there is any room;
-/// never more than asked. Pre-paying a quarter keeps the lease small next to what is left, so
-/// several clients asking at once still share the remainder instead of the first one taking
-/// it all, while a bucket with little left still grants one unit at a time. The function is
-/// monotone in `min_room`, which is what lets the Redis store size a cross-slot lease per slot
-/// group and take the minimum.
-pub fn lease_size(min_room: u32, asked: u32) -> u32 {
-    let cap = if min_room == 0 {
-        0
-    } else {
-        (min_room / 4).max(1)
-    };
-    cap.min(asked)
+/// How many units to grant, given each distinct bucket's `(room, burst)`, its room in whole
+/// cost-1 units left after the request's own charge, and the units asked for:
+/// `laneguard_core::engine::lease_grant`, the rule the filter's hold is built on. Each
+/// bucket gives all of its room up to half its burst (at least 1 while there is any room),
+/// the request gets the smallest of those, never more than asked. Monotone in every room,
+/// which is what lets the Redis store size a cross-slot lease per slot group and take the
+/// minimum. The Redis script (gcra.lua) has the same rule in Lua.
+pub fn lease_size(rooms: &[(u32, u32)], asked: u32) -> u32 {
+    laneguard_core::engine::lease_grant(rooms.iter().copied(), asked)
 }
 
 /// The index of the first charge with the same key, for every charge: repeated keys share
@@ -202,13 +200,19 @@ pub(crate) fn first_mentions(charges: &[Charge]) -> Vec<usize> {
         .collect()
 }
 
-/// A report of hits already admitted: every mention's cost is charged unconditionally
-/// (`Gcra::force`), in request order, and every distinct bucket is written. `admitted` is
+/// A report of hits already admitted: every mention's cost is charged unconditionally, as of
+/// its `age_ns` before now (`laneguard_core::engine::charge_reported`), in request order, and every distinct bucket is written. `admitted` is
 /// true and `grant` 0; a bucket's status says whether it still has room for a cost-1 request
 /// after the report (`has_room`), with `remaining` and `reset_ns` after the report.
 pub fn decide_report(charges: &[Charge], loaded: &[Gcra], now_ns: u64) -> Decision {
     apply_unconditionally(charges, loaded, now_ns, |state, charge| {
-        state.force(&charge.rate, charge.cost, now_ns)
+        laneguard_core::engine::charge_reported(
+            state,
+            &charge.rate,
+            charge.cost,
+            charge.age_ns,
+            now_ns,
+        )
     })
 }
 
@@ -293,11 +297,13 @@ pub fn decide(charges: &[Charge], loaded: &[Gcra], lease: u32, now_ns: u64) -> D
 
     let mut grant = 0;
     if admitted && lease > 0 {
-        let min_room = distinct()
-            .map(|i| work[i].check(&charges[i].rate, 0, now_ns).remaining)
-            .min()
-            .unwrap_or(0);
-        grant = lease_size(min_room, lease);
+        let rooms: Vec<(u32, u32)> = distinct()
+            .map(|i| {
+                let rate = &charges[i].rate;
+                (work[i].check(rate, 0, now_ns).remaining, rate.burst.get())
+            })
+            .collect();
+        grant = lease_size(&rooms, lease);
         if grant > 0 {
             for i in distinct().collect::<Vec<_>>() {
                 work[i].force(&charges[i].rate, grant, now_ns);
@@ -363,6 +369,7 @@ mod tests {
             key: key.to_string(),
             rate: Rate::new(n, Window::Second, burst).unwrap(),
             cost,
+            age_ns: 0,
         }
     }
 
@@ -416,19 +423,28 @@ mod tests {
     }
 
     #[test]
-    fn lease_is_a_quarter_of_the_smallest_room_at_least_one() {
-        assert_eq!(lease_size(0, 100), 0);
-        assert_eq!(lease_size(1, 100), 1);
-        assert_eq!(lease_size(3, 100), 1);
-        assert_eq!(lease_size(4, 100), 1);
-        assert_eq!(lease_size(8, 100), 2);
-        assert_eq!(lease_size(99, 100), 24);
-        assert_eq!(lease_size(99, 5), 5);
-        assert_eq!(lease_size(99, 0), 0);
-        // Monotone in the room, so a per-group minimum equals the global one.
+    fn lease_is_all_of_the_room_up_to_half_the_burst_of_the_tightest_bucket() {
+        // One bucket of burst 100.
+        assert_eq!(lease_size(&[(0, 100)], 100), 0);
+        assert_eq!(lease_size(&[(1, 100)], 100), 1);
+        assert_eq!(lease_size(&[(12, 100)], 100), 12);
+        assert_eq!(lease_size(&[(50, 100)], 100), 50);
+        assert_eq!(lease_size(&[(99, 100)], 100), 50);
+        assert_eq!(lease_size(&[(99, 100)], 5), 5);
+        assert_eq!(lease_size(&[(99, 100)], 0), 0);
+        // A burst of 1 still grants one unit while it has room.
+        assert_eq!(lease_size(&[(1, 1)], 10), 1);
+        // The tightest bucket decides: b has 9 of burst 10 left, it gives 5.
+        assert_eq!(lease_size(&[(97, 100), (9, 10)], 50), 5);
+        assert_eq!(lease_size(&[(97, 100), (0, 10)], 50), 0);
+        assert_eq!(lease_size(&[], 50), 0);
+        // Monotone in every room, so a per-group minimum equals the global one.
         for asked in [1, 3, 50] {
-            for room in 0..200 {
-                assert!(lease_size(room, asked) <= lease_size(room + 1, asked));
+            for burst in [1, 2, 10, 100] {
+                for room in 0..200 {
+                    let with = |r| lease_size(&[(r, burst), (150, 200)], asked);
+                    assert!(with(room) <= with(room + 1));
+                }
             }
         }
     }
@@ -439,13 +455,13 @@ mod tests {
         let charges = [charge("a", 100, 100, 1), charge("b", 10, 10, 1)];
         let d = decide(&charges, &[Gcra::default(); 2], 50, 10 * S);
         assert!(d.outcome.admitted);
-        // b has 9 left after the request: a quarter is 2.
-        assert_eq!(d.outcome.grant, 2);
-        assert_eq!(d.outcome.buckets[0].remaining, 97);
-        assert_eq!(d.outcome.buckets[1].remaining, 7);
+        // b has 9 left after the request, of a burst of 10: it grants up to half, 5.
+        assert_eq!(d.outcome.grant, 5);
+        assert_eq!(d.outcome.buckets[0].remaining, 94);
+        assert_eq!(d.outcome.buckets[1].remaining, 4);
         let writes = d.writes.unwrap();
-        assert_eq!(writes[0], (0, Gcra::from_tat(10 * S + 3 * (S / 100))));
-        assert_eq!(writes[1], (1, Gcra::from_tat(10 * S + 3 * (S / 10))));
+        assert_eq!(writes[0], (0, Gcra::from_tat(10 * S + 6 * (S / 100))));
+        assert_eq!(writes[1], (1, Gcra::from_tat(10 * S + 6 * (S / 10))));
 
         // Refused requests get no grant and write nothing.
         let spent = Gcra::from_tat(11 * S);

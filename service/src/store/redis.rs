@@ -489,7 +489,8 @@ impl RedisStore {
                 inv.arg(pos + 1)
                     .arg(charge.rate.interval_ns())
                     .arg(charge.rate.burst.get())
-                    .arg(charge.cost);
+                    .arg(charge.cost)
+                    .arg(charge.age_ns);
             }
         }
         let reply: Vec<Value> = self.invoke(&inv).await?;

@@ -226,7 +226,7 @@ impl Request {
                     shared
                         .unreported
                         .borrow_mut()
-                        .add_costs(&plan.costed(false));
+                        .add_costs(&plan.costed(false), now);
                 }
                 let levels = shared.table.borrow().levels(&plan.attempt(false), now);
                 self.allow(h, plan, &levels, DecidedBy::Degraded(reason), false, now)
@@ -257,7 +257,7 @@ impl Request {
                         shared
                             .unreported
                             .borrow_mut()
-                            .add_costs(&plan.costed(borrowed));
+                            .add_costs(&plan.costed(borrowed), now);
                     }
                     self.allow(
                         h,

@@ -73,13 +73,19 @@ impl Request {
             if let Some(c) = shared.metrics.class(plan.class) {
                 c.forged.inc(h);
             }
-            log::warn!(
-                "laneguard: forged class: tenant={} principal={} declared={:?} granted={}",
-                plan.tenant,
-                plan.principal,
-                logsafe::clip(plan.declared_class.as_deref().unwrap_or("")),
-                plan.class_name
-            );
+            // One line a second per VM: a client can send a forged class on every request,
+            // and the counters (and the audit record) already count each one.
+            let gate = shared.log_gates.borrow_mut().forged.pass(h.now_ns());
+            if let Some(held) = gate {
+                log::warn!(
+                    "laneguard: forged class: tenant={} principal={} declared={:?} granted={}{}",
+                    plan.tenant,
+                    plan.principal,
+                    logsafe::clip(plan.declared_class.as_deref().unwrap_or("")),
+                    plan.class_name,
+                    logsafe::held_back(held)
+                );
+            }
         }
         shared.metrics.count_defaulted(h, &plan);
         // The granted class, for routing (protected lanes) and for the upstream.

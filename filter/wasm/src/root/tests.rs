@@ -8,6 +8,7 @@ use crate::mock::{
     MockHost, Status, MS, POLICY,
 };
 use crate::root::Root;
+use laneguard_protos::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use laneguard_protos::envoy::service::ratelimit::v3::rate_limit_response::Code;
 use laneguard_protos::laneguard::audit::v1::{AppendRequest, AppendResponse};
 use laneguard_protos::prost::Message;
@@ -146,13 +147,43 @@ fn hits_admitted_without_the_service_are_reported_on_the_sync_tick() {
         h.metric("laneguard.reported_hits"),
         2 * rl.descriptors.len() as i64
     );
+    // Each says how long ago its first hit was admitted: 100 ticks of 100 ms.
+    let age = |d: &RateLimitDescriptor| {
+        d.entries
+            .iter()
+            .find(|e| e.key == "lg.age_ms")
+            .map(|e| e.value.clone())
+    };
+    assert!(
+        rl.descriptors
+            .iter()
+            .all(|d| age(d).as_deref() == Some("10000")),
+        "{rl:?}"
+    );
 
-    // The service failed: the hits are given back and reported again next round.
+    // The service failed: the hits are given back and reported again next round, as of
+    // the same first hit, now 10 s longer ago.
     answer_root(&h, &mut root, &report, 14, None);
     tick(&h, &mut root, 100);
     assert_eq!(h.call_count(), 2);
     let again = h.last_call().unwrap();
-    assert_eq!(again.rls_request().descriptors, rl.descriptors);
+    let strip = |ds: Vec<RateLimitDescriptor>| -> Vec<RateLimitDescriptor> {
+        ds.into_iter()
+            .map(|mut d| {
+                d.entries.retain(|e| e.key != "lg.age_ms");
+                d
+            })
+            .collect()
+    };
+    assert!(again
+        .rls_request()
+        .descriptors
+        .iter()
+        .all(|d| age(d).as_deref() == Some("20000")));
+    assert_eq!(
+        strip(again.rls_request().descriptors),
+        strip(rl.descriptors.clone())
+    );
     let n = rl.descriptors.len();
     answer_root(
         &h,
