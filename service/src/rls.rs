@@ -788,11 +788,11 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_report_charges_what_exceeded_the_refill_of_its_age_and_only_a_report_has_one() {
+    async fn a_report_is_charged_as_of_its_age_and_only_a_report_has_one() {
         let clock = Arc::new(ManualClock::new(T0));
         let svc = limiter(clock.clone());
-        // 10/s, burst 10. 40 hits admitted over the last 4 s (the ceiling's rate): the
-        // bucket refilled as fast as they spent it, so the report charges nothing.
+        // 10/s, burst 10. 40 hits admitted over the last 4 s (the ceiling's rate), on a
+        // bucket taken as empty when they began: it is empty now, not closed for 4 s.
         let d = |hits, age: Option<&str>| {
             let mut entries = vec![("tenant", "t"), ("bucket", "shared")];
             if let Some(a) = age {
@@ -811,8 +811,13 @@ mod tests {
             .evaluate_ask(&request(d(40, Some("4000"))), Ask::Report)
             .await
             .unwrap();
-        assert_eq!(r.statuses[0].code, Code::Ok as i32);
-        assert_eq!(r.statuses[0].limit_remaining, 10);
+        assert_eq!(r.statuses[0].code, Code::OverLimit as i32);
+        assert_eq!(r.statuses[0].limit_remaining, 0);
+        let reset = r.statuses[0]
+            .duration_until_reset
+            .as_ref()
+            .map(|d| (d.seconds, d.nanos));
+        assert_eq!(reset, Some((1, 0)), "empty, not 4 s in debt");
         // The same report as of now: 4 s of debt on a bucket that holds 1 s.
         let r = svc
             .evaluate_ask(&request(d(40, None)), Ask::Report)

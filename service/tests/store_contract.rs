@@ -569,11 +569,12 @@ mod cases {
 
     /// A report of hits already admitted is charged unconditionally, across slots, even into
     /// debt beyond the burst, and that debt then holds decisions shut until it drains.
-    /// A report charges what its hits exceeded the bucket's refill over their age
-    /// (`lg.age_ms`) by: max(TAT, now) + max(0, cost x T - age), the same in every store as
-    /// in the core (`laneguard_core::engine::charge_reported`), across slots, with a key
-    /// mentioned twice at two ages.
-    pub async fn reports_charge_what_exceeded_the_refill_of_their_age(be: &Backend) {
+    /// A report charges its hits as if onto a bucket that was empty when the first of them
+    /// was admitted, `lg.age_ms` ago: max(TAT, now) + min(spent, max(0, spent + capacity -
+    /// age)), the same in every store as in the core
+    /// (`laneguard_core::engine::charge_reported`), across slots, with a key mentioned twice
+    /// at two ages.
+    pub async fn reports_charge_as_if_onto_a_bucket_empty_when_their_hits_began(be: &Backend) {
         let s = be.store();
         let d = "report_age";
         let shared = B::new(
@@ -594,10 +595,9 @@ mod cases {
             age_ns,
             ..b.cost(cost)
         };
-        // The fleet's traffic resumed when the service came back (shared is empty at
-        // T0 + 4 s), then the report of a 4 s outage lands: 40 hits on shared (its rate)
-        // charge nothing more, 60 on total (20 beyond its rate, 2 s) put it in 2 s of debt
-        // (past empty by 1 s).
+        // The fleet's traffic resumed when the service came back and took shared's burst
+        // (empty at T0 + 4 s), then the report of a 4 s outage lands: 40 hits on shared (its
+        // rate) charge the burst back (1 s); 60 on total (20 beyond its rate) charge 3 s.
         let now = T0 + 4 * S;
         assert!(run(&*s, &[shared.cost(10)], now).await.admitted);
         let report = [aged(&shared, 40, 4 * S), aged(&total, 60, 4 * S)];
@@ -605,20 +605,20 @@ mod cases {
         reference.check_and_charge_now(&[shared.cost(10)], 0, now);
         let out = s.report(&report, now).await.unwrap();
         assert_eq!(out, reference.report_now(&report, now));
-        assert_eq!(out.buckets[0].remaining, 0);
-        assert_eq!(out.buckets[0].reset_ns, S, "as empty as before the report");
+        assert!(!out.buckets[0].has_room);
+        assert_eq!(out.buckets[0].reset_ns, 2 * S);
         assert!(!out.buckets[1].has_room);
-        assert_eq!(out.buckets[1].reset_ns, 2 * S);
-        assert_eq!(remaining(&*s, &shared, now + S / 10).await, 1);
-        // Two mentions of one key: 15 hits over 2 s (under the rate) charge nothing, then 5
-        // as of now charge 5.
+        assert_eq!(out.buckets[1].reset_ns, 3 * S);
+        assert_eq!(remaining(&*s, &shared, now + 11 * S / 10).await, 1);
+        // Two mentions of one key: 15 hits over 2 s charge 0.5 s (1.5 s + the 1 s burst
+        // - 2 s), then 5 as of now charge 0.5 s.
         let later = now + 10 * S;
         let twice = [aged(&shared, 15, 2 * S), aged(&shared, 5, 0)];
         let reference = MemoryStore::new();
         let out = s.report(&twice, later).await.unwrap();
         assert_eq!(out, reference.report_now(&twice, later));
-        assert_eq!(out.buckets[0].remaining, 5);
-        assert_eq!(out.buckets[0].reset_ns, S / 2);
+        assert_eq!(out.buckets[0].remaining, 0);
+        assert_eq!(out.buckets[0].reset_ns, S);
         // Ages past what the hits cost, up to u64::MAX, charge nothing and give nothing
         // back.
         let fresh = B::new(
@@ -829,6 +829,6 @@ test_with_all_stores!(
     two_replicas_account_as_one,
     lease_with_a_repeated_key,
     reports_charge_unconditionally,
-    reports_charge_what_exceeded_the_refill_of_their_age,
+    reports_charge_as_if_onto_a_bucket_empty_when_their_hits_began,
     refunds_give_back_never_past_full,
 );

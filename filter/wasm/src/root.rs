@@ -499,7 +499,11 @@ impl Root {
             return;
         }
         let total: u64 = entries.iter().map(|d| d.hits).sum();
-        log::info!("laneguard: reporting {total} hits admitted without the service");
+        let oldest = entries.iter().map(|d| d.since_ns).min().unwrap_or(now);
+        log::info!(
+            "laneguard: reporting {total} hits admitted without the service, the first {} ms ago",
+            laneguard_core::engine::report_age_ms(oldest, now)
+        );
         shared.metrics.reported_hits.add(h, total);
         if reconnected {
             shared.metrics.reported_on_reconnect.add(h, total);
@@ -777,10 +781,12 @@ fn release_degraded(
     match q.plan.failure_mode {
         FailureMode::Open | FailureMode::Local => {
             if laneguard_core::engine::report_unanswered(&q.plan, q.borrowing, may_have_counted) {
+                let costed: Vec<(&Bucket, u32)> =
+                    attempt.iter().map(|b| (*b, q.plan.cost)).collect();
                 shared
                     .unreported
                     .borrow_mut()
-                    .add(&attempt, q.plan.cost, now);
+                    .add_seen(&shared.table.borrow(), &costed, now);
             }
             shared.note_usage(&q.plan, Admission::Degraded, now);
             release(h, shared, id);

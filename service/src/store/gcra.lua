@@ -36,8 +36,8 @@
 --           (an absent key, a full bucket, reads "0")
 --   report: the same arguments (the lease is ignored), but every cost is charged
 --           unconditionally (hits already admitted elsewhere), even into debt beyond the
---           burst, less what the bucket refilled over their age_ns:
---           TAT = max(TAT, now) + max(0, cost * interval - age)
+--           burst, as if onto a bucket that was empty age_ns ago: TAT = max(TAT, now) +
+--           min(spent, max(0, spent + burst * interval - age)), spent = cost * interval
 --           (laneguard_core::engine::charge_reported); returns {1, 0, old TATs...}
 --   refund: then one amount in ns per key: move each TAT back by it (undo a charge)
 --           returns the number of keys
@@ -147,8 +147,8 @@ end
 
 -- Check every mention against the debt so far (a key named twice is charged twice), exactly
 -- as gcra::check does: admit iff max(tat, now) + cost*T - now <= burst*T. A report skips
--- the check and charges what its hits exceeded the refill of their age by:
--- max(tat, now) + max(0, cost*T - age) (laneguard_core::engine::charge_reported).
+-- the check and charges its hits as if onto a bucket that was empty when the first of them
+-- was admitted (laneguard_core::engine::charge_reported).
 local admitted = 1
 local first_t, first_cap, first_burst = {}, {}, {}
 for i = 6, #ARGV, 5 do
@@ -160,7 +160,15 @@ for i = 6, #ARGV, 5 do
     first_t[k], first_cap[k], first_burst[k] = t, cap, tonumber(ARGV[i + 2])
   end
   if force then
-    debt[k] = debt[k] + math.max(0, cost * t - tonumber(ARGV[i + 4]))
+    local spent = cost * t
+    local charge = spent + cap - tonumber(ARGV[i + 4])
+    if charge < 0 then
+      charge = 0
+    end
+    if charge > spent then
+      charge = spent
+    end
+    debt[k] = debt[k] + charge
   else
     local after = debt[k] + cost * t
     if after <= cap then

@@ -343,9 +343,9 @@ fn sync_makes_local_view_conservative() {
     let (e, _) = t.decide(&plan, now, 1.0);
     assert!(!e.allowed);
     assert_eq!(e.tripped, Some(1));
-    // GCRA would show room one interval later (100 ms), but the worker holds the empty
-    // bucket for seven eighths of its time to full, at most 250 ms (`hold_ns`).
-    let (e, _) = t.decide(&plan, now + S / 10, 1.0);
+    // The worker holds the empty bucket for seven eighths of its time to full, at most
+    // `MAX_HOLD_NS` and never less than one interval (100 ms here: `hold_ns`).
+    let (e, _) = t.decide(&plan, now + MAX_HOLD_NS - 1, 1.0);
     assert!(!e.allowed, "held");
     let (e, _) = t.decide(&plan, now + MAX_HOLD_NS, 1.0);
     assert!(e.allowed, "released after the longest hold");
@@ -497,8 +497,8 @@ fn unreported_hits_accumulate_per_bucket() {
     let p = policy();
     let plan = plan(&p, &req("nw", "erp", None)).unwrap();
     let mut u = Unreported::default();
-    u.add(&plan.attempt(false), 2, 5 * S);
-    u.add(&plan.attempt(false), 1, 7 * S);
+    u.add_at(&plan.attempt(false), 2, 5 * S);
+    u.add_at(&plan.attempt(false), 1, 7 * S);
     assert_eq!(u.total(), 6);
     let taken = u.take();
     assert_eq!(taken.len(), 2);
@@ -510,7 +510,7 @@ fn unreported_hits_accumulate_per_bucket() {
     assert!(u.is_empty());
     // Put back after a failed report, into a ledger that has counted on meanwhile: the
     // hits add up and the earliest time stays.
-    u.add(&plan.attempt(false), 1, 9 * S);
+    u.add_at(&plan.attempt(false), 1, 9 * S);
     for p in taken {
         u.put_back(p);
     }
@@ -518,44 +518,80 @@ fn unreported_hits_accumulate_per_bucket() {
     assert!(again.iter().all(|p| (p.hits, p.since_ns) == (4, 5 * S)));
 }
 
+/// An entry's origin is the first hit's time less the room the mirror showed then: a
+/// saturated bucket's hits start at that time, a full one's a whole fill time earlier.
 #[test]
-fn a_report_charges_what_its_hits_exceeded_the_refill_of_their_age_by() {
+fn unreported_hits_remember_the_room_their_bucket_had() {
+    let p = policy();
+    let plan = plan(&p, &req("nw", "erp", None)).unwrap();
+    let b = plan.attempt(false);
+    // The integration budget: 10/s, burst 10, full in 1 s.
+    let bucket = b[1];
+    let now = 100 * S;
+    let mut t = LocalTable::default();
+    assert_eq!(
+        t.room_ns(bucket, now),
+        S,
+        "a bucket the mirror never saw is full"
+    );
+    let mut u = Unreported::default();
+    u.add_seen(&t, &[(bucket, 1)], now);
+    // Empty by the service's word (full again in 1 s): no room.
+    t.sync(bucket, S, now);
+    assert_eq!(t.room_ns(bucket, now), 0);
+    let mut v = Unreported::default();
+    v.add_seen(&t, &[(bucket, 1)], now);
+    // A later hit on either keeps the first one's origin.
+    u.add_seen(&t, &[(bucket, 1)], now + S);
+    assert_eq!(u.take()[0].since_ns, now - S);
+    assert_eq!(v.take()[0].since_ns, now);
+    // Units charged in full have no age.
+    let mut w = Unreported::default();
+    w.add(&[bucket], 3);
+    assert_eq!(report_age_ms(w.take()[0].since_ns, now), 0);
+}
+
+#[test]
+fn a_report_charges_its_hits_as_if_onto_a_bucket_empty_when_they_began() {
     let rate = per_second(1000, 100);
     let ms = S / 1000;
     assert_eq!(report_age_ms(5 * S, 9 * S + 999_999), 4_000, "rounded down");
     assert_eq!(report_age_ms(9 * S, 5 * S), 0, "never negative");
-    // A saturated bucket (empty at 10 s), then a 4 s outage in which the fleet admitted the
-    // ceiling's rate (4,000) on its own: reported at 14 s, 4 s after the first hit, the
-    // bucket is where it would be had the service seen them: as it was, not closed for 4 s.
-    let empty_at_14 = Gcra::from_tat(14 * S + 100 * ms);
-    let mut b = empty_at_14;
-    charge_reported(&mut b, &rate, 4_000, 4_000 * ms, 14 * S);
-    assert_eq!(b, empty_at_14);
-    // The fleet's traffic resumed before the report landed (the bucket is empty again by
-    // then): still nothing more to charge.
+    // A 4 s outage in which the fleet admitted the ceiling's rate (4,000) on its own. The
+    // service's bucket refilled meanwhile, and the traffic that resumed with it took the
+    // burst again before the report landed (empty at 14 s): the report charges that one
+    // burst back (100 ms), not the whole outage.
     let resumed = Gcra::from_tat(14 * S + 100 * ms);
-    let mut r = resumed;
-    charge_reported(&mut r, &rate, 4_000, 4_000 * ms, 14 * S);
-    assert_eq!(r, resumed);
-    // As of now (age 0), the same report closes the bucket for the outage's length.
-    let mut now = empty_at_14;
+    let mut b = resumed;
+    charge_reported(&mut b, &rate, 4_000, 4_000 * ms, 14 * S);
+    assert_eq!(b.tat_ns(), 14 * S + 200 * ms);
+    // Had nothing resumed (the bucket full at 14 s), the same report leaves it empty: where
+    // it would be had the service seen the hits.
+    let mut full = Gcra::default();
+    charge_reported(&mut full, &rate, 4_000, 4_000 * ms, 14 * S);
+    assert_eq!(full.tat_ns(), 14 * S + 100 * ms);
+    assert_eq!(full.check(&rate, 0, 14 * S).remaining, 0);
+    // As of now (age 0, the old rule), the same report closed the bucket for the outage.
+    let mut now = resumed;
     charge_reported(&mut now, &rate, 4_000, 0, 14 * S);
     assert_eq!(now.tat_ns(), 18 * S + 100 * ms);
-    // Hits faster than the refill still close it, for what they exceeded it by: 6,000 in
-    // the same 4 s, 2 s of debt.
-    let mut fast = empty_at_14;
+    // Hits faster than the rate charge what they exceeded it by, and the burst: 6,000 in
+    // the same 4 s.
+    let mut fast = Gcra::default();
     charge_reported(&mut fast, &rate, 6_000, 4_000 * ms, 14 * S);
     assert_eq!(fast.tat_ns(), 16 * S + 100 * ms);
-    // A bucket the service never saw (a restarted memory store): 3,000 hits in 2 s, 1 s
-    // beyond the refill: as of now, it is empty and 900 ms in debt past that.
-    let mut fresh = Gcra::default();
-    charge_reported(&mut fresh, &rate, 3_000, 2_000 * ms, 14 * S);
-    assert_eq!(fresh.tat_ns(), 15 * S);
-    assert_eq!(fresh.check(&rate, 0, 14 * S).remaining, 0);
+    // Hits well under the rate charge nothing: 3,000 in 4 s.
+    let mut slow = Gcra::default();
+    charge_reported(&mut slow, &rate, 3_000, 4_000 * ms, 14 * S);
+    assert_eq!(slow.check(&rate, 0, 14 * S).remaining, 100);
+    // A report just made (age under the burst's time) charges every hit, as before.
+    let mut recent = Gcra::default();
+    charge_reported(&mut recent, &rate, 30, 20 * ms, 14 * S);
+    assert_eq!(recent.tat_ns(), 14 * S + 30 * ms);
     // An age past the epoch charges nothing; a report never gives capacity back.
-    let mut ancient = empty_at_14;
+    let mut ancient = resumed;
     charge_reported(&mut ancient, &rate, u32::MAX, u64::MAX, 14 * S);
-    assert_eq!(ancient, empty_at_14);
+    assert_eq!(ancient, resumed);
 }
 
 #[test]
@@ -568,18 +604,18 @@ fn a_full_unreported_ledger_counts_what_it_forgets_and_keeps_counting_its_bucket
         buckets.push(plan.attempt(false)[0].clone());
     }
     for b in &buckets {
-        u.add(&[b], 1, 0);
+        u.add(&[b], 1);
     }
     assert_eq!(u.take_dropped(), 0, "exactly full");
     let newcomer = plan(&p, &req("late", "erp", None)).unwrap();
-    u.add(&newcomer.attempt(false), 3, 0);
+    u.add(&newcomer.attempt(false), 3);
     assert_eq!(
         u.take_dropped(),
         6,
         "a full ledger forgets a new bucket's hits"
     );
     assert_eq!(u.take_dropped(), 0, "taken once");
-    u.add(&[&buckets[7]], 4, 0);
+    u.add(&[&buckets[7]], 4);
     assert_eq!(u.take_dropped(), 0, "a bucket already in it keeps counting");
     let taken = u.take();
     assert_eq!(taken.len(), MAX_UNREPORTED_BUCKETS);
@@ -587,7 +623,7 @@ fn a_full_unreported_ledger_counts_what_it_forgets_and_keeps_counting_its_bucket
         taken.iter().map(|p| p.hits).sum::<u64>(),
         MAX_UNREPORTED_BUCKETS as u64 + 4
     );
-    u.add(&newcomer.attempt(false), 3, 0);
+    u.add(&newcomer.attempt(false), 3);
     assert_eq!(
         (u.take_dropped(), u.total()),
         (0, 6),
@@ -605,11 +641,27 @@ fn an_empty_bucket_is_held_locally_for_a_while() {
     // The service says the integration budget (10/s, burst 10) has room for nothing now:
     // full again in exactly one burst's worth of intervals (1 s).
     t.sync(b[1], S, now);
-    // GCRA alone would show room after one interval (100 ms); the hold is the longest,
-    // 250 ms (seven eighths of 1 s is more).
-    assert!(!t.evaluate(&b, 1, now + S / 10, 1.0).allowed);
+    // GCRA alone would show room after one interval (100 ms), and seven eighths of 1 s is
+    // more than the longest hold (`MAX_HOLD_NS`, 100 ms): held until then.
     assert!(!t.evaluate(&b, 1, now + MAX_HOLD_NS - 1, 1.0).allowed);
     assert!(t.evaluate(&b, 1, now + MAX_HOLD_NS, 1.0).allowed);
+    // A bucket of 50/s, burst 50 (full in 1 s): GCRA would show room after 20 ms; the hold
+    // is the longest.
+    let medium = Bucket {
+        rate: Rate::new(50, crate::rate::Window::Second, 50).unwrap(),
+        key: "medium".into(),
+        ..b[1].clone()
+    };
+    t.sync(&medium, S, now);
+    assert!(
+        !t.evaluate(&[&medium], 1, now + S / 50, 1.0).allowed,
+        "held past GCRA's room"
+    );
+    assert!(
+        !t.evaluate(&[&medium], 1, now + MAX_HOLD_NS - 1, 1.0)
+            .allowed
+    );
+    assert!(t.evaluate(&[&medium], 1, now + MAX_HOLD_NS, 1.0).allowed);
     // A fast bucket (200/s, burst 20, full in 100 ms): GCRA would show room after 5 ms; the
     // hold keeps it seven eighths of its time to full, 87.5 ms.
     let fast = Bucket {

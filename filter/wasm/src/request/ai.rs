@@ -268,14 +268,15 @@ impl Request {
             Settle::Exact => m.settled_exact.inc(h),
             Settle::Refund(n) => {
                 shared.table.borrow_mut().refund(&refs, n, now);
-                shared.refunds.borrow_mut().add(&refs, n, now);
+                shared.refunds.borrow_mut().add(&refs, n);
                 m.refunded.add(h, u64::from(n));
                 m.settled_refund.inc(h);
             }
             Settle::Extra(n) => {
                 let costed: Vec<(&Bucket, u32)> = refs.iter().map(|b| (*b, n)).collect();
                 shared.table.borrow_mut().charge_costs(&costed, now);
-                shared.unreported.borrow_mut().add(&refs, n, now);
+                // Used beyond the reservation while the service answered: charged in full.
+                shared.unreported.borrow_mut().add(&refs, n);
                 m.over_reservation.add(h, u64::from(n));
                 m.settled_extra.inc(h);
             }

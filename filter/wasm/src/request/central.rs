@@ -223,10 +223,11 @@ impl Request {
                     .borrow_mut()
                     .charge_costs(&plan.costed(false), now);
                 if report(false) {
-                    shared
-                        .unreported
-                        .borrow_mut()
-                        .add_costs(&plan.costed(false), now);
+                    shared.unreported.borrow_mut().add_seen(
+                        &shared.table.borrow(),
+                        &plan.costed(false),
+                        now,
+                    );
                 }
                 let levels = shared.table.borrow().levels(&plan.attempt(false), now);
                 self.allow(h, plan, &levels, DecidedBy::Degraded(reason), false, now)
@@ -254,10 +255,11 @@ impl Request {
                 let (eval, borrowed) = shared.table.borrow_mut().decide(plan, now, share);
                 if eval.allowed {
                     if report(borrowed) {
-                        shared
-                            .unreported
-                            .borrow_mut()
-                            .add_costs(&plan.costed(borrowed), now);
+                        shared.unreported.borrow_mut().add_seen(
+                            &shared.table.borrow(),
+                            &plan.costed(borrowed),
+                            now,
+                        );
                     }
                     self.allow(
                         h,
