@@ -9,10 +9,13 @@ send time, so no coordinated omission).
 
 For RTT in BENCH_RTT_MS (0, 1, 5) and offered rates BENCH_RTT_RATES (1k, 5k, 10k req/s):
   router             no rate limiting at all (the floor)
+  wasm_noop          a proxy-wasm filter that does nothing (what any V8 filter costs)
   native_global      Envoy's envoy.filters.http.ratelimit: one RPC per request, waited for
   laneguard          laneguard under its limit (leases: the RPCs are off the request path)
   laneguard_binding  laneguard with the tenant's ceiling at half the offered rate
-Then, at the largest RTT, the highest offered rate each of native_global and laneguard
+Then, for each RTT, closed-loop load (wrk, BENCH_RTT_CLIENTS connections, default 32) on
+router, native_global and laneguard: with the callers' concurrency bounded, throughput is
+clients / latency, so what the RTT costs shows as throughput. Then, at the largest RTT, the highest offered rate each of native_global and laneguard
 sustains (achieved >= 97% of offered, no errors, p99 under BENCH_RTT_SLO_MS).
 
 Writes bench/results/rtt.json (a list of rows: config, rtt_ms, offered_rps, achieved_rps,
@@ -22,8 +25,10 @@ docs/benchmarks/rtt.svg and the `rtt` section of docs/benchmarks.md.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -33,12 +38,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import svgplot  # noqa: E402
 from benchlib import (  # noqa: E402
-    BENCH, LANEGUARD_WASM, RELEASE, RESULTS, ROOT, BenchError, Binary, Envoy, envoy_config,
+    BENCH, LANEGUARD_WASM, NOOP_WASM, RELEASE, RESULTS, ROOT, BenchError, Binary, Envoy, envoy_config,
     filter_snippet, log, machine_description, policy_json, replace_between, require,
-    start_service, start_upstream, wasm_filter,
+    start_service, start_upstream, wasm_filter, wrk,
 )
 
-CONFIGS = ["router", "native_global", "laneguard", "laneguard_binding"]
+# wasm_noop (a proxy-wasm filter that does nothing, same V8 runtime) separates what any Wasm
+# filter costs the tail from what laneguard does.
+CONFIGS = ["router", "wasm_noop", "native_global", "laneguard", "laneguard_binding"]
 IDENTITY = ["x-laneguard-tenant: bench-tenant", "x-laneguard-principal: bench"]
 UNBOUNDED = {"per_second": 1_000_000_000, "burst": 1_000_000_000}
 STAT_PATTERN = r"^http\.bench\.downstream_rq_total$|^cluster\.laneguard_rls\.upstream_rq_total$"
@@ -95,6 +102,9 @@ def config_yaml(name: str, upstream: Binary, rls_port: int, rate: float) -> str:
     rate_limits = ""
     if name == "router":
         filters = ""
+    elif name == "wasm_noop":
+        require(NOOP_WASM, "cargo build --release --target wasm32-wasip1 -p laneguard-bench-noop")
+        filters = wasm_filter(NOOP_WASM, "noop", "{}")
     elif name == "native_global":
         filters = filter_snippet("native_global")
         rate_limits = filter_snippet("native_global.rate_limits")
@@ -124,7 +134,9 @@ def openloop(url: str, rate: float, duration: float, warmup: float) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def one(name: str, rtt: float, rate: float, upstream: Binary, duration: float, warmup: float) -> dict:
+@contextlib.contextmanager
+def stack(name: str, rtt: float, rate: float, upstream: Binary):
+    """A fresh service, delay proxy and Envoy for one configuration; yields (envoy, url)."""
     svc = proxy = envoy = None
     try:
         rls_port = upstream.port  # unused by the router
@@ -137,28 +149,71 @@ def one(name: str, rtt: float, rate: float, upstream: Binary, duration: float, w
                 proxy = delay_proxy(svc.port, rtt, f"{name}.proxy")
                 rls_port = proxy.port
         envoy = Envoy(f"{name}", config_yaml(name, upstream, rls_port, rate), LOGS, 1, pin(0)).start()
-        url = f"http://127.0.0.1:{envoy.listener_port()}/orders/1"
-        s0 = envoy.stats(STAT_PATTERN)
-        r = openloop(url, rate, duration, warmup)
-        s1 = envoy.stats(STAT_PATTERN)
+        yield envoy, f"http://127.0.0.1:{envoy.listener_port()}/orders/1"
     finally:
         for p in (envoy, proxy, svc):
             if p:
                 p.stop()
+
+
+def rpcs_per_1000(s0: dict, s1: dict) -> float:
     total = (s1.get("http.bench.downstream_rq_total", 0) - s0.get("http.bench.downstream_rq_total", 0)) or 1
     rpcs = (s1.get("cluster.laneguard_rls.upstream_rq_total", 0)
             - s0.get("cluster.laneguard_rls.upstream_rq_total", 0))
+    return round(1000.0 * rpcs / total, 3)
+
+
+def one(name: str, rtt: float, rate: float, upstream: Binary, duration: float, warmup: float) -> dict:
+    with stack(name, rtt, rate, upstream) as (envoy, url):
+        s0 = envoy.stats(STAT_PATTERN)
+        r = openloop(url, rate, duration, warmup)
+        s1 = envoy.stats(STAT_PATTERN)
     row = {
         "config": name, "rtt_ms": rtt, "offered_rps": rate,
         "achieved_rps": round(r["achieved_rps"], 1),
         "p50_us": r["p50_us"], "p99_us": r["p99_us"], "p999_us": r["p999_us"], "max_us": r["max_us"],
-        "rpcs_per_1000": round(1000.0 * rpcs / total, 3),
+        "rpcs_per_1000": rpcs_per_1000(s0, s1),
         "status_2xx": r["status_2xx"], "status_429": r["status_429"],
         "status_other": r["status_other"], "errors": r["errors"], "sustainable": r["sustainable"],
     }
     log(f"{name:18} rtt={rtt:g}ms offered={rate:>7.0f} achieved={row['achieved_rps']:>8.0f} "
         f"p50={row['p50_us']}µs p99={row['p99_us']}µs p99.9={row['p999_us']}µs "
         f"rpcs/1000={row['rpcs_per_1000']:.2f} 429={row['status_429']} err={row['errors']}")
+    return row
+
+
+def closed(name: str, rtt: float, upstream: Binary, duration: float, clients: int) -> dict:
+    """A fixed number of clients, each sending its next request when the last one is
+    answered (wrk, closed loop): what the RTT costs when the callers' concurrency is
+    bounded, as it is for real callers (Little's law: throughput = clients / latency)."""
+    with stack(name, rtt, 1000.0, upstream) as (envoy, url):
+        headers = dict(h.split(": ", 1) for h in IDENTITY)
+        wrk(url, duration=1, connections=clients, headers=headers, cpus=pin(1))  # warm-up
+        s0 = envoy.stats(STAT_PATTERN)
+        w = wrk(url, duration=duration, connections=clients, headers=headers, cpus=pin(1))
+        s1 = envoy.stats(STAT_PATTERN)
+    row = {"config": name, "rtt_ms": rtt, "clients": clients, "rps": round(w.rps, 1),
+           "p50_us": int(w.p50_us), "p99_us": int(w.p99_us), "p999_us": int(w.p999_us),
+           "rpcs_per_1000": rpcs_per_1000(s0, s1),
+           "errors": w.status_errors + w.socket_errors}
+    log(f"{name:18} rtt={rtt:g}ms closed loop, {clients} clients: {row['rps']:>8.0f} req/s "
+        f"p50={row['p50_us']}µs p99={row['p99_us']}µs rpcs/1000={row['rpcs_per_1000']:.2f} err={row['errors']}")
+    return row
+
+
+def median_row(runs: list[dict]) -> dict:
+    """One cell's rounds: the median of each figure (latencies, rates, RPCs); status counts
+    and errors summed; sustainable only if every round was."""
+    row = dict(runs[0])
+    row.pop("round", None)
+    for k in ("achieved_rps", "p50_us", "p99_us", "p999_us", "max_us", "rpcs_per_1000"):
+        v = statistics.median(r[k] for r in runs)
+        row[k] = round(v, 3) if k in ("achieved_rps", "rpcs_per_1000") else int(v)
+    for k in ("status_2xx", "status_429", "status_other", "errors"):
+        row[k] = sum(r[k] for r in runs)
+    row["sustainable"] = all(r["sustainable"] for r in runs)
+    row["rounds"] = len(runs)
+    row["p99_us_rounds"] = [r["p99_us"] for r in runs]
     return row
 
 
@@ -225,11 +280,12 @@ def headline(rows: list[dict], maxes: list[dict]) -> str:
     return line + " Method and every row: [docs/benchmarks.md](docs/benchmarks.md#on-a-network-rtt-between-envoy-and-the-service)."
 
 
-def section(rows: list[dict], accuracy: list[dict], maxes: list[dict], machine: dict) -> str:
+def section(rows: list[dict], accuracy: list[dict], maxes: list[dict], machine: dict,
+            closed_rows: list[dict], settings: str) -> str:
     out = [f"Measured {time.strftime('%Y-%m-%d %H:%M %Z')} on {machine.get('cpu', '?')}, "
            f"{machine.get('cores', '?')} cores. Envoy: one worker on CPU 0; load client, upstream, "
            "service and delay proxy on CPU 1. Open-loop load (`laneguard-openloop`), latency from "
-           "the scheduled send time. Regenerate with `BENCH_ONLY=rtt make bench`.", "",
+           "the scheduled send time. " + settings + " Regenerate with `make bench-rtt`.", "",
            "Delay proxy accuracy (2,000 ping-pongs of 64 bytes through it, minus the direct RTT):", "",
            "| configured RTT | added p50 | added p99 |", "|---:|---:|---:|"]
     for a in accuracy:
@@ -245,6 +301,17 @@ def section(rows: list[dict], accuracy: list[dict], maxes: list[dict], machine: 
                 "| config | RTT | p99 SLO | max sustained req/s |", "|---|---:|---:|---:|"]
         for m in maxes:
             out.append(f"| {m['config']} | {m['rtt_ms']:g} ms | {m['slo_p99_ms']:g} ms | {m['max_sustained_rps']:,.0f} |")
+    if closed_rows:
+        n = closed_rows[0]["clients"]
+        out += ["", f"Closed loop: {n} clients (wrk connections), each sending its next request when the "
+                "last is answered, so throughput is clients ÷ latency (Little's law), as for callers whose "
+                "concurrency is bounded:", "",
+                "| config | RTT | req/s | × native_global | p50 | p99 | RPCs / 1,000 |", "|---|---:|---:|---:|---:|---:|---:|"]
+        ng = {r["rtt_ms"]: r["rps"] for r in closed_rows if r["config"] == "native_global"}
+        for r in closed_rows:
+            x = f"{r['rps'] / ng[r['rtt_ms']]:.2f}×" if ng.get(r["rtt_ms"]) else "—"
+            out.append(f"| {r['config']} | {r['rtt_ms']:g} ms | {r['rps']:,.0f} | {x} | {r['p50_us']:,} µs | "
+                       f"{r['p99_us']:,} µs | {r['rpcs_per_1000']:.2f} |")
     out += ["", "Against the goals of the benchmark issue:", "", "| goal | measured | met |", "|---|---|---|"]
     for g, m, ok in goals(rows, maxes):
         out.append(f"| {g} | {m} | {'n/a' if ok is None else ('met' if ok else '**missed**')} |")
@@ -268,7 +335,8 @@ def plot(rows: list[dict], rtts: list[float], rate: float) -> None:
 def main() -> int:
     rtts = floats("BENCH_RTT_MS", "0,1,5")
     rates = floats("BENCH_RTT_RATES", "1000,5000,10000")
-    duration = num("BENCH_RTT_DURATION", 10.0)
+    duration = num("BENCH_RTT_DURATION", 5.0)
+    rounds = max(1, int(num("BENCH_RTT_ROUNDS", 3)))
     warmup = num("BENCH_RTT_WARMUP", 2.0)
     slo_ms = num("BENCH_RTT_SLO_MS", 25.0)
     LOGS.mkdir(parents=True, exist_ok=True)
@@ -277,11 +345,26 @@ def main() -> int:
     try:
         accuracy = proxy_accuracy([r for r in rtts if r > 0])
         upstream = start_upstream(LOGS, pin(1))
-        rows = []
-        for rtt in rtts:
-            for rate in rates:
-                for c in CONFIGS:
-                    rows.append(one(c, rtt, rate, upstream, duration, warmup))
+        # Interleaved rounds (the configurations' order rotated each round), medians: a
+        # tail percentile of one short run moves by milliseconds between identical runs on
+        # this machine (V8 and scheduler stalls), so one run per cell cannot rank them.
+        runs: list[dict] = []
+        for rnd in range(rounds):
+            order = CONFIGS[rnd % len(CONFIGS):] + CONFIGS[:rnd % len(CONFIGS)]
+            for rtt in rtts:
+                for rate in rates:
+                    for c in order:
+                        row = one(c, rtt, rate, upstream, duration, warmup)
+                        row["round"] = rnd
+                        runs.append(row)
+        rows = [median_row([r for r in runs if (r["config"], r["rtt_ms"], r["offered_rps"]) == (c, rtt, rate)])
+                for rtt in rtts for rate in rates for c in CONFIGS]
+        closed_rows = []
+        if os.environ.get("BENCH_RTT_CLOSED", "1") != "0":
+            clients = int(num("BENCH_RTT_CLIENTS", 32))
+            for rtt in rtts:
+                for c in ("router", "native_global", "laneguard"):
+                    closed_rows.append(closed(c, rtt, upstream, duration, clients))
         maxes = []
         if os.environ.get("BENCH_RTT_MAX", "1") != "0":
             big = max(rtts)
@@ -295,12 +378,15 @@ def main() -> int:
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(rows, indent=1) + "\n")
     (RESULTS / "rtt-extra.json").write_text(json.dumps({"proxy_accuracy": accuracy, "max_rate": maxes,
+                                                        "closed_loop": closed_rows, "runs": runs,
                                                         "machine": machine}, indent=1) + "\n")
     plot(rows, rtts, 5000.0 if 5000.0 in rates else rates[len(rates) // 2])
     doc = DOC.read_text()
     if "<!-- bench:rtt -->" not in doc:
         doc += "\n## On a network: RTT between Envoy and the service\n\n<!-- bench:rtt -->\n<!-- /bench:rtt -->\n"
-    DOC.write_text(replace_between(doc, "rtt", section(rows, accuracy, maxes, machine)))
+    DOC.write_text(replace_between(doc, "rtt", section(rows, accuracy, maxes, machine, closed_rows,
+                        f"Each cell: the median of {rounds} interleaved rounds of {duration:g} s (after "
+                        f"{warmup:g} s of warm-up); 429s summed over the rounds.")))
     readme = README.read_text()
     if "<!-- bench:readme-rtt -->" in readme:
         README.write_text(replace_between(readme, "readme-rtt", headline(rows, maxes)))

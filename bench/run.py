@@ -218,7 +218,10 @@ def measure(name: str, upstream: Binary, grants: list[str], logdir: Path, *,
     try:
         args = service_args(name, grants)
         if args is not None and name == AUDITED:
-            audit_log.unlink(missing_ok=True)
+            # A fresh log per run: the log and its checkpoint (`.head`, which the service
+            # checks the log against at start) and any rotated files.
+            for f in logdir.glob(f"{audit_log.name}*"):
+                f.unlink(missing_ok=True)
             args = args + ["--audit-log", str(audit_log)]
         if args is not None:
             svc = start_service(logdir, cpus(1), args, name=f"{name}.service")

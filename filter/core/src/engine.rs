@@ -975,14 +975,24 @@ impl LocalTable {
         self.want(&plan.attempt(borrowing), plan.cost, now_ns, max)
     }
 
-    /// Whether the lease on these buckets is running low (a quarter of the last grant or
-    /// less, or gone within the next `horizon_ns`) and no renewal is in flight. Marks the
-    /// buckets as renewing when it says yes, so one renewal is asked at a time.
+    /// Whether the lease on these buckets is running low and no renewal is in flight: a
+    /// quarter of the last grant or less, or gone within the next `horizon_ns`, or less
+    /// than this worker spends in `lead_ns` at its current rate. `lead_ns` is how long a
+    /// renewal takes to arrive (until the next tick sends it, plus the round trip): without
+    /// it a worker spending a 1,000-request lease in 200 ms ran dry before its renewal came
+    /// back, and the requests in between each waited for a call of their own (issue 10 §1).
+    /// Marks the buckets as renewing when it says yes, so one renewal is asked at a time.
     ///
     /// Never while a saturated bucket is held: its lease was this worker's share of what
     /// had refilled, and the first request after the hold asks for the next one (a renewal
     /// as well made two calls per hold).
-    pub fn claim_renewal(&mut self, buckets: &[&Bucket], now_ns: u64, horizon_ns: u64) -> bool {
+    pub fn claim_renewal(
+        &mut self,
+        buckets: &[&Bucket],
+        now_ns: u64,
+        horizon_ns: u64,
+        lead_ns: u64,
+    ) -> bool {
         let held = buckets.iter().any(|b| {
             self.buckets
                 .get(&b.key)
@@ -992,9 +1002,13 @@ impl LocalTable {
             && buckets.iter().any(|b| {
                 self.buckets.get(&b.key).is_some_and(|s| {
                     let left = s.lease_left(now_ns);
+                    // Spent within the lead at the current rate (requests per second).
+                    let lead_spend = u64::from(s.rate(now_ns)).saturating_mul(lead_ns)
+                        / 1_000_000_000;
                     s.last_grant > 0
                         && !s.renewing
                         && (left <= (s.last_grant / 4).max(1)
+                            || u64::from(left) <= lead_spend
                             || s.lease_until_ns <= now_ns + horizon_ns)
                 })
             });

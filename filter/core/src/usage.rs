@@ -106,6 +106,9 @@ impl Counts {
 pub struct Tally {
     counts: BTreeMap<Key, Counts>,
     dropped: u64,
+    /// The key of the last count: a worker sees the same tenant and class over and over,
+    /// and a repeat is counted without building a key (two `String`s) per request.
+    last: Option<Key>,
 }
 
 impl Tally {
@@ -114,16 +117,28 @@ impl Tally {
 
     /// Count one request of `cost` units.
     pub fn note(&mut self, tenant: &str, class: &str, how: Admission, cost: u32, now_ns: u64) {
-        let key = Key {
-            hour: hour_of(now_ns),
-            tenant: tenant.to_string(),
-            class: class.to_string(),
+        let hour = hour_of(now_ns);
+        let repeat = self
+            .last
+            .as_ref()
+            .filter(|k| k.hour == hour && k.tenant == tenant && k.class == class);
+        // The last key may have been taken since (`take`): then it is counted as new.
+        let c = match repeat.and_then(|k| self.counts.get_mut(k)) {
+            Some(c) => c,
+            None => {
+                let key = Key {
+                    hour,
+                    tenant: tenant.to_string(),
+                    class: class.to_string(),
+                };
+                if !self.counts.contains_key(&key) && self.counts.len() >= Self::MAX_KEYS {
+                    self.dropped = self.dropped.saturating_add(1);
+                    return;
+                }
+                self.last = Some(key.clone());
+                self.counts.entry(key).or_default()
+            }
         };
-        if !self.counts.contains_key(&key) && self.counts.len() >= Self::MAX_KEYS {
-            self.dropped = self.dropped.saturating_add(1);
-            return;
-        }
-        let c = self.counts.entry(key).or_default();
         match how {
             Admission::Central => c.central = c.central.saturating_add(1),
             Admission::Leased => {
@@ -706,6 +721,30 @@ mod tests {
         let all = t.take(100);
         assert_eq!(all.len(), 5);
         assert_eq!(all[0].1.central, 2, "the failed call's count came back");
+    }
+
+    #[test]
+    fn repeats_of_the_last_key_count_on_it_until_it_is_taken_or_the_hour_turns() {
+        let mut t = Tally::default();
+        for _ in 0..3 {
+            t.note("acme", "batch", Admission::Leased, 2, T0);
+        }
+        t.note("acme", "batch", Admission::Central, 1, T0);
+        // Same tenant, another class; then back: each key keeps its own counts.
+        t.note("acme", "repair", Admission::Leased, 1, T0);
+        t.note("acme", "batch", Admission::Leased, 1, T0);
+        let all = t.take(10);
+        assert_eq!(all.len(), 2);
+        let batch = &all.iter().find(|(k, _)| k.class == "batch").unwrap().1;
+        assert_eq!((batch.leased, batch.leased_units, batch.central), (4, 7, 1));
+        // The last key was taken with the rest: the next count starts it again.
+        t.note("acme", "batch", Admission::Leased, 1, T0);
+        assert_eq!(t.len(), 1);
+        // The next hour is a new key.
+        t.note("acme", "batch", Admission::Leased, 1, T0 + 3_600 * 1_000_000_000);
+        let all = t.take(10);
+        assert_eq!(all.len(), 2);
+        assert!(all.iter().all(|(_, c)| c.leased == 1));
     }
 
     #[test]

@@ -150,7 +150,8 @@ pub struct Root {
 }
 
 /// The root tick: renewals go out within one tick of a lease running low.
-pub(crate) const TICK: Duration = Duration::from_millis(100);
+pub(crate) const TICK: Duration = Duration::from_nanos(TICK_NS);
+const TICK_NS: u64 = 100_000_000;
 const TICKS_PER_SECOND: u64 = 10;
 /// Prune idle buckets every this many ticks.
 const PRUNE_EVERY: u64 = 50;
@@ -164,6 +165,10 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 const GRPC_UNAVAILABLE: u32 = 14;
 /// Ask for a renewal when the lease would run out within this horizon.
 pub(crate) const RENEW_HORIZON_NS: u64 = 300_000_000;
+/// Ask for a renewal when the worker would spend what is left of its lease within this
+/// lead at its current rate: a renewal goes out on the next tick (at most [`TICK`] later)
+/// and its answer takes a round trip (50 ms allowed for it).
+pub(crate) const RENEW_LEAD_NS: u64 = TICK_NS + 50_000_000;
 
 impl Root {
     pub fn new(id: u32) -> Root {

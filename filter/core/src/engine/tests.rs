@@ -471,6 +471,41 @@ fn lease_sizing_follows_recent_spend() {
     );
 }
 
+/// A worker that spent 5,000 a second for the last second is granted 1,000 and spends it at
+/// that rate: how many it has spent when it claims a renewal with this lead.
+fn spent_when_renewal_is_claimed(lead_ns: u64) -> Option<u64> {
+    let p = policy();
+    let plan = plan(&p, &req("nw", "erp", None)).unwrap();
+    let b = plan.attempt(false);
+    let mut t = LocalTable::default();
+    let now = 100 * S;
+    // The rate is what the worker spent recently.
+    for x in &b {
+        t.grant(x, 5_000, now + 2 * S, now - S);
+    }
+    for i in 0..5_000 {
+        assert!(t.try_lease(&b, 1, now - S + i * S / 5_000));
+    }
+    for x in &b {
+        t.grant(x, 1_000, now + 2 * S, now);
+    }
+    (1..=1_000).find(|spent| {
+        assert!(t.try_lease(&b, 1, now + spent * S / 5_000));
+        t.claim_renewal(&b, now + spent * S / 5_000, S / 10, lead_ns)
+    })
+}
+
+#[test]
+fn a_fast_worker_renews_before_its_lease_runs_out_within_the_lead() {
+    // 1,000 leased, spent at 5,000 a second: 200 ms of lease, so a renewal sent on the next
+    // tick (up to 100 ms away) must be asked with ~750 left (150 ms of spend), not at a
+    // quarter (250 left: 50 ms).
+    let claimed = spent_when_renewal_is_claimed(150 * S / 1_000).expect("claimed in time");
+    assert!((200..=300).contains(&claimed), "claimed after {claimed} of 1,000");
+    // Without a lead the same worker waits for a quarter of the grant.
+    assert_eq!(spent_when_renewal_is_claimed(0), Some(750));
+}
+
 #[test]
 fn renewal_is_claimed_once_when_the_lease_runs_low() {
     let p = policy();
@@ -480,12 +515,12 @@ fn renewal_is_claimed_once_when_the_lease_runs_low() {
     let now = 100 * S;
     t.grant(b[0], 8, now + 2 * S, now);
     t.grant(b[1], 8, now + 2 * S, now);
-    assert!(!t.claim_renewal(&b, now, S / 10));
+    assert!(!t.claim_renewal(&b, now, S / 10, 0));
     for _ in 0..6 {
         assert!(t.try_lease(&b, 1, now));
     }
-    assert!(t.claim_renewal(&b, now, S / 10), "2 of 8 left");
-    assert!(!t.claim_renewal(&b, now, S / 10), "already renewing");
+    assert!(t.claim_renewal(&b, now, S / 10, 0), "2 of 8 left");
+    assert!(!t.claim_renewal(&b, now, S / 10, 0), "already renewing");
     assert_eq!(t.outstanding_lease(now), 4);
     t.grant(b[0], 8, now + 2 * S, now);
     t.grant(b[1], 8, now + 2 * S, now);
@@ -864,6 +899,8 @@ mod fleet {
 
     const MS: u64 = 1_000_000;
     const RENEW_HORIZON_NS: u64 = 300 * MS;
+    // The shell's lead: one tick (100 ms) until the renewal is sent, 50 ms for its answer.
+    const RENEW_LEAD_NS: u64 = 150 * MS;
     const LEASE_TTL_NS: u64 = 2 * S;
     const TIMEOUT_NS: u64 = 200 * MS;
     const TICK_NS: u64 = 100 * MS;
@@ -1006,7 +1043,7 @@ mod fleet {
                         _ => {}
                     }
                     let answered = if t.try_lease(&b, 1, now) {
-                        if t.claim_renewal(&b, now, RENEW_HORIZON_NS) {
+                        if t.claim_renewal(&b, now, RENEW_HORIZON_NS, RENEW_LEAD_NS) {
                             renew[w] = true;
                         }
                         tally.admitted += u64::from(counted);

@@ -2,7 +2,7 @@
 
 use super::{DecidedBy, Request};
 use crate::host::{Action, Host};
-use crate::root::RENEW_HORIZON_NS;
+use crate::root::{RENEW_HORIZON_NS, RENEW_LEAD_NS};
 use laneguard_core::Plan;
 use std::rc::Rc;
 
@@ -15,7 +15,7 @@ impl Request {
         // Fast path 1: capacity the service leased to this worker.
         let mut table = shared.table.borrow_mut();
         if table.try_lease(&primary, plan.cost, now) {
-            if table.claim_renewal(&primary, now, RENEW_HORIZON_NS) {
+            if table.claim_renewal(&primary, now, RENEW_HORIZON_NS, RENEW_LEAD_NS) {
                 let set = primary.iter().map(|b| (*b).clone()).collect();
                 shared
                     .renewals
