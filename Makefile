@@ -92,11 +92,15 @@ bench-build: bootstrap
 	$(CARGO) build --release --target $(WASM_TARGET) -p laneguard-wasm -p laneguard-bench-noop
 	$(CARGO) build --release -p laneguard-service -p laneguard-upstream -p laneguard-rls-load -p laneguard-netbench -p laneguard-replay -p laneguard-redis-harness
 
+# BENCH_ONLY picks parts (comma-separated): main, tenants, service, micro (bench/run.py),
+# rtt, replay, ai (one script each). Unset: all of them.
+bench_part = case ",$(BENCH_ONLY)," in ,,|*,$(1),*) true ;; *) false ;; esac
+
 bench: bench-build
 	python3 bench/run.py
-	python3 bench/rtt.py
-	python3 bench/replay.py
-	python3 bench/ai.py
+	@if $(call bench_part,rtt); then python3 bench/rtt.py; fi
+	@if $(call bench_part,replay); then python3 bench/replay.py; fi
+	@if $(call bench_part,ai); then python3 bench/ai.py; fi
 
 # Only the AI part of make bench (bench/ai.py: token overshoot vs the bound under
 # concurrency, tokens charged vs used, RPCs with settlement, body inspection CPU per request;

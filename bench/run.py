@@ -46,11 +46,13 @@ from benchlib import (  # noqa: E402
 CONFIGS = ["router", "local_ratelimit", "wasm_noop", "native_global", "laneguard",
            "laneguard_binding", "laneguard_shadow"]
 # Measured in the same rounds, reported in docs/benchmarks.md, not in latest.json: the no-op
-# filter making the host calls laneguard makes per request on its fast path (one read of
-# the request headers, two clock reads, three counters, one request header and two response
-# headers set; see filter/wasm/src/http.rs), without laneguard's logic.
+# filter making the host calls laneguard makes per request on its lease-hit path, and
+# nothing else (one read of the request header map, one clock read, the access log's caller
+# fields set as filter state, the granted-class request header and the two RateLimit
+# response headers; counters are batched per tick). The list is pinned by
+# `request::tests::a_lease_hit_makes_only_these_host_calls` in filter/wasm.
 EXTRA_CONFIGS = ["wasm_hostcalls"]
-HOSTCALLS = "headers=1,time=2,metrics=3,set_request=1,set_response=2"
+HOSTCALLS = "headers=1,time=1,filter_state=1,set_request=1,set_response=2"
 
 SETTINGS = {
     "BENCH_ROUNDS": (env_int, 3, "rounds of the main comparison (median reported)"),
@@ -815,16 +817,16 @@ def goals_section(full: dict) -> str:
         return "met" if ok else "**missed**"
 
     r1 = lg["rps"] / noop["rps"]
-    out.append(f"| laneguard throughput ≥ 0.90 × wasm_noop | {r1:.2f}× "
-               f"({fnum(lg['rps'])} vs {fnum(noop['rps'])} req/s) | {verdict(r1 >= 0.90)} |")
+    out.append(f"| laneguard throughput ≥ 0.95 × wasm_noop (issue 10 §2; was 0.90) | {r1:.2f}× "
+               f"({fnum(lg['rps'])} vs {fnum(noop['rps'])} req/s) | {verdict(r1 >= 0.95)} |")
     r2 = lg["rps"] / nat["rps"]
     out.append(f"| laneguard throughput ≥ 2 × native_global | {r2:.2f}× "
                f"({fnum(lg['rps'])} vs {fnum(nat['rps'])} req/s) | {verdict(r2 >= 2.0)} |")
     r3 = lg["p99_us"] / nat["p99_us"]
     out.append(f"| laneguard p99 ≤ 0.5 × native_global p99 | {r3:.2f}× "
                f"({fnum(lg['p99_us'])} vs {fnum(nat['p99_us'])} µs) | {verdict(r3 <= 0.5)} |")
-    out.append(f"| ≤ 5 service RPCs per 1,000 requests (laneguard, under its limit) | "
-               f"{lg['rpcs_per_1000']:.1f} | {verdict(lg['rpcs_per_1000'] <= 5)} |")
+    out.append(f"| ≤ 1 service RPC per 1,000 requests (laneguard, under its limit; issue 10 §3) | "
+               f"{lg['rpcs_per_1000']:.2f} | {verdict(lg['rpcs_per_1000'] <= 1)} |")
     b = s["laneguard_binding"]
     out.append(f"| ≤ 5 service RPCs per 1,000 requests (laneguard_binding, "
                f"{b['pct_429']:.0f}% 429) | {b['rpcs_per_1000']:.1f} | "
@@ -851,6 +853,13 @@ def goals_section(full: dict) -> str:
                    f"{calls:.1f} µs is crossing into Envoy and {cpu_lg - cpu_noop - calls:.1f} µs "
                    f"is laneguard's own work inside the VM (parsing headers, planning, deciding, "
                    f"formatting headers; lease renewals included).")
+        noop = s["wasm_noop"]
+        if noop.get("rps"):
+            out.append("")
+            out.append(f"A filter that made only these host calls and did nothing else would reach "
+                       f"{hc['rps'] / noop['rps']:.2f}× wasm_noop's throughput "
+                       f"({hc['rps']:,.0f} vs {noop['rps']:,.0f} req/s): the ceiling for laneguard's "
+                       f"ratio with the calls its decision needs.")
     return "\n".join(out)
 
 
@@ -972,7 +981,10 @@ def plots(full: dict) -> None:
 
 
 def main() -> int:
-    only = [p for p in os.environ.get("BENCH_ONLY", "main,tenants,service,micro").split(",") if p]
+    # The other parts of `make bench` are scripts of their own (the Makefile runs them).
+    others = {"rtt", "replay", "ai"}
+    only = [p for p in os.environ.get("BENCH_ONLY", "main,tenants,service,micro").split(",")
+            if p and p not in others]
     full = json.loads(FULL.read_text()) if FULL.exists() else {}
     full["date"] = time.strftime("%Y-%m-%d %H:%M %Z")
     full["machine"] = machine_description()
@@ -984,7 +996,8 @@ def main() -> int:
     try:
         for p in only:
             if p not in parts:
-                raise BenchError(f"BENCH_ONLY: unknown part {p!r} (main, tenants, service, micro)")
+                raise BenchError(f"BENCH_ONLY: unknown part {p!r} "
+                                 "(main, tenants, service, micro, rtt, replay, ai)")
             log(f"part {p}")
             parts[p](full)
             write_outputs(full)

@@ -10,7 +10,8 @@
 //! else: the same host calls laneguard makes on its fast path, without its logic. `make bench`
 //! runs it as `wasm_hostcalls`, which splits laneguard's cost into "crossing into Envoy" and
 //! "deciding". Keys: `headers` (get the whole request header map), `time` (read the clock),
-//! `metrics` (increment a counter), `set_request` / `set_response` (set a header). An empty
+//! `metrics` (increment a counter), `set_request` / `set_response` (set a header),
+//! `filter_state` (set a filter-state value). An empty
 //! configuration, or `{}`, is the pure no-op.
 //!
 //! Built with `cargo build --release --target wasm32-wasip1 -p laneguard-bench-noop` into
@@ -36,6 +37,9 @@ struct Calls {
     metrics: u32,
     set_request: u32,
     set_response: u32,
+    /// Set a filter-state value (`proxy_set_property`), as laneguard does for the access
+    /// log's caller fields.
+    filter_state: u32,
     /// Counter ids, defined once per VM.
     counters: Vec<u32>,
 }
@@ -63,6 +67,7 @@ impl Calls {
                 "metrics" => c.metrics = n,
                 "set_request" => c.set_request = n,
                 "set_response" => c.set_response = n,
+                "filter_state" => c.filter_state = n,
                 other => return Err(format!("unknown key `{other}`")),
             }
         }
@@ -136,6 +141,9 @@ impl HttpContext for Noop {
         for _ in 0..c.set_request {
             self.set_http_request_header("x-noop", Some("1"));
         }
+        for _ in 0..c.filter_state {
+            let _ = hostcalls::set_property(vec!["noop_caller"], Some(b"tenant=bench"));
+        }
         std::hint::black_box(seen);
         Action::Continue
     }
@@ -160,7 +168,8 @@ mod tests {
 
     #[test]
     fn counts_parse_and_typos_are_errors() {
-        let c = Calls::parse("headers=1, time=2,metrics=3,set_request=1,set_response=2");
+        let c =
+            Calls::parse("headers=1, time=2,metrics=3,set_request=1,set_response=2,filter_state=1");
         assert_eq!(
             c,
             Ok(Calls {
@@ -169,6 +178,7 @@ mod tests {
                 metrics: 3,
                 set_request: 1,
                 set_response: 2,
+                filter_state: 1,
                 counters: Vec::new(),
             })
         );

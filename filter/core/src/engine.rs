@@ -1003,8 +1003,8 @@ impl LocalTable {
                 self.buckets.get(&b.key).is_some_and(|s| {
                     let left = s.lease_left(now_ns);
                     // Spent within the lead at the current rate (requests per second).
-                    let lead_spend = u64::from(s.rate(now_ns)).saturating_mul(lead_ns)
-                        / 1_000_000_000;
+                    let lead_spend =
+                        u64::from(s.rate(now_ns)).saturating_mul(lead_ns) / 1_000_000_000;
                     s.last_grant > 0
                         && !s.renewing
                         && (left <= (s.last_grant / 4).max(1)

@@ -741,7 +741,13 @@ mod tests {
         t.note("acme", "batch", Admission::Leased, 1, T0);
         assert_eq!(t.len(), 1);
         // The next hour is a new key.
-        t.note("acme", "batch", Admission::Leased, 1, T0 + 3_600 * 1_000_000_000);
+        t.note(
+            "acme",
+            "batch",
+            Admission::Leased,
+            1,
+            T0 + 3_600 * 1_000_000_000,
+        );
         let all = t.take(10);
         assert_eq!(all.len(), 2);
         assert!(all.iter().all(|(_, c)| c.leased == 1));

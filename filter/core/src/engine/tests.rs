@@ -501,7 +501,10 @@ fn a_fast_worker_renews_before_its_lease_runs_out_within_the_lead() {
     // tick (up to 100 ms away) must be asked with ~750 left (150 ms of spend), not at a
     // quarter (250 left: 50 ms).
     let claimed = spent_when_renewal_is_claimed(150 * S / 1_000).expect("claimed in time");
-    assert!((200..=300).contains(&claimed), "claimed after {claimed} of 1,000");
+    assert!(
+        (200..=300).contains(&claimed),
+        "claimed after {claimed} of 1,000"
+    );
     // Without a lead the same worker waits for a quarter of the grant.
     assert_eq!(spent_when_renewal_is_claimed(0), Some(750));
 }
