@@ -338,7 +338,9 @@ def _wrk_sampling(url, duration, connections, script, script_args, envoy, sample
 # --- parts ---------------------------------------------------------------------------------
 
 
-def part_main(full: dict) -> None:
+def part_main(full: dict) -> bool:
+    """The main comparison. True if it was an experiment (BENCH_CONFIGS): then it wrote
+    only `full["experiments"]`, and the docs must not be touched."""
     rounds = setting("BENCH_ROUNDS")
     duration, warmup = setting("BENCH_DURATION"), setting("BENCH_WARMUP")
     conns = setting("BENCH_CONNECTIONS")
@@ -415,7 +417,9 @@ def part_main(full: dict) -> None:
     if only:
         # A partial run is an experiment: keep it out of latest.json and the docs.
         label = f"{','.join(only)} {setting('BENCH_POLICY_EXTRA')}".strip()
-        full.setdefault("experiments", {})[label] = {"summary": summary, "runs": runs}
+        full.setdefault("experiments", {})[label] = {
+            "summary": summary, "runs": runs, "date": full["date"], "git": full["git"],
+            "wasm_fingerprint": full["wasm_fingerprint"]}
         for r in summary:
             if r.get("rps") is not None:
                 log(f"experiment {label}: {r['name']:16s} {r['rps']:8.0f} req/s "
@@ -424,12 +428,13 @@ def part_main(full: dict) -> None:
                     f"rpcs/1000 {r['rpcs_per_1000']:.1f}  429 {r['pct_429']:.1f}%"
                     + (f"  audit kept {r['audit_429s_kept']}/{r['audit_429s_seen']} 429s"
                        if "audit_429s_seen" in r else ""))
-        return
+        return True
     full["main"] = {"summary": summary, "runs": runs, "grants": " ".join(grants) or "absent",
                     "settings": {"rounds": rounds, "duration_s": duration, "warmup_s": warmup,
                                  "connections": conns,
                                  "binding_rps": setting("BENCH_BINDING_RPS"),
                                  "policy_extra": setting("BENCH_POLICY_EXTRA")}}
+    return False
 
 
 def tenant_policy(n: int, duration: float, rps_hi: float, rps_lo: float) -> dict:
@@ -986,6 +991,9 @@ def main() -> int:
     if not only:  # BENCH_ONLY named only the other scripts' parts
         return 0
     full = json.loads(FULL.read_text()) if FULL.exists() else {}
+    # What the docs' "Measured ..." line says; an experiment alone must not change it, since
+    # the tables under it stay those of the last real run.
+    header = {k: full.get(k) for k in ("date", "machine", "git", "wasm_fingerprint")}
     full["date"] = time.strftime("%Y-%m-%d %H:%M %Z")
     full["machine"] = machine_description()
     full["git"] = git_state()
@@ -999,7 +1007,13 @@ def main() -> int:
                 raise BenchError(f"BENCH_ONLY: unknown part {p!r} "
                                  "(main, tenants, service, micro, rtt, replay, ai)")
             log(f"part {p}")
-            parts[p](full)
+            if parts[p](full) and only == ["main"]:
+                full.update({k: v for k, v in header.items() if v is not None})
+                RESULTS.mkdir(parents=True, exist_ok=True)
+                FULL.write_text(json.dumps(full, indent=1) + "\n")
+                log(f"experiment only: {FULL.relative_to(ROOT)} (experiments); the docs, "
+                    f"plots and {LATEST.relative_to(ROOT)} are left as they were")
+                return 0
             write_outputs(full)
     except BenchError as e:
         print(f"bench: {e}", file=sys.stderr)
