@@ -154,7 +154,7 @@ impl Request {
         if verdict.allowed {
             let mut levels = shared.table.borrow().levels(&attempt, now);
             overlay(&mut levels, &verdict.statuses);
-            return self.allow(h, &plan, &levels, DecidedBy::Central, borrowing, now);
+            return self.allow(h, &plan, levels, DecidedBy::Central, borrowing, now);
         }
         let only_the_lane = verdict
             .statuses
@@ -230,7 +230,7 @@ impl Request {
                     );
                 }
                 let levels = shared.table.borrow().levels(&plan.attempt(false), now);
-                self.allow(h, plan, &levels, DecidedBy::Degraded(reason), false, now)
+                self.allow(h, plan, levels, DecidedBy::Degraded(reason), false, now)
             }
             FailureMode::Closed => {
                 let retry = 1.to_string();
@@ -264,7 +264,7 @@ impl Request {
                     self.allow(
                         h,
                         plan,
-                        &eval.levels,
+                        eval.levels,
                         DecidedBy::Degraded(reason),
                         borrowed,
                         now,

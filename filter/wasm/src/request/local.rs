@@ -24,7 +24,7 @@ impl Request {
             }
             let levels = table.levels(&primary, now);
             drop(table);
-            return self.allow(h, &plan, &levels, DecidedBy::Local, false, now);
+            return self.allow(h, &plan, levels, DecidedBy::Local, false, now);
         }
         // Fast path 2: the local mirror already shows no room, so the fleet has none either.
         let (eval, borrowing) = table.precheck(&plan, now, 1.0);

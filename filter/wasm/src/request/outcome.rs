@@ -107,7 +107,7 @@ impl Request {
         &mut self,
         h: &dyn Host,
         plan: &Plan,
-        levels: &[Level],
+        mut levels: Vec<Level>,
         by: DecidedBy,
         borrowed: bool,
         now: u64,
@@ -127,7 +127,6 @@ impl Request {
         }
         let shared = Rc::clone(&self.shared);
         let m = &shared.metrics;
-        let mut levels = levels.to_vec();
         shared
             .table
             .borrow()

@@ -994,3 +994,32 @@ fn a_lease_hit_makes_only_these_host_calls() {
     assert_eq!(h.metric("laneguard.decided.local"), 4);
     assert_eq!(h.metric("laneguard.class.web.allowed"), 5);
 }
+
+/// Profiling aid (not in `make test`): lease hits through the state machine, natively.
+#[test]
+#[ignore]
+fn profile_lease_hits() {
+    let (h, root) = configured(POLICY);
+    let (mut req, action) = start(&h, &root, 2, &headers(""));
+    let body = lease_answer(&h, 100_000_000, 3_600_000);
+    deliver(&h, &mut req, 0, Some(body));
+    assert!(seen(&h, &mut req, action).passed);
+    let n: u32 = std::env::var("PROFILE_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300_000);
+    let hs = headers("");
+    let t = std::time::Instant::now();
+    for id in 0..n {
+        h.advance(10_000);
+        let (mut req, action) = start(&h, &root, 10 + id, &hs);
+        let s = seen(&h, &mut req, action);
+        assert!(s.passed);
+        req.on_done(&h);
+        h.take_host_calls();
+    }
+    println!(
+        "{:.0} ns per lease hit (mock host included)",
+        t.elapsed().as_nanos() as f64 / f64::from(n)
+    );
+}
