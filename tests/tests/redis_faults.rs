@@ -77,19 +77,15 @@ fn start(label: &str, store: &str) -> Stack {
 }
 
 fn start_with(label: &str, store: &str, policy: &str) -> Stack {
-    start_args(
-        label,
-        policy,
-        &["--store", store, "--redis-timeout-ms", "100"],
-    )
+    start_extra(label, store, policy, &[])
 }
 
-fn start_args(label: &str, policy: &str, service_args: &[&str]) -> Stack {
+/// [`start_with`], with `extra` service flags after the suite's own.
+fn start_extra(label: &str, store: &str, policy: &str, extra: &[&str]) -> Stack {
     let dir = RunDir::new(label).unwrap();
-    Stack::start_in(dir, policy, service_args, EnvoyOptions::default(), |_| {
-        Ok(())
-    })
-    .unwrap()
+    let mut args = vec!["--store", store, "--redis-timeout-ms", "100"];
+    args.extend_from_slice(extra);
+    Stack::start_in(dir, policy, &args, EnvoyOptions::default(), |_| Ok(())).unwrap()
 }
 
 /// Poll the service's health until it reports `want`; how long that took.
@@ -324,17 +320,11 @@ fn cluster_primary_killed_replica_promoted() {
     // cluster-node-timeout plus the replica's election delay (0.5-1 s). A 2 s lease renewed
     // just before the kill could outlast that, and export then never met the outage
     // (CI on f9e7803: export 90/90 served). A 500 ms lease cannot.
-    let stack = start_args(
+    let stack = start_extra(
         "fault-cluster-stack",
+        &spec,
         &policy(),
-        &[
-            "--store",
-            &spec,
-            "--redis-timeout-ms",
-            "100",
-            "--lease-ttl-ms",
-            "500",
-        ],
+        &["--lease-ttl-ms", "500"],
     );
     let (rec, t) = scenario(
         &stack,
