@@ -955,6 +955,9 @@ mod fleet {
         pub admitted: u64,
         pub rpcs: u64,
         pub seconds: f64,
+        /// When each counted admission happened (ns).
+        pub admits: Vec<u64>,
+        pub from_ns: u64,
     }
 
     impl Tally {
@@ -966,6 +969,23 @@ mod fleet {
         pub fn error_pct(&self, per_second: f64) -> f64 {
             let limit = per_second * self.seconds;
             100.0 * (self.admitted as f64 - limit) / limit
+        }
+
+        /// The largest |error| in percent over every `window_s` window starting on a 10 ms
+        /// step in the counted time: what a short window's edges cut of the clumps.
+        pub fn worst_window_pct(&self, per_second: f64, window_s: u64) -> f64 {
+            let w = window_s * S;
+            let end = self.from_ns + (self.seconds as u64) * S;
+            let mut worst = 0.0f64;
+            let mut start = self.from_ns;
+            while start + w <= end {
+                let lo = self.admits.partition_point(|&t| t < start);
+                let hi = self.admits.partition_point(|&t| t < start + w);
+                let limit = per_second * window_s as f64;
+                worst = worst.max((100.0 * ((hi - lo) as f64 - limit) / limit).abs());
+                start += 10 * MS;
+            }
+            worst
         }
     }
 
@@ -1020,6 +1040,7 @@ mod fleet {
         let from = settle_s * S;
         let mut tally = Tally {
             seconds: (seconds - settle_s) as f64,
+            from_ns: from,
             ..Tally::default()
         };
         // The next request on a connection, once the client has its answer.
@@ -1050,6 +1071,9 @@ mod fleet {
                             renew[w] = true;
                         }
                         tally.admitted += u64::from(counted);
+                        if counted {
+                            tally.admits.push(now);
+                        }
                         true
                     } else if !t.evaluate(&b, 1, now, 1.0).allowed {
                         true
@@ -1113,6 +1137,9 @@ mod fleet {
                         if admitted {
                             t.charge(&b, cost, now);
                             tally.admitted += u64::from(counted);
+                            if counted {
+                                tally.admits.push(now);
+                            }
                         }
                     }
                     t.sync(&bucket, until_full, now);
@@ -1245,4 +1272,36 @@ fn a_slow_bucket_asked_in_quick_succession_admits_its_whole_burst() {
     );
     assert_eq!(t.requests, 5);
     assert_eq!(t.admitted, 5, "{} of 5", t.admitted);
+}
+
+/// Experiment, not in `make test` (60 s of simulated flood per shape, about a minute in
+/// release): the calls a binding limit costs and the worst short window's error, for the
+/// shapes of `make bench-accuracy` (4 workers), its fleet run (8 VMs on a 250 ms fill time),
+/// `redis_faults`' restart tests, and a 64-worker fleet. `cargo test --release -p
+/// laneguard-core --lib experiment_hold_shapes -- --ignored --nocapture`. It is how a change
+/// to the holds ([`hold_ns`]) is judged before a benchmark: docs/accuracy.md ("Fewer calls
+/// at a binding limit: what the holds trade") has the figures of the variants tried.
+#[test]
+#[ignore]
+fn experiment_hold_shapes() {
+    let flood = fleet::Load::Flood {
+        connections: 8,
+        think_ns: 1_250_000,
+    };
+    for (name, n, burst, workers, window) in [
+        ("accuracy 4w 1000/100", 1000, 100, 4, 5),
+        ("cluster 8w 380/95", 380, 95, 8, 5),
+        ("restart 2w 100/100", 100, 100, 2, 10),
+        ("restart 1w 100/100", 100, 100, 1, 10),
+        ("big 64w 1000/100", 1000, 100, 64, 5),
+    ] {
+        let t = fleet::run(per_second(n, burst), workers, flood, 1_000_000, 62, 2);
+        println!(
+            "{name:24} error {:+.2}% worst {window}s window {:.2}% calls/s {:.1} per 1,000 {:.2}",
+            t.error_pct(f64::from(n)),
+            t.worst_window_pct(f64::from(n), window),
+            t.rpcs as f64 / t.seconds,
+            t.rpcs_per_1000()
+        );
+    }
 }
