@@ -597,6 +597,31 @@ impl LocalBucket {
         Some(self.pace_tat_ns.saturating_sub(ahead))
     }
 
+    /// Whether the lease covers `cost` now: enough of it, unexpired, and (paced) its slot.
+    fn can_spend(&self, cost: u32, now_ns: u64) -> bool {
+        self.lease >= cost
+            && self.lease_until_ns > now_ns
+            && self.paced_at(cost).is_none_or(|at| at <= now_ns)
+    }
+
+    /// Spend `cost` of the lease ([`LocalBucket::can_spend`]). No GCRA charge: the grant
+    /// was already counted when the mirror synced with the service's answer that carried it.
+    fn spend(&mut self, cost: u32, now_ns: u64) {
+        self.lease -= cost;
+        self.note_spend(cost, now_ns);
+        if self.pace_ns > 0 {
+            self.pace_tat_ns = self
+                .pace_tat_ns
+                .max(now_ns)
+                .saturating_add(self.pace_ns.saturating_mul(u64::from(cost)));
+        }
+    }
+
+    /// Whether this worker's holds on the saturated bucket are short ([`hold_limit_ns`]).
+    fn short(&self, now_ns: u64) -> bool {
+        self.short_until_ns > now_ns
+    }
+
     fn lease_left(&self, now_ns: u64) -> u32 {
         if self.lease_until_ns > now_ns {
             self.lease
@@ -720,7 +745,7 @@ pub fn hold_limit_ns(rate: &Rate, short: bool) -> u64 {
     }
     let grant_ns = rate
         .interval_ns()
-        .saturating_mul(u64::from((rate.burst.get() / 2).max(1)));
+        .saturating_mul(u64::from(max_grant(rate.burst.get())));
     (grant_ns - grant_ns / 8).clamp(BASE_HOLD_NS, MAX_HOLD_NS)
 }
 
@@ -752,8 +777,14 @@ pub fn lease_room(room: u32, burst: u32) -> u32 {
     if room == 0 {
         0
     } else {
-        room.min((burst / 2).max(1))
+        room.min(max_grant(burst))
     }
+}
+
+/// The most one grant takes from a bucket of `burst` ([`lease_room`]): half of it, at
+/// least 1.
+pub fn max_grant(burst: u32) -> u32 {
+    (burst / 2).max(1)
 }
 
 /// The grant for a lease of `asked` units on buckets with these `(room, burst)`: the
@@ -922,7 +953,7 @@ impl LocalTable {
                 hold_ns(
                     until_room,
                     debt,
-                    hold_limit_ns(&bucket.rate, entry.short_until_ns > now_ns),
+                    hold_limit_ns(&bucket.rate, entry.short(now_ns)),
                 )
             } else {
                 empty_hold_ns(&bucket.rate, until_room)
@@ -1002,33 +1033,23 @@ impl LocalTable {
 
     /// Spend leased capacity for every bucket, if each holds enough. All or nothing.
     pub fn try_lease(&mut self, buckets: &[&Bucket], cost: u32, now_ns: u64) -> bool {
+        // One pass notes the demand and checks the leases, one spends them.
+        let mut enough = !buckets.is_empty();
         for b in buckets {
-            if let Some(s) = self.buckets.get_mut(&b.key) {
-                s.offered.note(cost, now_ns);
+            match self.buckets.get_mut(&b.key) {
+                Some(s) => {
+                    s.offered.note(cost, now_ns);
+                    enough &= s.can_spend(cost, now_ns);
+                }
+                None => enough = false,
             }
         }
-        let enough = buckets.iter().all(|b| {
-            self.buckets.get(&b.key).is_some_and(|s| {
-                s.lease >= cost
-                    && s.lease_until_ns > now_ns
-                    && s.paced_at(cost).is_none_or(|at| at <= now_ns)
-            })
-        });
-        if !enough || buckets.is_empty() {
+        if !enough {
             return false;
         }
         for b in buckets {
             if let Some(s) = self.buckets.get_mut(&b.key) {
-                // No GCRA charge: the grant was already counted when the mirror synced
-                // with the service's answer that carried it.
-                s.lease -= cost;
-                s.note_spend(cost, now_ns);
-                if s.pace_ns > 0 {
-                    s.pace_tat_ns = s
-                        .pace_tat_ns
-                        .max(now_ns)
-                        .saturating_add(s.pace_ns.saturating_mul(u64::from(cost)));
-                }
+                s.spend(cost, now_ns);
             }
         }
         true
@@ -1208,16 +1229,16 @@ impl LocalTable {
         // A grant at the cap after a hold on a saturated bucket: the worker came back later
         // than one grant's refill ([`hold_limit_ns`]). It stays saturated (what is left is
         // less than what it held for), with short holds from now on.
-        let cap = (bucket.rate.burst.get() / 2).max(1);
+        let cap = max_grant(bucket.rate.burst.get());
         let capped = s.saturated && requests >= cap && room >= capacity / 4 && room < capacity / 2;
         // Short holds last while the grants stay near the cap: a worker alone on the bucket.
-        let near_cap = s.short_until_ns > now_ns && requests >= cap - cap / 4;
+        let near_cap = s.short(now_ns) && requests >= cap - cap / 4;
         if capped || near_cap {
             s.short_until_ns = now_ns.saturating_add(SHORT_HOLD_NS);
         }
         if leasable(bucket) && (capped || saturated(&bucket.rate, room)) {
             let until_room = interval.saturating_sub(room);
-            let limit = hold_limit_ns(&bucket.rate, s.short_until_ns > now_ns);
+            let limit = hold_limit_ns(&bucket.rate, s.short(now_ns));
             let hold = now_ns.saturating_add(hold_ns(until_room, debt, limit));
             s.hold_until_ns = s.hold_until_ns.max(hold);
             s.saturated = true;
