@@ -221,3 +221,87 @@ mod tests {
         );
     }
 }
+
+/// laneguard's one extension of the `ShouldRateLimit` answer: the slots of coordinated holds
+/// (`laneguard_core::engine::ask_slot`, docs/leases.md step 3b). The service puts them in
+/// `RateLimitResponse.dynamic_metadata` under [`slots::HOLDS_FIELD`]: a list with one
+/// number per status, the microseconds the asker should hold that bucket before it asks
+/// again (0: no slot). Envoy's native filter would only copy it into the stream's dynamic
+/// metadata; a server that gives no slots sends none, and the filter holds on its own.
+pub mod slots {
+    use prost_types::{value::Kind, ListValue, Struct, Value};
+
+    /// The `dynamic_metadata` field that carries the holds.
+    pub const HOLDS_FIELD: &str = "laneguard.holds_us";
+
+    /// The metadata for these holds (ns, one per status), or `None` when none is a slot.
+    pub fn encode(holds_ns: &[u64]) -> Option<Struct> {
+        if holds_ns.iter().all(|&h| h == 0) {
+            return None;
+        }
+        let values = holds_ns
+            .iter()
+            .map(|&h| Value {
+                kind: Some(Kind::NumberValue((h / 1_000) as f64)),
+            })
+            .collect();
+        let mut s = Struct::default();
+        s.fields.insert(
+            HOLDS_FIELD.to_string(),
+            Value {
+                kind: Some(Kind::ListValue(ListValue { values })),
+            },
+        );
+        Some(s)
+    }
+
+    /// The holds (ns) for `statuses` statuses, from an answer's `dynamic_metadata`. Empty
+    /// when there are none, or when they are not a list of `statuses` numbers; an entry that
+    /// is not a finite, non-negative number reads as 0 (no slot). The caller bounds them.
+    pub fn decode(metadata: Option<&Struct>, statuses: usize) -> Vec<u64> {
+        let Some(Value {
+            kind: Some(Kind::ListValue(list)),
+        }) = metadata.and_then(|m| m.fields.get(HOLDS_FIELD))
+        else {
+            return Vec::new();
+        };
+        if list.values.len() != statuses {
+            return Vec::new();
+        }
+        list.values
+            .iter()
+            .map(|v| match v.kind {
+                Some(Kind::NumberValue(us)) if us.is_finite() && us >= 0.0 => {
+                    // Saturating: `as` clamps a huge double to u64::MAX.
+                    (us as u64).saturating_mul(1_000)
+                }
+                _ => 0,
+            })
+            .collect()
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn holds_round_trip_and_bad_ones_read_as_none() {
+            let m = encode(&[0, 175_000_000, 999]).unwrap();
+            assert_eq!(decode(Some(&m), 3), vec![0, 175_000_000, 0]);
+            assert!(encode(&[0, 0]).is_none());
+            // The wrong count: ignored, the filter holds on its own.
+            assert!(decode(Some(&m), 2).is_empty());
+            assert!(decode(None, 3).is_empty());
+            let mut bad = m.clone();
+            if let Some(Value {
+                kind: Some(Kind::ListValue(l)),
+            }) = bad.fields.get_mut(HOLDS_FIELD)
+            {
+                l.values[0].kind = Some(Kind::NumberValue(-5.0));
+                l.values[1].kind = Some(Kind::StringValue("soon".into()));
+                l.values[2].kind = Some(Kind::NumberValue(f64::NAN));
+            }
+            assert_eq!(decode(Some(&bad), 3), vec![0, 0, 0]);
+        }
+    }
+}

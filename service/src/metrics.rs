@@ -113,6 +113,8 @@ pub struct Metrics {
     decisions: Family<Label, Counter>,
     grants: Counter,
     granted_units: Counter,
+    /// Lease asks answered with a slot (`laneguard_core::engine::ask_slot`).
+    slots: Counter,
     reports: Family<Label, Counter>,
     reported_hits: Counter,
     refunds: Family<Label, Counter>,
@@ -149,6 +151,7 @@ impl Metrics {
             decisions: Family::default(),
             grants: Counter::default(),
             granted_units: Counter::default(),
+            slots: Counter::default(),
             reports: Family::default(),
             reported_hits: Counter::default(),
             refunds: Family::default(),
@@ -203,6 +206,11 @@ impl Metrics {
             "granted_units",
             "Cost units granted in leases, pre-charged to every bucket of the request",
             self.granted_units.clone(),
+        );
+        r.register(
+            "slots",
+            "Lease asks answered with a slot: the asker holds the saturated bucket until its turn (docs/leases.md step 3b)",
+            self.slots.clone(),
         );
         r.register(
             "reports",
@@ -295,6 +303,11 @@ impl Metrics {
             self.grants.inc();
             self.granted_units.inc_by(u64::from(granted));
         }
+    }
+
+    /// A lease ask answered with a slot.
+    pub fn slot(&self) {
+        self.slots.inc();
     }
 
     /// A report (`units`: hits charged) or a refund (`units`: given back) answered.

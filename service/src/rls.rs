@@ -410,11 +410,18 @@ impl RateLimiter {
 
         let mut buckets = outcome.buckets.iter();
         let mut statuses = Vec::with_capacity(plan.len());
+        let mut holds = Vec::with_capacity(plan.len());
         for planned in &plan {
             let status = match planned {
-                None => unlimited_status(),
+                None => {
+                    holds.push(0);
+                    unlimited_status()
+                }
                 Some(charge) => match buckets.next() {
-                    Some(bucket) => bucket_status(charge, bucket, quota.clone()),
+                    Some(bucket) => {
+                        holds.push(bucket.hold_ns);
+                        bucket_status(charge, bucket, quota.clone())
+                    }
                     None => {
                         return Err(StoreError::Corrupt {
                             key: charge.key.clone(),
@@ -441,9 +448,15 @@ impl RateLimiter {
             lease,
             outcome.grant
         );
+        if holds.iter().any(|&h| h > 0) {
+            self.options.metrics.slot();
+        }
         let response = RateLimitResponse {
             overall_code: overall as i32,
             statuses,
+            // The slots of coordinated holds (laneguard_protos::slots); only a lease ask
+            // that left a bucket saturated gets one.
+            dynamic_metadata: laneguard_protos::slots::encode(&holds),
             ..Default::default()
         };
         Ok(Answer {
@@ -566,6 +579,39 @@ mod tests {
             clock,
             Options::default(),
         )
+    }
+
+    /// Coordinated holds on the wire (`laneguard_protos::slots`): a lease ask that leaves a
+    /// bucket saturated gets its slot in `dynamic_metadata`, one number per status; the
+    /// next asker is one gap behind; a plain check carries none.
+    #[tokio::test]
+    async fn a_saturating_lease_ask_carries_its_slot_in_the_metadata() {
+        use laneguard_protos::slots;
+        let clock = Arc::new(ManualClock::new(T0));
+        let svc = limiter(clock.clone());
+        let req = RateLimitRequest {
+            domain: "laneguard".into(),
+            descriptors: vec![
+                descriptor(&[("unlimited", "x")], None),
+                descriptor(
+                    &[("tenant", "t"), ("bucket", "shared"), ("lg.burst", "100")],
+                    Some((1000, RateLimitUnit::Second)),
+                ),
+            ],
+            hits_addend: 0,
+        };
+        let gap = 43_750_000;
+        let r = svc.evaluate_with_lease(&req, 1000).await.unwrap();
+        assert_eq!(r.statuses[1].quota.as_ref().map(|q| q.requests), Some(50));
+        assert_eq!(slots::decode(r.dynamic_metadata.as_ref(), 2), vec![0, gap]);
+        clock.advance(std::time::Duration::from_millis(1));
+        let r = svc.evaluate_with_lease(&req, 1000).await.unwrap();
+        assert_eq!(
+            slots::decode(r.dynamic_metadata.as_ref(), 2),
+            vec![0, 2 * gap - 1_000_000]
+        );
+        let r = svc.evaluate(&req).await.unwrap();
+        assert_eq!(r.dynamic_metadata, None, "no lease asked, no slot");
     }
 
     #[tokio::test]

@@ -780,6 +780,84 @@ mod cases {
         assert_eq!(out.grant, 9);
         assert_eq!(remaining(&*s, &b, T0).await, 7);
     }
+
+    /// Coordinated holds (`laneguard_core::engine::ask_slot`, docs/leases.md step 3b): lease
+    /// asks that leave a bucket saturated line up one gap apart, whichever replica answers
+    /// them, a small take moves the line less, the line ends 500 ms out, an ask that passed
+    /// its line starts afresh, and neither a plain check nor a bucket with room gets a slot.
+    pub async fn saturated_lease_asks_line_up_in_slots(be: &Backend) {
+        use laneguard_core::engine::{ask_gap_ns, MAX_SLOT_HOLD_NS};
+        let (r1, r2) = (be.store(), be.store());
+        let b = B::new(
+            "slots",
+            &[("tenant", "t"), ("bucket", "shared")],
+            1000,
+            Window::Second,
+            100,
+        );
+        let gap = ask_gap_ns(&b.rate);
+        assert_eq!(gap, 43_750_000, "7/8 of 50 units at 1 ms");
+        const MS: u64 = 1_000_000;
+        // A full bucket: the request and a grant of half the burst leave 49 ms of room, less
+        // than 50 ms: saturated. The first in line holds one gap.
+        let first = leased(&*r1, &[b.cost(1)], 1000, T0).await;
+        assert!(first.admitted);
+        assert_eq!(first.grant, 50);
+        assert_eq!(first.buckets[0].hold_ns, gap);
+        // The next asker, on the other replica, 1 ms later: behind the first.
+        let second = leased(&*r2, &[b.cost(1)], 1000, T0 + MS).await;
+        assert!(second.admitted && second.grant > 0);
+        assert_eq!(second.buckets[0].hold_ns, 2 * gap - MS);
+        // A plain check (no lease asked) neither gets a slot nor moves the line.
+        let plain = run(&*r1, &[b.cost(0)], T0 + 2 * MS).await;
+        assert_eq!(plain.buckets[0].hold_ns, 0);
+        // A small take (the 1 ms that refilled: the request, no grant) moves the line by
+        // twice its refill, not a whole gap.
+        let small = leased(&*r1, &[b.cost(1)], 1000, T0 + 3 * MS).await;
+        assert!(small.admitted);
+        let taken = u64::from(1 + small.grant);
+        assert_eq!(
+            small.buckets[0].hold_ns,
+            2 * gap - MS + 2 * taken * MS - 2 * MS
+        );
+        // The line ends MAX_SLOT_HOLD_NS out, however many ask.
+        let mut at = T0 + 3 * MS;
+        let mut last = 0;
+        // Asks 10 ms apart each take 10 ms of refill and move the line 20 ms.
+        for _ in 0..60 {
+            at += 10 * MS;
+            let out = leased(&*r2, &[b.cost(1)], 1000, at).await;
+            last = out.buckets[0].hold_ns;
+            assert!(last <= MAX_SLOT_HOLD_NS, "{last}");
+        }
+        assert_eq!(last, MAX_SLOT_HOLD_NS);
+        // Once the line has passed, an ask starts it afresh: one gap.
+        at += MAX_SLOT_HOLD_NS + 200 * MS;
+        let drained = leased(&*r1, &[b.cost(1)], 1000, at).await;
+        assert_eq!(drained.buckets[0].hold_ns, gap);
+        // A bucket with room left after its grant is not saturated: no slot.
+        let roomy = B::new(
+            "slots",
+            &[("tenant", "t"), ("bucket", "roomy")],
+            1000,
+            Window::Second,
+            1000,
+        );
+        let out = leased(&*r2, &[roomy.cost(1)], 10, T0).await;
+        assert!(out.admitted && out.grant == 10);
+        assert_eq!(out.buckets[0].hold_ns, 0);
+        // A request across tenants' hash tags gets none (store::slotted).
+        let other = B::new(
+            "slots",
+            &[("tenant", "u"), ("bucket", "shared")],
+            1000,
+            Window::Second,
+            100,
+        );
+        let out = leased(&*r1, &[other.cost(1), b.cost(1)], 1000, at + 100 * MS).await;
+        assert!(out.admitted);
+        assert!(out.buckets.iter().all(|s| s.hold_ns == 0), "{out:?}");
+    }
 }
 
 macro_rules! test_with_all_stores {
@@ -831,4 +909,5 @@ test_with_all_stores!(
     reports_charge_unconditionally,
     reports_charge_as_if_onto_a_bucket_empty_when_their_hits_began,
     refunds_give_back_never_past_full,
+    saturated_lease_asks_line_up_in_slots,
 );

@@ -15,11 +15,12 @@ use std::time::Duration;
 
 /// Every series `docs/operations.md` ("Service metrics") lists, as exposed before any
 /// traffic (labelled ones with one of their values).
-const SERIES: [&str; 16] = [
+const SERIES: [&str; 17] = [
     "laneguard_service_decisions_total{outcome=\"ok\"}",
     "laneguard_service_decisions_total{outcome=\"over_limit\"}",
     "laneguard_service_decisions_total{outcome=\"unavailable\"}",
     "laneguard_service_grants_total",
+    "laneguard_service_slots_total",
     "laneguard_service_granted_units_total",
     "laneguard_service_reports_total{outcome=\"ok\"}",
     "laneguard_service_reported_hits_total",

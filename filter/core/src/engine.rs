@@ -752,6 +752,66 @@ pub fn hold_limit_ns(rate: &Rate, short: bool) -> u64 {
 /// How long a grant at the cap keeps a worker's holds short ([`hold_limit_ns`]).
 pub const SHORT_HOLD_NS: u64 = 10_000_000_000;
 
+/// The longest hold a service's slot may give ([`ask_slot`], [`LocalTable::coordinate`]).
+/// Longer than [`MAX_HOLD_NS`] because the service, which sees every ask, spaces the
+/// fleet's asks so that one comes at least every [`ask_gap_ns`]: a worker's own hold has to
+/// end before the bucket could fill with nobody asking, a slot only before its turn comes
+/// round again. Half the default lease TTL (2 s), so a held lease outlives its hold.
+pub const MAX_SLOT_HOLD_NS: u64 = 500_000_000;
+
+/// The gap a service keeps between the fleet's asks on a saturated bucket of `rate`
+/// ([`ask_slot`]): seven eighths of the time one grant (half the burst, [`max_grant`])
+/// takes to refill. So each ask finds at most one grant's refill, and a worker that stops
+/// asking leaves a gap of two, which is still shorter than the fill time: nothing
+/// refills past full while the slot that worker left goes by.
+pub fn ask_gap_ns(rate: &Rate) -> u64 {
+    let grant_ns = rate
+        .interval_ns()
+        .saturating_mul(u64::from(max_grant(rate.burst.get())));
+    (grant_ns - grant_ns / 8).max(1)
+}
+
+/// The service's side of coordinated holds (issue 10 §3, docs/leases.md step 3b): a lease
+/// ask that leaves a bucket of `rate` with `room_ns` of room (after the request and its
+/// grant) saturated ([`saturated`]) gets a slot, the time until it should ask again, and
+/// moves the bucket's slot tail (`tail_ns`, the latest slot given; 0 for none).
+///
+/// Each such ask is put at the back of the line: one gap ([`ask_gap_ns`]) after the latest
+/// slot given, or after now if that has passed, and at most [`MAX_SLOT_HOLD_NS`] from now.
+/// With N workers flooding the bucket their asks settle one gap apart and each holds N
+/// gaps, whatever N is, without the service knowing the workers: the line grows by one gap
+/// per ask and time eats it at one gap per gap, so a worker that stops asking stops
+/// lengthening it, and the others' holds shorten within one round. A worker alone holds
+/// one gap. Returns `None` (no slot, the tail unchanged) when the bucket is not saturated.
+/// `(hold_ns, new_tail_ns)` otherwise.
+pub fn ask_slot(
+    rate: &Rate,
+    room_ns: u64,
+    taken: u32,
+    tail_ns: u64,
+    now_ns: u64,
+) -> Option<(u64, u64)> {
+    if !saturated(rate, room_ns) {
+        return None;
+    }
+    let step = ask_gap_ns(rate).min(
+        rate.interval_ns()
+            .saturating_mul(u64::from(taken))
+            .saturating_mul(2),
+    );
+    let tail = tail_ns
+        .max(now_ns)
+        .saturating_add(step)
+        .min(now_ns.saturating_add(MAX_SLOT_HOLD_NS));
+    Some((tail - now_ns, tail))
+}
+
+/// The room a bucket of `rate` in state `gcra` has at `now_ns`, in nanoseconds of its
+/// emission schedule ([`saturated`], [`ask_slot`]).
+pub fn room_ns(gcra: &Gcra, rate: &Rate, now_ns: u64) -> u64 {
+    fill_ns(rate).saturating_sub(gcra.tat_ns().saturating_sub(now_ns))
+}
+
 /// How long to hold an empty bucket that is never leased (a protected reserve, a token
 /// bucket): half its fill time, at most [`SATURATED_ROOM_NS`], and never less than
 /// `until_room_ns`. Each of its requests asks the service, so the hold only spares the
@@ -1252,6 +1312,39 @@ impl LocalTable {
             s.pace_tat_ns = now_ns;
         } else {
             s.saturated = false;
+            s.pace_ns = 0;
+        }
+    }
+
+    /// Take the service's slot for a saturated bucket ([`ask_slot`]): hold it `hold_ns`
+    /// from now instead of this worker's own hold ([`hold_ns`]), and spend its lease paced
+    /// over that. Call it after [`LocalTable::sync`] and [`LocalTable::grant`] with the
+    /// same answer. The hold is at most [`MAX_SLOT_HOLD_NS`] and the lease's validity, and
+    /// at least the time until the bucket has room for one request. Buckets that are never
+    /// leased ([`leasable`]) and a `hold_ns` of 0 are ignored.
+    pub fn coordinate(&mut self, bucket: &Bucket, hold_ns: u64, now_ns: u64) {
+        if hold_ns == 0 || !leasable(bucket) {
+            return;
+        }
+        self.make_room(now_ns, 1);
+        let s = self.buckets.entry(bucket.key.clone()).or_default();
+        let until_room =
+            bucket
+                .rate
+                .interval_ns()
+                .saturating_sub(room_ns(&s.gcra, &bucket.rate, now_ns));
+        let lease = s.lease_left(now_ns);
+        let mut hold = hold_ns.min(MAX_SLOT_HOLD_NS);
+        if lease > 0 {
+            hold = hold.min(s.lease_until_ns - now_ns);
+        }
+        let hold = hold.max(until_room);
+        s.hold_until_ns = now_ns.saturating_add(hold);
+        s.saturated = true;
+        if lease > 0 {
+            s.pace_ns = hold / u64::from(lease);
+            s.pace_tat_ns = now_ns;
+        } else {
             s.pace_ns = 0;
         }
     }

@@ -425,6 +425,18 @@ pub fn rls_answer(overall: Code, statuses: &[Status]) -> Vec<u8> {
     .encode_to_vec()
 }
 
+/// [`rls_answer`] with the service's slots (`laneguard_protos::slots`): `holds_ns[i]` for
+/// `statuses[i]`.
+pub fn rls_answer_with_holds(overall: Code, statuses: &[Status], holds_ns: &[u64]) -> Vec<u8> {
+    RateLimitResponse {
+        overall_code: overall as i32,
+        statuses: statuses.iter().map(Status::encode).collect(),
+        dynamic_metadata: laneguard_protos::slots::encode(holds_ns),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
 /// One descriptor's status in a scripted answer.
 #[derive(Clone, Copy)]
 pub struct Status {

@@ -104,6 +104,9 @@ pub struct Verdict {
     /// Index of the first descriptor reported over its limit.
     pub tripped: Option<usize>,
     pub statuses: Vec<DescriptorStatus>,
+    /// The service's slot for each status (ns; 0: none; empty: none at all):
+    /// `laneguard_protos::slots`, applied by `LocalTable::coordinate`.
+    pub holds: Vec<u64>,
 }
 
 pub fn decode(bytes: &[u8]) -> Result<Verdict, String> {
@@ -120,10 +123,13 @@ pub fn decode(bytes: &[u8]) -> Result<Verdict, String> {
         }
     };
     let tripped = resp.statuses.iter().position(|s| s.code == over);
+    let holds =
+        laneguard_protos::slots::decode(resp.dynamic_metadata.as_ref(), resp.statuses.len());
     Ok(Verdict {
         allowed,
         tripped,
         statuses: resp.statuses,
+        holds,
     })
 }
 

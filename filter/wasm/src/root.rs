@@ -276,7 +276,14 @@ impl Root {
             None => release_degraded(h, shared, id, q, now, may_have_counted),
             Some(v) => {
                 let mut table = shared.table.borrow_mut();
-                request::apply_statuses(&mut table, &attempt, &v.statuses, shared.peer.get(), now);
+                request::apply_statuses(
+                    &mut table,
+                    &attempt,
+                    &v.statuses,
+                    &v.holds,
+                    shared.peer.get(),
+                    now,
+                );
                 if v.allowed {
                     drop(table);
                     shared.note_usage(&q.plan, Admission::Central, now);
@@ -635,6 +642,7 @@ impl Root {
                         &mut table,
                         &refs,
                         &v.statuses,
+                        &v.holds,
                         shared.peer.get(),
                         now,
                     ),

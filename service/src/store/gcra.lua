@@ -34,6 +34,11 @@
 --           key index (1-based into KEYS), interval_ns, burst, cost, age_ns (ignored here)
 --           returns {admitted 1|0, granted units, old TAT of KEYS[1], ..., KEYS[n]}
 --           (an absent key, a full bucket, reads "0")
+--           SLOTS: when KEYS holds twice as many keys as the mentions name, KEYS[n+k] is
+--           bucket k's slot key (its slot tail, stored like a TAT). An admitted lease ask
+--           then gives every bucket it left saturated a slot (laneguard_core::engine::
+--           ask_slot), and the reply goes on with the old tail of each slot key and each
+--           bucket's hold in ns (0: no slot)
 --   report: the same arguments (the lease is ignored), but every cost is charged
 --           unconditionally (hits already admitted elsewhere), even into debt beyond the
 --           burst, as if onto a bucket that was empty age_ns ago: TAT = max(TAT, now) +
@@ -135,8 +140,17 @@ end
 local force = mode == 'report'
 
 local lease = tonumber(ARGV[5])
+-- The bucket keys are the ones the mentions name; any beyond them are their slot keys.
+local nb = 0
+for i = 6, #ARGV, 5 do
+  nb = math.max(nb, tonumber(ARGV[i]))
+end
+local slots = #KEYS == 2 * nb and nb > 0
+if not slots and #KEYS ~= nb then
+  return redis.error_reply('LGKEYS ' .. #KEYS .. ' keys for ' .. nb .. ' buckets')
+end
 local old, debt = {}, {}
-for k = 1, #KEYS do
+for k = 1, nb do
   local raw, d = load_key(KEYS[k])
   if raw == nil then
     return d
@@ -150,15 +164,16 @@ end
 -- the check and charges its hits as if onto a bucket that was empty when the first of them
 -- was admitted (laneguard_core::engine::charge_reported).
 local admitted = 1
-local first_t, first_cap, first_burst = {}, {}, {}
+local first_t, first_cap, first_burst, costs = {}, {}, {}, {}
 for i = 6, #ARGV, 5 do
   local k = tonumber(ARGV[i])
   local t = tonumber(ARGV[i + 1])
   local cap = t * tonumber(ARGV[i + 2])
   local cost = tonumber(ARGV[i + 3])
   if first_t[k] == nil then
-    first_t[k], first_cap[k], first_burst[k] = t, cap, tonumber(ARGV[i + 2])
+    first_t[k], first_cap[k], first_burst[k], costs[k] = t, cap, tonumber(ARGV[i + 2]), 0
   end
+  costs[k] = costs[k] + cost
   if force then
     local spent = cost * t
     local charge = spent + cap - tonumber(ARGV[i + 4])
@@ -181,7 +196,7 @@ for i = 6, #ARGV, 5 do
 end
 
 local out = {admitted, 0}
-for k = 1, #KEYS do
+for k = 1, nb do
   out[2 + k] = old[k]
 end
 if admitted == 0 then
@@ -196,7 +211,7 @@ end
 local grant = 0
 if lease > 0 and not force then
   local most = nil
-  for k = 1, #KEYS do
+  for k = 1, nb do
     local r = whole(first_cap[k] - debt[k], first_t[k])
     if r < 0 then
       r = 0
@@ -214,15 +229,58 @@ if lease > 0 and not force then
   if grant > lease then
     grant = lease
   end
-  for k = 1, #KEYS do
+  for k = 1, nb do
     debt[k] = debt[k] + grant * first_t[k]
   end
 end
 out[2] = grant
 
-for k = 1, #KEYS do
+for k = 1, nb do
   if debt[k] > 0 then
     store(KEYS[k], debt[k])
+  end
+end
+
+-- Slots (laneguard_core::engine::ask_slot; store::decide_slotted checks every hold given
+-- here). A lease ask that leaves a bucket saturated, with less room than half its fill time
+-- or 50 ms of its schedule (engine::saturated), is put at the back of the bucket's line:
+-- one step after the latest slot given (or after now, if that has passed), at most 500 ms
+-- from now (engine::MAX_SLOT_HOLD_NS). The step is the gap (seven eighths of one grant's
+-- refill, engine::ask_gap_ns), or twice the refill of what this request took, if less.
+if slots and lease > 0 and not force then
+  local tails, holds = {}, {}
+  for k = 1, nb do
+    local raw = redis.call('GET', KEYS[nb + k])
+    local tail = debt_of(raw)
+    if tail == nil then
+      -- Not a tail: start the line afresh (a slot only spaces asks, it admits nothing).
+      tail = 0
+      raw = '0'
+    end
+    tails[k] = raw or '0'
+    holds[k] = 0
+    local t, cap = first_t[k], first_cap[k]
+    local room = cap - debt[k]
+    if room < 0 then
+      room = 0
+    end
+    if room < math.min(whole(cap, 2), 50000000) then
+      local g = t * math.max(1, math.floor(first_burst[k] / 2))
+      g = g - whole(g, 8)
+      if g < 1 then
+        g = 1
+      end
+      local step = math.min(g, t * (costs[k] + grant) * 2)
+      local hold = math.min(tail + step, 500000000)
+      holds[k] = hold
+      store(KEYS[nb + k], hold)
+    end
+  end
+  for k = 1, nb do
+    out[2 + nb + k] = tails[k]
+  end
+  for k = 1, nb do
+    out[2 + 2 * nb + k] = holds[k]
   end
 end
 return out

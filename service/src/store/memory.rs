@@ -23,8 +23,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 
 use super::{
-    decide, decide_refund, decide_report, Charge, Decision, Outcome, Store, StoreFuture, UsageKey,
-    UsageRow,
+    decide_refund, decide_report, decide_slotted, Charge, Decision, Outcome, Store, StoreFuture,
+    UsageKey, UsageRow,
 };
 
 /// Never sweep maps smaller than this.
@@ -49,6 +49,8 @@ pub struct MemoryStore {
 #[derive(Debug, Clone, Copy)]
 struct Entry {
     state: Gcra,
+    /// The bucket's slot tail (`laneguard_core::engine::ask_slot`; 0: none).
+    tail_ns: u64,
     /// When a request last read or wrote the bucket: the eviction order at the cap.
     used_ns: u64,
 }
@@ -116,21 +118,21 @@ impl MemoryStore {
 
     /// The synchronous core of [`Store::check_and_charge`].
     pub fn check_and_charge_now(&self, charges: &[Charge], lease: u32, now_ns: u64) -> Outcome {
-        self.apply(charges, now_ns, |loaded| {
-            decide(charges, loaded, lease, now_ns)
+        self.apply(charges, now_ns, |loaded, tails| {
+            decide_slotted(charges, loaded, Some(tails), lease, now_ns)
         })
     }
 
     /// The synchronous core of [`Store::report`].
     pub fn report_now(&self, charges: &[Charge], now_ns: u64) -> Outcome {
-        self.apply(charges, now_ns, |loaded| {
+        self.apply(charges, now_ns, |loaded, _| {
             decide_report(charges, loaded, now_ns)
         })
     }
 
     /// The synchronous core of [`Store::refund`].
     pub fn refund_now(&self, charges: &[Charge], now_ns: u64) -> Outcome {
-        self.apply(charges, now_ns, |loaded| {
+        self.apply(charges, now_ns, |loaded, _| {
             decide_refund(charges, loaded, now_ns)
         })
     }
@@ -140,20 +142,20 @@ impl MemoryStore {
         &self,
         charges: &[Charge],
         now_ns: u64,
-        decide: impl FnOnce(&[Gcra]) -> Decision,
+        decide: impl FnOnce(&[Gcra], &[u64]) -> Decision,
     ) -> Outcome {
         let mut inner = self.lock();
-        let loaded: Vec<Gcra> = charges
+        let (loaded, tails): (Vec<Gcra>, Vec<u64>) = charges
             .iter()
             .map(|c| match inner.buckets.get_mut(&c.key) {
                 Some(e) => {
                     e.used_ns = e.used_ns.max(now_ns);
-                    e.state
+                    (e.state, e.tail_ns)
                 }
-                None => Gcra::default(),
+                None => (Gcra::default(), 0),
             })
-            .collect();
-        let decision = decide(&loaded);
+            .unzip();
+        let decision = decide(&loaded, &tails);
         if let Some(writes) = decision.writes {
             for (i, state) in writes {
                 if let Some(charge) = charges.get(i) {
@@ -163,13 +165,20 @@ impl MemoryStore {
                         let evicted = inner.make_room(now_ns);
                         self.evictions.inc_by(evicted);
                     }
+                    let tail_ns = inner.buckets.get(&charge.key).map_or(0, |e| e.tail_ns);
                     inner.buckets.insert(
                         charge.key.clone(),
                         Entry {
                             state,
+                            tail_ns,
                             used_ns: now_ns,
                         },
                     );
+                }
+            }
+            for (i, tail_ns) in decision.tails {
+                if let Some(e) = charges.get(i).and_then(|c| inner.buckets.get_mut(&c.key)) {
+                    e.tail_ns = tail_ns;
                 }
             }
             inner.maybe_sweep(now_ns);

@@ -55,6 +55,10 @@ pub struct BucketStatus {
     pub reset_ns: u64,
     /// Nanoseconds until this bucket would have room for its cost (0 when it has room).
     pub retry_after_ns: u64,
+    /// The slot of a lease ask that left this bucket saturated: the asker should hold the
+    /// bucket this long before it asks again (`laneguard_core::engine::ask_slot`,
+    /// docs/leases.md step 3b). 0: no slot (no lease asked, refused, or room left).
+    pub hold_ns: u64,
 }
 
 /// The result of [`Store::check_and_charge`]: `buckets[i]` answers `charges[i]`.
@@ -172,6 +176,9 @@ pub struct Decision {
     /// the new state of `charges[index].key` (request and grant included). `None` when
     /// refused: write nothing.
     pub writes: Option<Vec<(usize, Gcra)>>,
+    /// `(index, tail)` for every distinct key that gave a slot (`BucketStatus::hold_ns`):
+    /// its new slot tail, the latest slot given, in ns since the epoch. Write these too.
+    pub tails: Vec<(usize, u64)>,
 }
 
 /// How many units to grant, given each distinct bucket's `(room, burst)`, its room in whole
@@ -249,6 +256,7 @@ fn apply_unconditionally(
                 remaining: after.remaining,
                 reset_ns: after.reset_ns,
                 retry_after_ns: next.retry_after_ns,
+                hold_ns: 0,
             }
         })
         .collect();
@@ -263,6 +271,7 @@ fn apply_unconditionally(
             buckets,
         },
         writes: Some(writes),
+        tails: Vec::new(),
     }
 }
 
@@ -276,6 +285,38 @@ fn apply_unconditionally(
 /// distinct bucket (at the rate of that key's first mention). Statuses of an admitted request
 /// report each bucket after the request and the grant.
 pub fn decide(charges: &[Charge], loaded: &[Gcra], lease: u32, now_ns: u64) -> Decision {
+    decide_slotted(charges, loaded, None, lease, now_ns)
+}
+
+/// Whether a request's buckets can be given slots ([`decide_slotted`]): all of them share
+/// one hash tag (one tenant's keys, `laneguard_core::key`), so the Redis store sizes and
+/// charges them in one script call, where it also gives the slots. A request that spans
+/// tenants (a model's `model_total` beside a tenant's bucket) gets none, from every store:
+/// its workers hold on their own (`laneguard_core::engine::hold_ns`).
+pub fn slotted(charges: &[Charge]) -> bool {
+    let mut tags = charges
+        .iter()
+        .map(|c| laneguard_core::key::hash_tag(&c.key));
+    match tags.next() {
+        Some(first) => first.is_some() && tags.all(|t| t == first),
+        None => false,
+    }
+}
+
+/// [`decide`], and the slots of a lease ask (`laneguard_core::engine::ask_slot`): with
+/// `tails`, when the request is admitted and `lease > 0`, every distinct bucket that the
+/// request and its grant left saturated gets a slot from its slot tail (`tails[i]` for
+/// `charges[i].key`, 0 or absent for none), reported in its statuses' `hold_ns`, and its
+/// new tail is in [`Decision::tails`]; only when every bucket shares one hash tag
+/// ([`slotted`]). `taken` for a bucket is everything this request charged to it (each
+/// mention's cost, and the grant).
+pub fn decide_slotted(
+    charges: &[Charge],
+    loaded: &[Gcra],
+    tails: Option<&[u64]>,
+    lease: u32,
+    now_ns: u64,
+) -> Decision {
     // Repeated keys share one state, so a bucket named twice is charged twice.
     let first = first_mentions(charges);
     let state_of = |i: usize| loaded.get(first[i]).copied().unwrap_or_default();
@@ -311,6 +352,27 @@ pub fn decide(charges: &[Charge], loaded: &[Gcra], lease: u32, now_ns: u64) -> D
         }
     }
 
+    let mut holds = vec![0u64; charges.len()];
+    let mut new_tails = Vec::new();
+    if let Some(tails) = tails.filter(|_| admitted && lease > 0 && slotted(charges)) {
+        for i in distinct() {
+            let rate = &charges[i].rate;
+            let taken = charges
+                .iter()
+                .enumerate()
+                .filter(|&(j, _)| first[j] == i)
+                .fold(grant, |sum, (_, c)| sum.saturating_add(c.cost));
+            let room = laneguard_core::engine::room_ns(&work[i], rate, now_ns);
+            let tail = tails.get(i).copied().unwrap_or(0);
+            if let Some((hold, tail)) =
+                laneguard_core::engine::ask_slot(rate, room, taken, tail, now_ns)
+            {
+                holds[i] = hold;
+                new_tails.push((i, tail));
+            }
+        }
+    }
+
     let buckets = charges
         .iter()
         .zip(&checks)
@@ -324,6 +386,7 @@ pub fn decide(charges: &[Charge], loaded: &[Gcra], lease: u32, now_ns: u64) -> D
                     remaining: after.remaining,
                     reset_ns: after.reset_ns,
                     retry_after_ns: 0,
+                    hold_ns: holds[first[i]],
                 }
             } else if !check.allowed {
                 BucketStatus {
@@ -331,6 +394,7 @@ pub fn decide(charges: &[Charge], loaded: &[Gcra], lease: u32, now_ns: u64) -> D
                     remaining: check.remaining,
                     reset_ns: check.reset_ns,
                     retry_after_ns: check.retry_after_ns,
+                    hold_ns: 0,
                 }
             } else {
                 // Refused because of another bucket: this one was not charged, so report it
@@ -341,6 +405,7 @@ pub fn decide(charges: &[Charge], loaded: &[Gcra], lease: u32, now_ns: u64) -> D
                     remaining: now.remaining,
                     reset_ns: now.reset_ns,
                     retry_after_ns: 0,
+                    hold_ns: 0,
                 }
             }
         })
@@ -354,6 +419,7 @@ pub fn decide(charges: &[Charge], loaded: &[Gcra], lease: u32, now_ns: u64) -> D
             buckets,
         },
         writes,
+        tails: new_tails,
     }
 }
 

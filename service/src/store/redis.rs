@@ -34,8 +34,8 @@ use redis::{
 use tokio::sync::Mutex;
 
 use super::{
-    decide, decide_refund, decide_report, first_mentions, Charge, Outcome, Store, StoreError,
-    StoreFuture, UsageKey, UsageRow,
+    decide, decide_refund, decide_report, decide_slotted, first_mentions, Charge, Outcome, Store,
+    StoreError, StoreFuture, UsageKey, UsageRow,
 };
 
 /// The scheme of a standalone Redis URL.
@@ -219,6 +219,21 @@ struct Group {
 struct Charged {
     admitted: bool,
     grant: u32,
+    /// With slots asked for: each group key's old slot tail and the hold the script gave
+    /// (0: none), in the group's key order. Empty otherwise, and when refused.
+    slots: Vec<(u64, u64)>,
+}
+
+/// The Redis key of a bucket's slot tail (`laneguard_core::engine::ask_slot`): in the same
+/// hash slot as the bucket, so one script call touches both. A key with a hash tag (every
+/// tenant's key) keeps it; a key without one (a model's `model_total`) is wrapped in one,
+/// which hashes exactly its text, as Redis Cluster hashes the bare key.
+pub fn slot_key(key: &str) -> String {
+    if laneguard_core::key::hash_tag(key).is_some() {
+        format!("{key}|slot")
+    } else {
+        format!("{{{key}}}|slot")
+    }
 }
 
 impl RedisStore {
@@ -463,6 +478,8 @@ impl RedisStore {
 
     /// Run the script over one group in `mode` (`charge`, or `report`: charge
     /// unconditionally); fills `loaded` for the group's keys.
+    /// With `slots`, the group's slot keys go too, and an admitted lease ask gives slots
+    /// (gcra.lua, SLOTS).
     #[allow(clippy::too_many_arguments)]
     async fn charge_group(
         &self,
@@ -471,6 +488,7 @@ impl RedisStore {
         charges: &[Charge],
         first: &[usize],
         lease: u32,
+        slots: bool,
         now_ns: u64,
         loaded: &mut [Gcra],
     ) -> Result<Charged, StoreError> {
@@ -478,6 +496,11 @@ impl RedisStore {
         let mut inv = self.script.prepare_invoke();
         for &k in &group.keys {
             inv.key(&charges[k].key);
+        }
+        if slots {
+            for &k in &group.keys {
+                inv.key(slot_key(&charges[k].key));
+            }
         }
         inv.arg(mode)
             .arg(now_s)
@@ -495,7 +518,9 @@ impl RedisStore {
         }
         let reply: Vec<Value> = self.invoke(&inv).await?;
         let bad = |what: &str| StoreError::Backend(format!("unexpected script reply: {what}"));
-        if reply.len() != group.keys.len() + 2 {
+        let n = group.keys.len();
+        let with_slots = slots && reply.len() == 3 * n + 2;
+        if reply.len() != n + 2 && !with_slots {
             return Err(bad("wrong length"));
         }
         let admitted = match reply[0] {
@@ -507,10 +532,25 @@ impl RedisStore {
             Value::Int(n) => u32::try_from(n).map_err(|_| bad("grant out of range"))?,
             _ => return Err(bad("grant is not an integer")),
         };
-        for (&k, value) in group.keys.iter().zip(&reply[2..]) {
+        for (&k, value) in group.keys.iter().zip(&reply[2..n + 2]) {
             loaded[k] = parse_tat(&charges[k].key, value)?;
         }
-        Ok(Charged { admitted, grant })
+        let mut given = Vec::new();
+        if with_slots {
+            for (j, &k) in group.keys.iter().enumerate() {
+                let tail = parse_tat(&slot_key(&charges[k].key), &reply[2 + n + j])?.tat_ns();
+                let hold = match reply[2 + 2 * n + j] {
+                    Value::Int(h) => u64::try_from(h).map_err(|_| bad("hold out of range"))?,
+                    _ => return Err(bad("hold is not an integer")),
+                };
+                given.push((tail, hold));
+            }
+        }
+        Ok(Charged {
+            admitted,
+            grant,
+            slots: given,
+        })
     }
 
     /// Read a group's states without charging (for the statuses of a refused request).
@@ -580,8 +620,17 @@ impl RedisStore {
         let groups = self.groups(charges, &first);
         let mut loaded = vec![Gcra::default(); charges.len()];
         for group in &groups {
-            self.charge_group("report", group, charges, &first, 0, now_ns, &mut loaded)
-                .await?;
+            self.charge_group(
+                "report",
+                group,
+                charges,
+                &first,
+                0,
+                false,
+                now_ns,
+                &mut loaded,
+            )
+            .await?;
         }
         let states: Vec<Gcra> = (0..charges.len()).map(|i| loaded[first[i]]).collect();
         Ok(decide_report(charges, &states, now_ns).outcome)
@@ -624,13 +673,30 @@ impl RedisStore {
         let mut loaded = vec![Gcra::default(); charges.len()];
         let mut charged: Vec<(usize, u32)> = Vec::new();
         let mut refused_at: Option<usize> = None;
+        // Slots only for a request confined to one tenant's hash tag (`store::slotted`),
+        // which is one script call: across hash slots the grant is settled after the
+        // scripts ran, and no one script knows the room that leaves (docs/storage.md).
+        let slots = lease > 0 && groups.len() == 1 && super::slotted(charges);
+        let mut given: Vec<(u64, u64)> = Vec::new();
 
         for (gi, group) in groups.iter().enumerate() {
             match self
-                .charge_group("charge", group, charges, &first, lease, now_ns, &mut loaded)
+                .charge_group(
+                    "charge",
+                    group,
+                    charges,
+                    &first,
+                    lease,
+                    slots,
+                    now_ns,
+                    &mut loaded,
+                )
                 .await
             {
-                Ok(c) if c.admitted => charged.push((gi, c.grant)),
+                Ok(c) if c.admitted => {
+                    charged.push((gi, c.grant));
+                    given = c.slots;
+                }
                 Ok(_) => {
                     refused_at = Some(gi);
                     break;
@@ -675,8 +741,33 @@ impl RedisStore {
         }
 
         let states: Vec<Gcra> = (0..charges.len()).map(|i| loaded[first[i]]).collect();
-        let decision = decide(charges, &states, lease, now_ns);
         let admitted = refused_at.is_none();
+        // The old tails by first-mention index (the one group's keys, in order).
+        let mut tails = vec![0u64; charges.len()];
+        let mut script_holds = vec![0u64; charges.len()];
+        if let Some(group) = groups.first().filter(|_| slots && !given.is_empty()) {
+            for (&k, &(tail, hold)) in group.keys.iter().zip(&given) {
+                tails[k] = tail;
+                script_holds[k] = hold;
+            }
+        }
+        let tails: Vec<u64> = (0..charges.len()).map(|i| tails[first[i]]).collect();
+        let decision = decide_slotted(
+            charges,
+            &states,
+            (slots && !given.is_empty()).then_some(&tails[..]),
+            lease,
+            now_ns,
+        );
+        let holds: Vec<u64> = decision.outcome.buckets.iter().map(|b| b.hold_ns).collect();
+        let script_holds: Vec<u64> = (0..charges.len()).map(|i| script_holds[first[i]]).collect();
+        if admitted && slots && !given.is_empty() && holds != script_holds {
+            log::error!(
+                "BUG: the Redis script and store::decide_slotted disagree on slots (script: \
+                 {script_holds:?}; decide: {holds:?}) for keys {:?}",
+                charges.iter().map(|c| &c.key).collect::<Vec<_>>()
+            );
+        }
         debug_assert_eq!(
             (decision.outcome.admitted, decision.outcome.grant),
             (admitted, grant),
@@ -695,6 +786,11 @@ impl RedisStore {
         // What Redis holds is what the script did.
         outcome.admitted = admitted;
         outcome.grant = grant;
+        if slots && !given.is_empty() {
+            for (status, hold) in outcome.buckets.iter_mut().zip(script_holds) {
+                status.hold_ns = hold;
+            }
+        }
         Ok(outcome)
     }
 
@@ -959,6 +1055,18 @@ mod tests {
         // An empty tag hashes the whole key.
         assert_eq!(slot("foo{}{bar}"), crc16(b"foo{}{bar}") % SLOTS);
         assert_eq!(slot("foo{{bar}}zap"), slot("{bar"));
+    }
+
+    #[test]
+    fn a_slot_key_lives_in_its_buckets_hash_slot() {
+        let tenant = laneguard_core::key::encode("d", &[("tenant", "acme"), ("bucket", "shared")]);
+        let model =
+            laneguard_core::key::encode("d", &[("model", "gpt"), ("bucket", "model_total")]);
+        for key in [tenant, model] {
+            let sk = slot_key(&key);
+            assert_ne!(sk, key);
+            assert_eq!(slot(&sk), slot(&key), "{sk}");
+        }
     }
 
     #[test]

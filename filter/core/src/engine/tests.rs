@@ -943,6 +943,8 @@ mod fleet {
             admitted: bool,
             until_full: u64,
             grant: u32,
+            /// The service's slot ([`ask_slot`]): hold this long (0: no slot).
+            slot: u64,
         },
         Tick {
             w: usize,
@@ -994,6 +996,7 @@ mod fleet {
 
     /// Run `seconds` of `load` on `workers` workers against one bucket of `rate`, with a
     /// service round trip of `rtt_ns`; count from `settle_s` on (the initial burst spent).
+    /// The service gives slots ([`ask_slot`]), as laneguard-service does.
     pub(super) fn run(
         rate: Rate,
         workers: usize,
@@ -1002,12 +1005,27 @@ mod fleet {
         seconds: u64,
         settle_s: u64,
     ) -> Tally {
+        run_with(rate, workers, load, rtt_ns, seconds, settle_s, true)
+    }
+
+    /// [`run`], with the service's slots on or off (`slots`: off is a server that only
+    /// grants, and each worker's own hold, [`hold_ns`], decides when it asks again).
+    pub(super) fn run_with(
+        rate: Rate,
+        workers: usize,
+        load: Load,
+        rtt_ns: u64,
+        seconds: u64,
+        settle_s: u64,
+        slots: bool,
+    ) -> Tally {
         let p = policy();
         let bucket = Bucket::new(&p.service.domain, BucketKind::Shared, "acme", "", rate);
         let b = [&bucket];
         let mut tables: Vec<LocalTable> = (0..workers).map(|_| LocalTable::default()).collect();
         let mut renew = vec![false; workers];
         let mut service = Gcra::default();
+        let mut tail = 0u64;
         let mut q = BinaryHeap::new();
         let mut seq = 0u64;
         let mut push = |q: &mut BinaryHeap<_>, at: u64, ev: Ev| {
@@ -1106,11 +1124,20 @@ mod fleet {
                     let check = service.check(&rate, cost, now);
                     let admitted = check.allowed;
                     let mut grant = 0;
+                    let mut slot = 0;
                     let until_full = if admitted {
                         service.commit(&check);
                         let room = service.check(&rate, 0, now).remaining;
                         grant = lease_grant([(room, rate.burst.get())], want);
                         service.force(&rate, grant, now);
+                        if slots && want > 0 {
+                            let room = room_ns(&service, &rate, now);
+                            if let Some((hold, t)) = ask_slot(&rate, room, cost + grant, tail, now)
+                            {
+                                slot = hold;
+                                tail = t;
+                            }
+                        }
                         service.check(&rate, 0, now).reset_ns
                     } else {
                         check.reset_ns
@@ -1122,6 +1149,7 @@ mod fleet {
                         admitted,
                         until_full,
                         grant,
+                        slot,
                     };
                     push(&mut q, now + rtt_ns / 2, ev);
                 }
@@ -1132,6 +1160,7 @@ mod fleet {
                     admitted,
                     until_full,
                     grant,
+                    slot,
                 } => {
                     let t = &mut tables[w];
                     if cost > 0 {
@@ -1147,6 +1176,7 @@ mod fleet {
                     if grant > 0 {
                         t.grant(&bucket, grant, now + LEASE_TTL_NS, now);
                     }
+                    t.coordinate(&bucket, slot, now);
                     if cost == 0 {
                         t.renewal_done(&b);
                     } else if let Load::Flood { .. } = load {
@@ -1281,7 +1311,8 @@ fn a_slow_bucket_asked_in_quick_succession_admits_its_whole_burst() {
 /// release): the calls a binding limit costs and the worst short window's error, for the
 /// shapes of `make bench-accuracy` (4 workers), its fleet run (8 VMs on a 250 ms fill time),
 /// `redis_faults`' restart tests, and a 64-worker fleet. `cargo test --release -p
-/// laneguard-core --lib experiment_hold_shapes -- --ignored --nocapture`. It is how a change
+/// laneguard-core --lib experiment_hold_shapes -- --ignored --nocapture`. Each shape runs
+/// twice: on the workers' own holds, and on the service's slots ([`ask_slot`]). It is how a change
 /// to the holds ([`hold_ns`]) is judged before a benchmark: docs/accuracy.md ("Fewer calls
 /// at a binding limit: what the holds trade") has the figures of the variants tried.
 #[test]
@@ -1302,14 +1333,24 @@ fn experiment_hold_shapes() {
         ("restart 1w 100/100", 100, 100, 1, 10),
         ("big 64w 1000/100", 1000, 100, 64, 5),
     ] {
-        let t = fleet::run(per_second(n, burst), workers, flood, 1_000_000, 62, 2);
-        println!(
-            "{name:24} error {:+.2}% worst {window}s window {:.2}% calls/s {:.1} per 1,000 {:.2}",
-            t.error_pct(f64::from(n)),
-            t.worst_window_pct(f64::from(n), window),
-            t.rpcs as f64 / t.seconds,
-            t.rpcs_per_1000()
-        );
+        for slots in [false, true] {
+            let t = fleet::run_with(
+                per_second(n, burst),
+                workers,
+                flood,
+                1_000_000,
+                62,
+                2,
+                slots,
+            );
+            println!(
+                "{name:24} slots {slots:5} error {:+.2}% worst {window}s window {:.2}% calls/s {:.1} per 1,000 {:.2}",
+                t.error_pct(f64::from(n)),
+                t.worst_window_pct(f64::from(n), window),
+                t.rpcs as f64 / t.seconds,
+                t.rpcs_per_1000()
+            );
+        }
     }
 }
 
@@ -1335,12 +1376,13 @@ fn paced_fleet_calls(workers: usize) -> f64 {
 
 /// Issue 10 §4: the fleet run's shape (8 VMs) held each worker at most 100 ms, so it cost
 /// 79 calls a second. A hold's lease is now spent paced over it, and the hold is up to
-/// [`MAX_HOLD_NS`] (250 ms): half the calls, and a 5 s window no further off than before
-/// (0.79% then).
+/// [`MAX_HOLD_NS`] (250 ms): 37 calls a second on the workers' own holds, and a 5 s window
+/// no further off than before (0.79% then). The service's slots ([`ask_slot`]) line the 8
+/// workers' asks up one gap (109 ms) apart, each holding up to [`MAX_SLOT_HOLD_NS`]: 16.
 #[test]
 fn the_fleet_shape_asks_half_as_often_and_paced_leases_keep_short_windows_even() {
     let calls = paced_fleet_calls(8);
-    assert!(calls <= 45.0, "{calls:.1} calls/s");
+    assert!(calls <= 20.0, "{calls:.1} calls/s");
 }
 
 /// One worker alone on that bucket: a 219 ms hold let more than one grant (half the burst)
@@ -1385,4 +1427,175 @@ fn a_held_lease_is_spent_paced_and_a_refusal_retries_at_the_next_slot() {
     }
     assert_eq!(total, 20, "the whole lease within the hold");
     assert_eq!(t.lease_left(&b, at), 0);
+}
+
+/// The service's line of asks ([`ask_slot`]): a lone asker holds one gap, the next one is
+/// a gap behind it, a small take moves the line by twice its refill, the line ends
+/// [`MAX_SLOT_HOLD_NS`] out, a passed line starts afresh, and a bucket left with room gets
+/// no slot.
+#[test]
+fn each_saturated_ask_goes_to_the_back_of_the_line() {
+    let rate = per_second(1000, 100);
+    let gap = ask_gap_ns(&rate);
+    assert_eq!(gap, 43_750_000);
+    let ms = 1_000_000;
+    let t0 = 10 * S;
+    let (hold, tail) = ask_slot(&rate, 0, 51, 0, t0).unwrap();
+    assert_eq!((hold, tail), (gap, t0 + gap));
+    let (hold, tail) = ask_slot(&rate, 0, 51, tail, t0 + ms).unwrap();
+    assert_eq!(hold, 2 * gap - ms);
+    // One unit taken: the line moves 2 ms.
+    let (hold, _) = ask_slot(&rate, 0, 1, tail, t0 + 2 * ms).unwrap();
+    assert_eq!(hold, 2 * gap - 2 * ms + 2 * ms);
+    // The line ends half a second out.
+    let mut tail = 0;
+    let mut hold = 0;
+    for i in 0..100 {
+        (hold, tail) = ask_slot(&rate, 0, 51, tail, t0 + i * ms).unwrap();
+    }
+    assert_eq!(hold, MAX_SLOT_HOLD_NS);
+    // Passed: afresh.
+    let (hold, _) = ask_slot(&rate, 0, 51, tail, tail + S).unwrap();
+    assert_eq!(hold, gap);
+    // 50 ms of room left (half the fill time is 50 ms): not saturated, no slot.
+    assert_eq!(ask_slot(&rate, 50 * ms, 51, tail, t0), None);
+    assert!(ask_slot(&rate, 50 * ms - 1, 51, tail, t0).is_some());
+}
+
+/// The line's length follows the askers without the service knowing them: 4 workers asking
+/// in turn, each taking what refilled since the last ask, settle at holds of 4 gaps (from
+/// asks 10 ms apart, the line doubling each round until then); when one stops asking, the
+/// others' holds are 3 gaps within two rounds.
+#[test]
+fn the_line_shortens_within_rounds_when_an_asker_leaves() {
+    let rate = per_second(1000, 100);
+    let gap = ask_gap_ns(&rate);
+    let mut next = [0u64, 1, 2, 3].map(|i| 10 * S + i * 10_000_000);
+    let mut tail = 0;
+    let mut last = 10 * S;
+    let mut holds = Vec::new();
+    for round in 0..20 {
+        let askers = if round < 10 { 4 } else { 3 };
+        for _ in 0..askers {
+            // The worker due first asks; it takes what refilled since the last ask.
+            let (w, &at) = next[..askers]
+                .iter()
+                .enumerate()
+                .min_by_key(|&(_, t)| *t)
+                .unwrap();
+            let taken = u32::try_from((at - last) / rate.interval_ns()).unwrap();
+            let (hold, t) = ask_slot(&rate, 0, taken.max(1), tail, at).unwrap();
+            tail = t;
+            last = at;
+            next[w] = at + hold;
+            holds.push((round, hold));
+        }
+    }
+    let round = |r: usize| -> Vec<u64> {
+        holds
+            .iter()
+            .filter(|(x, _)| *x == r)
+            .map(|&(_, h)| h)
+            .collect()
+    };
+    for h in round(9) {
+        assert!(h.abs_diff(4 * gap) <= 2_000_000, "4 askers: {h} {holds:?}");
+    }
+    for h in round(12) {
+        assert!(h.abs_diff(3 * gap) <= 2_000_000, "3 askers: {h}");
+    }
+}
+
+/// A worker takes the service's slot ([`LocalTable::coordinate`]): it replaces the
+/// worker's own hold, longer or shorter; the lease is paced over it; it is cut to the
+/// lease's validity and to [`MAX_SLOT_HOLD_NS`]; a reserve ignores it.
+#[test]
+fn a_slot_replaces_the_workers_own_hold_within_its_bounds() {
+    let rate = per_second(1000, 100);
+    let p = policy();
+    let b = Bucket::new(&p.service.domain, BucketKind::Shared, "acme", "", rate);
+    let now = 10 * S;
+    let ms = 1_000_000;
+    // When this worker spends its lease over [now, now + 400 ms) (a request every 1 ms), and
+    // when it is first free to ask again (the mirror allows and no lease is left).
+    let run = |mut t: LocalTable| {
+        let mut spent = Vec::new();
+        let mut free = None;
+        for i in 0..400 {
+            let at = now + i * ms;
+            if t.try_lease(&[&b], 1, at) {
+                spent.push(i);
+            } else if free.is_none() && t.evaluate(&[&b], 1, at, 1.0).allowed {
+                free = Some(i);
+            }
+        }
+        (spent, free)
+    };
+    // The worker's own hold: 7/8 of the 100 ms fill time.
+    let mut own = LocalTable::default();
+    own.sync(&b, 100 * ms, now);
+    own.grant(&b, 20, now + 2 * S, now);
+    let (spent, free) = run(own.clone());
+    assert_eq!((spent.len(), free), (20, Some(88)), "{spent:?}");
+    // A slot of 175 ms: held 175 ms, the lease of 20 paced over it (one every ~8.75 ms).
+    let mut t = own.clone();
+    t.coordinate(&b, 175 * ms, now);
+    let (spent, free) = run(t);
+    assert_eq!((spent.len(), free), (20, Some(175)));
+    assert!(spent[19] >= 140, "paced to the end: {spent:?}");
+    // Shorter than its own (a worker alone holds one gap): the slot wins.
+    let mut t = own.clone();
+    t.coordinate(&b, 40 * ms, now);
+    let (spent, free) = run(t);
+    assert_eq!((spent.len(), free), (20, Some(40)));
+    // Cut to the lease's validity (300 ms here) and to MAX_SLOT_HOLD_NS.
+    let mut t = LocalTable::default();
+    t.sync(&b, 100 * ms, now);
+    t.grant(&b, 20, now + 300 * ms, now);
+    t.coordinate(&b, 5 * S, now);
+    assert_eq!(run(t).1, Some(300));
+    let mut t = own.clone();
+    t.coordinate(&b, 5 * S, now);
+    assert!(
+        !t.evaluate(&[&b], 1, now + MAX_SLOT_HOLD_NS - ms, 1.0)
+            .allowed
+    );
+    assert!(t.evaluate(&[&b], 1, now + MAX_SLOT_HOLD_NS, 1.0).allowed);
+    // A reserve is never leased nor held on a slot.
+    let r = Bucket::new(
+        &p.service.domain,
+        BucketKind::Reserve,
+        "acme",
+        "repair",
+        rate,
+    );
+    let mut t = LocalTable::default();
+    t.coordinate(&r, 400 * ms, now);
+    assert!(t.evaluate(&[&r], 1, now, 1.0).allowed);
+}
+
+/// Issue 10 §3: `make bench-accuracy`'s shape asked 45 times a second, one ask per worker
+/// per ~88 ms hold, because no worker knew the others asked. With the service's slots the
+/// asks line up one gap (43.75 ms) apart: half the calls, the same accuracy.
+#[test]
+fn the_services_slots_halve_the_calls_of_a_binding_limit() {
+    let load = fleet::Load::Flood {
+        connections: 8,
+        think_ns: 1_250_000,
+    };
+    let rate = per_second(1000, 100);
+    let own = fleet::run_with(rate, 4, load, 1_000_000, 14, 2, false);
+    let slots = fleet::run_with(rate, 4, load, 1_000_000, 14, 2, true);
+    let calls = |t: &fleet::Tally| t.rpcs as f64 / t.seconds;
+    println!(
+        "own holds {:.1} calls/s, {:+.2}%; slots {:.1} calls/s, {:+.2}%, worst 5 s window {:.2}%",
+        calls(&own),
+        own.error_pct(1000.0),
+        calls(&slots),
+        slots.error_pct(1000.0),
+        slots.worst_window_pct(1000.0, 5)
+    );
+    assert!(calls(&slots) <= 0.55 * calls(&own), "{:.1}", calls(&slots));
+    assert!(slots.error_pct(1000.0).abs() <= 0.5);
+    assert!(slots.worst_window_pct(1000.0, 5) <= 0.5);
 }

@@ -149,7 +149,14 @@ impl Request {
             if verdict.allowed {
                 table.charge_costs(&plan.costed(borrowing), now);
             }
-            apply_statuses(&mut table, &attempt, &verdict.statuses, peer, now);
+            apply_statuses(
+                &mut table,
+                &attempt,
+                &verdict.statuses,
+                &verdict.holds,
+                peer,
+                now,
+            );
         }
         if verdict.allowed {
             let mut levels = shared.table.borrow().levels(&attempt, now);
@@ -307,21 +314,27 @@ fn answer(asked_lease: bool, admitted: bool, statuses: &[DescriptorStatus]) -> A
 /// Take in what the service said about each bucket: align the local mirror with its level
 /// (for a bucket with room only when its `duration_until_reset` means "full again in": a
 /// leasing server, `laneguard_core::peer`), and
-/// record any capacity it leased to this worker.
+/// record any capacity it leased to this worker, and take the service's slot for a
+/// bucket it left saturated (`holds[i]` for `statuses[i]`, `LocalTable::coordinate`; empty
+/// when the answer gave none).
 pub(crate) fn apply_statuses(
     table: &mut LocalTable,
     attempt: &[&Bucket],
     statuses: &[DescriptorStatus],
+    holds: &[u64],
     peer: Peer,
     now: u64,
 ) {
-    for (bucket, status) in attempt.iter().zip(statuses) {
+    for (i, (bucket, status)) in attempt.iter().zip(statuses).enumerate() {
         let refused = status.code == rls::OVER_LIMIT;
         if let (true, Some(d)) = (peer.syncs(refused), &status.duration_until_reset) {
             table.sync(bucket, rls::duration_ns(d), now);
         }
         if let Some(q) = &status.quota {
             table.grant(bucket, q.requests, quota_until(q, now), now);
+        }
+        if let Some(&hold) = holds.get(i) {
+            table.coordinate(bucket, hold, now);
         }
     }
 }

@@ -6,7 +6,8 @@
 use crate::host::{Action, DispatchError};
 use crate::mock::{
     allowed_centrally, configured, decided_locally, deliver, headers, lease_answer, ok_answer,
-    refused_centrally, rls_answer, seen, start, MockHost, Seen, Status, MS, POLICY,
+    refused_centrally, rls_answer, rls_answer_with_holds, seen, start, MockHost, Seen, Status, MS,
+    POLICY,
 };
 use crate::request::Request;
 use crate::root::Root;
@@ -127,6 +128,97 @@ fn an_expired_lease_is_not_spent() {
     let (_, action) = start(&h, &root, 3, &headers(""));
     assert_eq!(action, Action::Pause, "past its validity the lease is gone");
     assert_eq!(h.call_count(), 2);
+}
+
+/// The answer to one request: the tenant's shared pool left empty (full again in its
+/// fill time, 9.98 s) and its class budget with a second's room, each with a lease of 6
+/// valid 60 s, and the service's slot `hold_ns` on the pool (0: none). The pool is the
+/// saturated bucket, so its hold decides when the worker asks again.
+fn lease_answer_with_slot(h: &MockHost, holds: &[u64]) -> Vec<u8> {
+    let lease = Some((6, h.now.get() + 60_000 * MS));
+    let pool = Status {
+        lease,
+        reset_ms: 9_980,
+        ..Status::ok(0)
+    };
+    let class = Status {
+        lease,
+        reset_ms: 9_000,
+        ..Status::ok(1)
+    };
+    rls_answer_with_holds(Code::Ok, &[pool, class], holds)
+}
+
+fn saturated_lease_with_slot(h: &MockHost, root: &Root, hold_ns: u64) {
+    let (mut req, action) = start(h, root, 2, &headers(""));
+    assert_eq!(action, Action::Pause);
+    let descriptors = h
+        .last_call()
+        .map_or(0, |c| c.rls_request().descriptors.len());
+    assert_eq!(descriptors, 2, "the tenant's pool and the class budget");
+    let body = lease_answer_with_slot(h, &[hold_ns, 0]);
+    deliver(h, &mut req, 0, Some(body));
+    assert!(seen(h, &mut req, action).passed);
+}
+
+/// Requests every 10 ms from now until `until_ms`: how many were admitted, and whether any
+/// asked the service.
+fn every_10_ms(h: &MockHost, root: &Root, until_ms: u64) -> (usize, bool) {
+    let mut admitted = 0;
+    let mut id = 100;
+    for _ in 0..until_ms / 10 {
+        h.advance(10 * MS);
+        id += 1;
+        let calls = h.call_count();
+        let (mut req, action) = start(h, root, id, &headers(""));
+        if h.call_count() > calls {
+            return (admitted, true);
+        }
+        // Decided locally: admitted on the lease, or a local 429.
+        admitted += usize::from(seen(h, &mut req, action).passed);
+    }
+    (admitted, false)
+}
+
+#[test]
+fn the_services_slot_sets_the_hold_and_the_lease_is_paced_over_it() {
+    // Without a slot the worker holds a bucket that is full again in 10 s for the longest
+    // hold of its own (MAX_HOLD_NS, 250 ms): its request at 260 ms asks.
+    let (h, root) = configured(POLICY);
+    saturated_lease_with_slot(&h, &root, 0);
+    let (admitted, asked) = every_10_ms(&h, &root, 260);
+    assert!(asked, "the worker's own hold ends by 260 ms");
+    assert_eq!(admitted, 6, "the lease, paced over the hold");
+
+    // With the service's slot of 300 ms it holds 300 ms: no call until then, and the lease
+    // of 6 spent paced over it (one every 50 ms, up to 2 ahead).
+    let (h, root) = configured(POLICY);
+    saturated_lease_with_slot(&h, &root, 300 * MS);
+    let (admitted, asked) = every_10_ms(&h, &root, 290);
+    assert!(!asked, "held until the slot");
+    assert_eq!(admitted, 6);
+    let (_, asked) = every_10_ms(&h, &root, 20);
+    assert!(asked, "at its slot the worker asks again");
+}
+
+#[test]
+fn a_slot_past_the_longest_is_cut_to_it_and_a_bad_one_is_ignored() {
+    // An hour: cut to MAX_SLOT_HOLD_NS (500 ms).
+    let (h, root) = configured(POLICY);
+    saturated_lease_with_slot(&h, &root, 3_600_000 * MS);
+    let (_, asked) = every_10_ms(&h, &root, 490);
+    assert!(!asked);
+    let (_, asked) = every_10_ms(&h, &root, 20);
+    assert!(asked, "asks again after 500 ms at the most");
+
+    // Holds that do not match the statuses (one fewer): ignored, the worker's own hold.
+    let (h, root) = configured(POLICY);
+    let (mut req, action) = start(&h, &root, 2, &headers(""));
+    let body = lease_answer_with_slot(&h, &[400 * MS]);
+    deliver(&h, &mut req, 0, Some(body));
+    assert!(seen(&h, &mut req, action).passed);
+    let (_, asked) = every_10_ms(&h, &root, 260);
+    assert!(asked, "the worker's own 250 ms hold");
 }
 
 #[test]
