@@ -537,6 +537,9 @@ struct LocalBucket {
     /// Until then this worker holds the saturated bucket for at most the time one grant
     /// takes to refill ([`hold_limit_ns`]): a grant on it came back whole, at the cap.
     short_until_ns: u64,
+    /// Units of the lease promised to requests waiting in this worker's queue for their
+    /// paced slot ([`LocalTable::promise`]): part of `lease`, not spendable by others.
+    promised: u32,
     /// What this worker spent on the bucket, to size leases and renewals.
     spent: PerSecond,
     /// What this worker's requests asked of the bucket, spent or refused: a flooded worker's
@@ -597,11 +600,25 @@ impl LocalBucket {
         Some(self.pace_tat_ns.saturating_sub(ahead))
     }
 
-    /// Whether the lease covers `cost` now: enough of it, unexpired, and (paced) its slot.
+    /// Whether the lease covers `cost` now: enough of it not promised to a queued request,
+    /// unexpired, and (paced) its slot.
     fn can_spend(&self, cost: u32, now_ns: u64) -> bool {
-        self.lease >= cost
-            && self.lease_until_ns > now_ns
-            && self.paced_at(cost).is_none_or(|at| at <= now_ns)
+        self.free_lease(now_ns) >= cost && self.paced_at(cost).is_none_or(|at| at <= now_ns)
+    }
+
+    /// The unexpired lease less what is promised to queued requests.
+    fn free_lease(&self, now_ns: u64) -> u32 {
+        self.lease_left(now_ns).saturating_sub(self.promised)
+    }
+
+    /// When `cost` units of the lease could be promised: its paced slot, or now when the
+    /// lease is not paced; `None` when the free lease is short or expires first.
+    fn promise_at(&self, cost: u32, now_ns: u64) -> Option<u64> {
+        if cost == 0 || self.free_lease(now_ns) < cost {
+            return None;
+        }
+        let at = self.paced_at(cost).map_or(now_ns, |at| at.max(now_ns));
+        (at < self.lease_until_ns).then_some(at)
     }
 
     /// Spend `cost` of the lease ([`LocalBucket::can_spend`]). No GCRA charge: the grant
@@ -934,7 +951,7 @@ impl LocalTable {
                     s.hold_until_ns,
                     if s.saturated { s.asking_until_ns } else { 0 },
                     // A held lease's next slot: a retry then is spent on the lease.
-                    s.paced_at(cost).filter(|_| s.lease_left(now_ns) >= cost),
+                    s.paced_at(cost).filter(|_| s.free_lease(now_ns) >= cost),
                 )
             });
             if check.allowed && hold.max(asking) > now_ns {
@@ -1115,6 +1132,75 @@ impl LocalTable {
         true
     }
 
+    /// How long a request refused here would wait for the lease it could be promised
+    /// ([`LocalTable::promise`]), without promising it: `None` when the lease cannot cover
+    /// it before it expires.
+    pub fn promise_wait_ns(&self, buckets: &[&Bucket], cost: u32, now_ns: u64) -> Option<u64> {
+        let mut at = None::<u64>;
+        for b in buckets {
+            let slot = self.buckets.get(&b.key)?.promise_at(cost, now_ns)?;
+            at = Some(at.map_or(slot, |a| a.max(slot)));
+        }
+        at.map(|a| a - now_ns)
+    }
+
+    /// Promise `cost` units of this worker's lease to a request that waits in the queue for
+    /// its paced slot, and take that slot: the wait, or `None` (nothing promised) when the
+    /// lease cannot cover it ([`LocalTable::promise_wait_ns`]). The units stay in the lease
+    /// (pre-paid, counted as remaining) until [`LocalTable::redeem`] spends them or
+    /// [`LocalTable::unpromise`] gives them back.
+    ///
+    /// Without it a request refused only by the lease's pace waited for the mirror to show
+    /// room, which a saturated bucket's mirror does not while the leases are out, and when
+    /// due it asked the service, which had leased that room away: the worker's lease grew
+    /// unspent while its queue was refused (issue 10 §3, the queue run read −17%).
+    pub fn promise(&mut self, buckets: &[&Bucket], cost: u32, now_ns: u64) -> Option<u64> {
+        let wait = self.promise_wait_ns(buckets, cost, now_ns)?;
+        for b in buckets {
+            if let Some(s) = self.buckets.get_mut(&b.key) {
+                s.promised = s.promised.saturating_add(cost);
+                if s.pace_ns > 0 {
+                    s.pace_tat_ns = s
+                        .pace_tat_ns
+                        .max(now_ns)
+                        .saturating_add(s.pace_ns.saturating_mul(u64::from(cost)));
+                }
+            }
+        }
+        Some(wait)
+    }
+
+    /// Spend a promise ([`LocalTable::promise`]) when its request is released: `false`
+    /// (and the promise dropped) when the lease expired meanwhile, so the request must be
+    /// paid another way.
+    pub fn redeem(&mut self, buckets: &[&Bucket], cost: u32, now_ns: u64) -> bool {
+        let ok = !buckets.is_empty()
+            && buckets.iter().all(|b| {
+                self.buckets
+                    .get(&b.key)
+                    .is_some_and(|s| s.promised >= cost && s.lease_left(now_ns) >= cost)
+            });
+        for b in buckets {
+            if let Some(s) = self.buckets.get_mut(&b.key) {
+                s.promised = s.promised.saturating_sub(cost);
+                if ok {
+                    s.lease -= cost;
+                    s.note_spend(cost, now_ns);
+                }
+            }
+        }
+        ok
+    }
+
+    /// Give a promise back to the lease: its request left the queue unpaid.
+    pub fn unpromise(&mut self, buckets: &[&Bucket], cost: u32) {
+        for b in buckets {
+            if let Some(s) = self.buckets.get_mut(&b.key) {
+                s.promised = s.promised.saturating_sub(cost);
+            }
+        }
+    }
+
     /// How much capacity to ask the service for: about one second of this worker's recent
     /// spend on these buckets, at least `min(cost, max)`, at most `max`. Small leases keep
     /// the pre-paid, unspent capacity (the accuracy cost of leasing) small; one second of
@@ -1187,7 +1273,7 @@ impl LocalTable {
         let low = !held
             && buckets.iter().any(|b| {
                 self.buckets.get(&b.key).is_some_and(|s| {
-                    let left = s.lease_left(now_ns);
+                    let left = s.free_lease(now_ns);
                     // Spent within the lead at the current rate (requests per second).
                     let lead_spend =
                         u64::from(s.rate(now_ns)).saturating_mul(lead_ns) / 1_000_000_000;
@@ -1267,6 +1353,10 @@ impl LocalTable {
         }
         self.make_room(now_ns, 1);
         let s = self.buckets.entry(bucket.key.clone()).or_default();
+        if s.lease_until_ns <= now_ns {
+            // An expired lease keeps no promises: [`LocalTable::redeem`] fails them.
+            s.promised = 0;
+        }
         // Grants add up: what is left of an earlier one was paid for too.
         s.lease = s.lease_left(now_ns).saturating_add(requests);
         s.lease_until_ns = s.lease_until_ns.max(valid_until_ns);
@@ -1307,7 +1397,7 @@ impl LocalTable {
             // share of the refill either way), but it comes evenly instead of in one clump
             // per hold, so a short window's count is right whatever the hold's length
             // (which is what lets [`MAX_HOLD_NS`] be long).
-            let lease = u64::from(s.lease.max(1));
+            let lease = u64::from(s.free_lease(now_ns).max(1));
             s.pace_ns = (s.hold_until_ns - now_ns) / lease;
             s.pace_tat_ns = now_ns;
         } else {
@@ -1341,8 +1431,10 @@ impl LocalTable {
         let hold = hold.max(until_room);
         s.hold_until_ns = now_ns.saturating_add(hold);
         s.saturated = true;
-        if lease > 0 {
-            s.pace_ns = hold / u64::from(lease);
+        // Units promised to queued requests keep the slots they took.
+        let free = s.free_lease(now_ns);
+        if free > 0 {
+            s.pace_ns = hold / u64::from(free);
             s.pace_tat_ns = now_ns;
         } else {
             s.pace_ns = 0;

@@ -118,6 +118,9 @@ impl Shared {
 pub(crate) struct Queued {
     pub plan: Plan,
     pub borrowing: bool,
+    /// Its cost is promised on this worker's lease, for its paced slot
+    /// (`LocalTable::promise`): redeemed on release, given back if it leaves.
+    pub promised: bool,
 }
 
 /// A call the root context is waiting for.
@@ -217,7 +220,10 @@ impl Root {
             let attempt = q.plan.attempt(q.borrowing);
             let leased = {
                 let mut table = shared.table.borrow_mut();
-                let hit = table.try_lease(&attempt, q.plan.cost, now);
+                // A promise is spent whatever the pace says: the slot was its own. When the
+                // lease expired meanwhile the request is paid like any other.
+                let hit = (q.promised && table.redeem(&attempt, q.plan.cost, now))
+                    || table.try_lease(&attempt, q.plan.cost, now);
                 if hit {
                     // The lease was counted on the mirror when it was granted: give back
                     // the place held since the request was queued, not to count it twice.

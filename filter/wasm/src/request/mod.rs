@@ -185,10 +185,11 @@ impl Request {
             // It was never paid (that happens on release): give its place on the mirror back.
             if let Some(q) = self.shared.queued.borrow_mut().remove(&self.context_id) {
                 let attempt = q.plan.attempt(q.borrowing);
-                self.shared
-                    .table
-                    .borrow_mut()
-                    .refund(&attempt, q.plan.cost, h.now_ns());
+                let mut table = self.shared.table.borrow_mut();
+                table.refund(&attempt, q.plan.cost, h.now_ns());
+                if q.promised {
+                    table.unpromise(&attempt, q.plan.cost);
+                }
             }
         }
         self.ai_done(h);

@@ -484,11 +484,24 @@ impl Request {
         };
         match step {
             Step::Queue { wait_ns } => {
-                // Reserve the request's place: charge now, go when the charge conforms.
-                let levels = {
+                // Reserve the request's place: charge now, go when the charge conforms. A
+                // request refused only by the pace of this worker's lease is promised the
+                // lease's next free slot instead, if that comes within the queue's longest
+                // wait: released then without asking the service (which leased that room
+                // to this worker), and no later request takes the same slot.
+                let max_wait_ns = ops.map_or(0, |o| u64::from(o.queue.max_wait_ms) * 1_000_000);
+                let (levels, wait_ns, promised) = {
                     let mut table = shared.table.borrow_mut();
+                    let promised = table
+                        .promise_wait_ns(&attempt, plan.cost, now)
+                        .filter(|w| *w <= max_wait_ns)
+                        .and_then(|_| table.promise(&attempt, plan.cost, now));
                     table.charge_costs(&plan.costed(borrowing), now);
-                    table.levels(&attempt, now)
+                    (
+                        table.levels(&attempt, now),
+                        promised.unwrap_or(wait_ns),
+                        promised.is_some(),
+                    )
                 };
                 // Paid when it is released, by a lease or a central decision (the root
                 // tick: `Root::resume_queued`), like any admission.
@@ -497,6 +510,7 @@ impl Request {
                     Queued {
                         plan: plan.clone(),
                         borrowing,
+                        promised,
                     },
                 );
                 shared.queue.borrow_mut().push(
