@@ -1135,7 +1135,7 @@ impl LocalTable {
     /// How long a request refused here would wait for the lease it could be promised
     /// ([`LocalTable::promise`]), without promising it: `None` when the lease cannot cover
     /// it before it expires.
-    pub fn promise_wait_ns(&self, buckets: &[&Bucket], cost: u32, now_ns: u64) -> Option<u64> {
+    fn promise_wait_ns(&self, buckets: &[&Bucket], cost: u32, now_ns: u64) -> Option<u64> {
         let mut at = None::<u64>;
         for b in buckets {
             let slot = self.buckets.get(&b.key)?.promise_at(cost, now_ns)?;
@@ -1146,7 +1146,8 @@ impl LocalTable {
 
     /// Promise `cost` units of this worker's lease to a request that waits in the queue for
     /// its paced slot, and take that slot: the wait, or `None` (nothing promised) when the
-    /// lease cannot cover it ([`LocalTable::promise_wait_ns`]). The units stay in the lease
+    /// lease cannot cover it ([`LocalTable::promise_wait_ns`]) or the slot is more than
+    /// `max_wait_ns` away (the queue's longest wait). The units stay in the lease
     /// (pre-paid, counted as remaining) until [`LocalTable::redeem`] spends them or
     /// [`LocalTable::unpromise`] gives them back.
     ///
@@ -1154,8 +1155,16 @@ impl LocalTable {
     /// room, which a saturated bucket's mirror does not while the leases are out, and when
     /// due it asked the service, which had leased that room away: the worker's lease grew
     /// unspent while its queue was refused (issue 10 §3, the queue run read −17%).
-    pub fn promise(&mut self, buckets: &[&Bucket], cost: u32, now_ns: u64) -> Option<u64> {
-        let wait = self.promise_wait_ns(buckets, cost, now_ns)?;
+    pub fn promise(
+        &mut self,
+        buckets: &[&Bucket],
+        cost: u32,
+        now_ns: u64,
+        max_wait_ns: u64,
+    ) -> Option<u64> {
+        let wait = self
+            .promise_wait_ns(buckets, cost, now_ns)
+            .filter(|w| *w <= max_wait_ns)?;
         for b in buckets {
             if let Some(s) = self.buckets.get_mut(&b.key) {
                 s.promised = s.promised.saturating_add(cost);

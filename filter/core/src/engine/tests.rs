@@ -1631,8 +1631,8 @@ fn a_request_refused_by_the_pace_is_promised_the_next_free_slot() {
     // 5 ms a unit: the tolerance's three at once, then the pace refuses.
     while t.try_lease(&[&b], 1, now) {}
     assert_eq!(t.lease_left(&b, now), 17);
-    let first = t.promise(&[&b], 1, now).expect("a slot");
-    let second = t.promise(&[&b], 1, now).expect("the next slot");
+    let first = t.promise(&[&b], 1, now, u64::MAX).expect("a slot");
+    let second = t.promise(&[&b], 1, now, u64::MAX).expect("the next slot");
     assert!(first > 0 && first <= 5_000_000, "first in {first} ns");
     assert_eq!(second - first, 5_000_000, "one pace apart");
     // The promised units are pre-paid and still counted as remaining, but not spendable.
@@ -1655,7 +1655,7 @@ fn a_request_refused_by_the_pace_is_promised_the_next_free_slot() {
         "the rest of the lease, the returned unit included"
     );
     // Nothing left to promise.
-    assert_eq!(t.promise(&[&b], 1, at), None);
+    assert_eq!(t.promise(&[&b], 1, at, u64::MAX), None);
 }
 
 /// A promise cannot outlive its lease: a slot at or past the lease's validity is not
@@ -1668,11 +1668,14 @@ fn a_promise_ends_with_its_lease() {
     let (b, mut t) = paced_lease(5, now + 50_000_000, 100_000_000, now);
     while t.try_lease(&[&b], 1, now) {}
     let w = t
-        .promise(&[&b], 1, now)
+        .promise(&[&b], 1, now, u64::MAX)
         .expect("a slot within the validity");
     assert!(w < 50_000_000);
     assert_eq!(t.promise_wait_ns(&[&b], 1, now), Some(w + 10_000_000));
-    assert_eq!(t.promise(&[&b], 1, now).map(|x| x < 50_000_000), Some(true));
+    assert_eq!(
+        t.promise(&[&b], 1, now, u64::MAX).map(|x| x < 50_000_000),
+        Some(true)
+    );
     // Past the validity: not redeemed, and a new grant starts without the old promises.
     assert!(!t.redeem(&[&b], 1, now + 60_000_000));
     t.sync(&b, 100_000_000, now + 60_000_000);
@@ -1683,7 +1686,7 @@ fn a_promise_ends_with_its_lease() {
     );
     assert_eq!(t.lease_left(&b, now + 60_000_000), 2);
     assert!(
-        t.promise(&[&b], 2, now + 60_000_000).is_some(),
+        t.promise(&[&b], 2, now + 60_000_000, u64::MAX).is_some(),
         "both units free"
     );
 }

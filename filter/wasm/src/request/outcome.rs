@@ -492,10 +492,7 @@ impl Request {
                 let max_wait_ns = ops.map_or(0, |o| u64::from(o.queue.max_wait_ms) * 1_000_000);
                 let (levels, wait_ns, promised) = {
                     let mut table = shared.table.borrow_mut();
-                    let promised = table
-                        .promise_wait_ns(&attempt, plan.cost, now)
-                        .filter(|w| *w <= max_wait_ns)
-                        .and_then(|_| table.promise(&attempt, plan.cost, now));
+                    let promised = table.promise(&attempt, plan.cost, now, max_wait_ns);
                     table.charge_costs(&plan.costed(borrowing), now);
                     (
                         table.levels(&attempt, now),

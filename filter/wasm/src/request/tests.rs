@@ -135,7 +135,13 @@ fn an_expired_lease_is_not_spent() {
 /// valid 60 s, and the service's slot `hold_ns` on the pool (0: none). The pool is the
 /// saturated bucket, so its hold decides when the worker asks again.
 fn lease_answer_with_slot(h: &MockHost, holds: &[u64]) -> Vec<u8> {
-    let lease = Some((6, h.now.get() + 60_000 * MS));
+    rls_answer_with_holds(Code::Ok, &saturating_leases(h, 6, 9_000), holds)
+}
+
+/// The tenant's pool and a class budget, each leasing `n` for a minute, with 1 left in the
+/// class budget (full again in `class_reset_ms`) and none in the pool.
+fn saturating_leases(h: &MockHost, n: u32, class_reset_ms: u64) -> [Status; 2] {
+    let lease = Some((n, h.now.get() + 60_000 * MS));
     let pool = Status {
         lease,
         reset_ms: 9_980,
@@ -143,10 +149,10 @@ fn lease_answer_with_slot(h: &MockHost, holds: &[u64]) -> Vec<u8> {
     };
     let class = Status {
         lease,
-        reset_ms: 9_000,
+        reset_ms: class_reset_ms,
         ..Status::ok(1)
     };
-    rls_answer_with_holds(Code::Ok, &[pool, class], holds)
+    [pool, class]
 }
 
 fn saturated_lease_with_slot(h: &MockHost, root: &Root, hold_ns: u64) {
@@ -560,18 +566,8 @@ fn rls_calls(h: &MockHost) -> usize {
 fn paced_queue_lease(h: &MockHost, root: &Root, n: u32, hold_ns: u64) {
     let (mut req, action) = start(h, root, 2, &headers("queued"));
     assert_eq!(action, Action::Pause);
-    let lease = Some((n, h.now.get() + 60_000 * MS));
-    let pool = Status {
-        lease,
-        reset_ms: 9_980,
-        ..Status::ok(0)
-    };
-    let class = Status {
-        lease,
-        reset_ms: 1_000,
-        ..Status::ok(1)
-    };
-    let body = rls_answer_with_holds(Code::Ok, &[pool, class], &[hold_ns, hold_ns]);
+    let statuses = saturating_leases(h, n, 1_000);
+    let body = rls_answer_with_holds(Code::Ok, &statuses, &[hold_ns, hold_ns]);
     deliver(h, &mut req, 0, Some(body));
     assert!(seen(h, &mut req, action).passed);
 }
