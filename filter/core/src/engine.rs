@@ -1406,8 +1406,12 @@ impl LocalTable {
             // share of the refill either way), but it comes evenly instead of in one clump
             // per hold, so a short window's count is right whatever the hold's length
             // (which is what lets [`MAX_HOLD_NS`] be long).
+            // Over the hold or the lease's validity, whichever ends first: a slow bucket's
+            // hold lasts until it has room (a minute at 60 an hour), and a lease paced over
+            // that would expire mostly unspent, pre-paid and lost.
             let lease = u64::from(s.free_lease(now_ns).max(1));
-            s.pace_ns = (s.hold_until_ns - now_ns) / lease;
+            let over = s.hold_until_ns.min(s.lease_until_ns).saturating_sub(now_ns);
+            s.pace_ns = over / lease;
             s.pace_tat_ns = now_ns;
         } else {
             s.saturated = false;
@@ -1443,7 +1447,10 @@ impl LocalTable {
         // Units promised to queued requests keep the slots they took.
         let free = s.free_lease(now_ns);
         if free > 0 {
-            s.pace_ns = hold / u64::from(free);
+            // Within the lease's validity ([`LocalTable::grant`]): `hold` is at least the
+            // time until room, which on a slow bucket outlasts the lease.
+            let over = hold.min(s.lease_until_ns.saturating_sub(now_ns));
+            s.pace_ns = over / u64::from(free);
             s.pace_tat_ns = now_ns;
         } else {
             s.pace_ns = 0;

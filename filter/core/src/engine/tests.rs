@@ -1690,3 +1690,38 @@ fn a_promise_ends_with_its_lease() {
         "both units free"
     );
 }
+
+/// A lease on a slow bucket that its grant left saturated is spent before it expires,
+/// however long the bucket takes to have room again: the pace spreads it over the hold or
+/// the lease's validity, whichever ends first. Before, the hold was at least the time until
+/// the bucket had room (a minute, for 60 an hour), the lease was paced over that, and all
+/// but the tolerance's first units expired unspent: pre-paid and lost. In CI the replay
+/// test's 60-an-hour budget admitted 30 of its 40 that way (replay_agrees.rs).
+#[test]
+fn a_saturated_slow_buckets_lease_is_spent_before_it_expires() {
+    let p = policy();
+    let rate = Rate::new(60, crate::rate::Window::Hour, 40).unwrap();
+    let b = Bucket::new(&p.service.domain, BucketKind::Shared, "acme", "", rate);
+    let now = 10 * S;
+    let valid_until = now + 2 * S;
+    let fill = rate.interval_ns() * 40;
+    for slot in [None, Some(500_000_000)] {
+        let mut t = LocalTable::default();
+        // The service's bucket is empty after the request and its 10-unit grant.
+        t.sync(&b, fill, now);
+        t.grant(&b, 10, valid_until, now);
+        if let Some(hold) = slot {
+            t.coordinate(&b, hold, now);
+        }
+        let mut at = now;
+        let mut spent = 0;
+        while at < valid_until {
+            spent += u32::from(t.try_lease(&[&b], 1, at));
+            at += 3_000_000;
+        }
+        assert_eq!(
+            spent, 10,
+            "slot {slot:?}: the whole lease, within its validity"
+        );
+    }
+}
