@@ -634,6 +634,16 @@ impl LocalBucket {
         }
     }
 
+    /// How long a paced lease is spread over ([`LocalTable::grant`],
+    /// [`LocalTable::coordinate`]): the hold, or the lease's validity when that ends first.
+    /// A slow bucket's hold lasts until it has room (a minute at 60 an hour), and a lease
+    /// paced over that expired mostly unspent, pre-paid and lost.
+    fn pace_span(&self, now_ns: u64) -> u64 {
+        self.hold_until_ns
+            .min(self.lease_until_ns)
+            .saturating_sub(now_ns)
+    }
+
     /// Whether this worker's holds on the saturated bucket are short ([`hold_limit_ns`]).
     fn short(&self, now_ns: u64) -> bool {
         self.short_until_ns > now_ns
@@ -1405,13 +1415,10 @@ impl LocalTable {
             // `hold / lease`. What the fleet admits is the same (the lease is this worker's
             // share of the refill either way), but it comes evenly instead of in one clump
             // per hold, so a short window's count is right whatever the hold's length
-            // (which is what lets [`MAX_HOLD_NS`] be long).
-            // Over the hold or the lease's validity, whichever ends first: a slow bucket's
-            // hold lasts until it has room (a minute at 60 an hour), and a lease paced over
-            // that would expire mostly unspent, pre-paid and lost.
+            // (which is what lets [`MAX_HOLD_NS`] be long). Within the lease's validity
+            // ([`LocalBucket::pace_span`]).
             let lease = u64::from(s.free_lease(now_ns).max(1));
-            let over = s.hold_until_ns.min(s.lease_until_ns).saturating_sub(now_ns);
-            s.pace_ns = over / lease;
+            s.pace_ns = s.pace_span(now_ns) / lease;
             s.pace_tat_ns = now_ns;
         } else {
             s.saturated = false;
@@ -1447,10 +1454,7 @@ impl LocalTable {
         // Units promised to queued requests keep the slots they took.
         let free = s.free_lease(now_ns);
         if free > 0 {
-            // Within the lease's validity ([`LocalTable::grant`]): `hold` is at least the
-            // time until room, which on a slow bucket outlasts the lease.
-            let over = hold.min(s.lease_until_ns.saturating_sub(now_ns));
-            s.pace_ns = over / u64::from(free);
+            s.pace_ns = s.pace_span(now_ns) / u64::from(free);
             s.pace_tat_ns = now_ns;
         } else {
             s.pace_ns = 0;
